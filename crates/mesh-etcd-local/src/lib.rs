@@ -1,0 +1,42 @@
+//! Finding, installing and launching a local etcd, written once for `xtask` (the detached
+//! etcd of `cargo xtask etcd-up`) and `mesh-testkit` (an etcd per test, killed on drop).
+//!
+//! It depends on the standard library and `nix` (for signals) only, so that `xtask` stays
+//! quick to build, and it speaks to etcd only through its HTTP `/health` endpoint: anything
+//! richer goes through `mesh-etcd`.
+//!
+//! ```no_run
+//! use mesh_etcd_local::{ensure_etcd, ClusterSpec, start_member};
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), mesh_etcd_local::Error> {
+//! let etcd = ensure_etcd()?;
+//! let dir = std::env::temp_dir().join("my-etcd");
+//! let spec = ClusterSpec::on_free_ports(&dir, 1)?;
+//! let mut child = start_member(&etcd, &spec, 0)
+//!     .stderr(std::process::Stdio::null())
+//!     .spawn()
+//!     .map_err(|source| mesh_etcd_local::Error::Spawn { binary: etcd.clone(), source })?;
+//! spec.wait_healthy(Duration::from_secs(10))?;
+//! println!("etcd at {}", spec.client_urls().join(","));
+//! child.kill().ok();
+//! child.wait().ok();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What it does not do: manage membership (adding or removing members of a running cluster),
+//! TLS, or run etcd in a container.
+
+mod error;
+mod find;
+mod health;
+mod launch;
+
+pub use error::Error;
+pub use find::{ensure_etcd, find_etcd, find_etcdctl, install_etcd, INSTALL_HINT};
+pub use health::{gateway_post, is_healthy, wait_until};
+pub use launch::{free_port, process_is_etcd, signal, start_member, ClusterSpec, MemberSpec, Signal};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,78 @@
+use std::pin::Pin;
+use std::sync::Arc;
+
+use mesh_proto::pb::greeter_server;
+use mesh_proto::pb::{HelloReply, HelloRequest, HelloStreamRequest};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// The longest name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 1024;
+/// The most greetings one `SayHelloStream` call may ask for.
+pub const MAX_STREAM_COUNT: u32 = 10_000;
+
+/// The greeter.v1 service: greets by name and says which instance answered.
+#[derive(Debug, Clone)]
+pub struct Greeter {
+    instance: Arc<str>,
+}
+
+impl Greeter {
+    /// A greeter that reports `instance` (its instance id) as `served_by`.
+    pub fn new(instance: impl Into<Arc<str>>) -> Self {
+        Greeter { instance: instance.into() }
+    }
+
+    fn reply(&self, name: &str) -> HelloReply {
+        HelloReply {
+            message: format!("Hello, {name}!"),
+            served_by: self.instance.to_string(),
+        }
+    }
+}
+
+/// Checks a name; the message says what is wrong in words a caller can act on.
+fn validate(name: &str) -> Result<(), Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument("name must not be empty"));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "name is {} bytes long; at most {MAX_NAME_BYTES} bytes are allowed",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl greeter_server::Greeter for Greeter {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let name = &request.get_ref().name;
+        validate(name)?;
+        Ok(Response::new(self.reply(name)))
+    }
+
+    type SayHelloStreamStream = ReplyStream;
+
+    async fn say_hello_stream(
+        &self,
+        request: Request<HelloStreamRequest>,
+    ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
+        let HelloStreamRequest { name, count } = request.into_inner();
+        validate(&name)?;
+        if count > MAX_STREAM_COUNT {
+            return Err(Status::invalid_argument(format!(
+                "count is {count}; at most {MAX_STREAM_COUNT} greetings per call"
+            )));
+        }
+        let reply = self.reply(&name);
+        let n = count.max(1) as usize;
+        Ok(Response::new(Box::pin(tokio_stream::iter(std::iter::repeat_n(Ok(reply), n)))))
+    }
+}
+
+#[cfg(test)]
+mod tests;

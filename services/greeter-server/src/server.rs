@@ -1,0 +1,133 @@
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use mesh_proto::pb::greeter_server::GreeterServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::{Args, Greeter};
+
+/// Requests larger than this are refused by tonic before they reach the greeter: a name is
+/// at most 1 KiB, so anything near this size is a mistake or an attack.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// What [`serve`] needs besides a listener.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Reported as `served_by`.
+    pub instance_id: String,
+    /// How long in-flight calls get after the shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+/// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    info!(address = %local, "greeter-server listening on {local}");
+    let options = ServeOptions {
+        instance_id: args.instance_id.unwrap_or_else(|| local.to_string()),
+        drain_timeout: args.drain_timeout,
+    };
+    serve(listener, options, shutdown_signal()).await
+}
+
+/// Serves greeter, health and reflection on `listener` until `shutdown` completes; then
+/// reports NOT_SERVING, stops accepting and waits for in-flight calls, at most
+/// `drain_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let local: SocketAddr = listener.local_addr().context("reading the bound address")?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GreeterServer<Greeter>>().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+    let greeter = GreeterServer::new(Greeter::new(options.instance_id.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let incoming = TcpListenerStream::new(listener);
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(greeter)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    info!(instance = %options.instance_id, "serving greeter.v1 on {local}");
+
+    tokio::select! {
+        result = &mut server => {
+            // The server stopped without being asked: an accept error it could not survive.
+            return result.context("server task")?.context("serving");
+        }
+        () = shutdown => {}
+    }
+
+    info!("shutting down: reporting NOT_SERVING");
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_not_serving::<GreeterServer<Greeter>>().await;
+    let _ = stop.send(());
+    info!(timeout = ?options.drain_timeout, "draining in-flight calls");
+    match tokio::time::timeout(options.drain_timeout, &mut server).await {
+        Ok(result) => {
+            result.context("server task")?.context("serving")?;
+            info!("drained; bye");
+        }
+        Err(_) => {
+            warn!(timeout = ?options.drain_timeout, "calls still in flight after the drain timeout were cut");
+            server.abort();
+        }
+    }
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received"),
+        () = term => info!("SIGTERM received"),
+    }
+}
