@@ -1,1 +1,68 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's commands. See `cargo xtask help`.
+
+mod bench;
+mod demo;
+mod etcd;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+  demo                    start etcd, three greeter-servers and a client, narrate, clean up
+  test                    provision etcd, then fmt check, clippy -D warnings, every test
+  etcd-up [--cluster N]   a detached local etcd under target/etcd/ (N = 1 or 3), idempotent
+  etcd-down               stop it (its data stays under target/etcd/)
+  etcd-status             show what runs and whether it is healthy
+  codegen [--check]       regenerate crates/mesh-proto from proto/; --check fails if stale
+  bench [--runs N] [--duration SECS] [--quick]
+                          benchmark suite; prints a markdown table, saved under target/bench/
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprint!("{HELP}");
+        return ExitCode::from(2);
+    };
+    let result = match command.as_str() {
+        "demo" => util::no_args(rest).and_then(|()| demo::run()),
+        "test" => util::no_args(rest).and_then(|()| test::run()),
+        "etcd-up" => etcd::parse_cluster(rest).and_then(etcd::up).map(drop),
+        "etcd-down" => util::no_args(rest).and_then(|()| etcd::down()),
+        "etcd-status" => util::no_args(rest).and_then(|()| etcd::status()),
+        "codegen" => codegen(rest),
+        "bench" => bench::parse(rest).and_then(bench::run),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("error: unknown command {other:?}\n\n{HELP}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {command}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn codegen(rest: &[String]) -> anyhow::Result<()> {
+    let check = match rest {
+        [] => false,
+        [flag] if flag == "--check" => true,
+        _ => anyhow::bail!("usage: cargo xtask codegen [--check]"),
+    };
+    let mut cmd = util::cargo();
+    cmd.args(["run", "-q", "-p", "mesh-codegen", "--"]);
+    if check {
+        cmd.arg("--check");
+    }
+    util::run(&mut cmd)
+}

@@ -14,5 +14,8 @@ fn checked_in_code_matches_the_protos() {
 #[test]
 fn generation_is_deterministic() {
     let root = workspace_root();
-    assert_eq!(generate(&root).expect("first run"), generate(&root).expect("second run"));
+    assert_eq!(
+        generate(&root).expect("first run"),
+        generate(&root).expect("second run")
+    );
 }

@@ -41,7 +41,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -49,9 +52,13 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::NotFound { detail } => write!(f, "etcd not found: {detail}"),
-            Error::Install { command, detail } => write!(f, "installing etcd with `{command}` failed: {detail}"),
+            Error::Install { command, detail } => {
+                write!(f, "installing etcd with `{command}` failed: {detail}")
+            }
             Error::Spawn { binary, .. } => write!(f, "starting {}", binary.display()),
-            Error::Unhealthy { urls, detail } => write!(f, "etcd at {} is not healthy: {detail}", urls.join(",")),
+            Error::Unhealthy { urls, detail } => {
+                write!(f, "etcd at {} is not healthy: {detail}", urls.join(","))
+            }
             Error::Io { context, .. } => f.write_str(context),
         }
     }

@@ -15,7 +15,10 @@ pub fn find_etcd() -> Result<PathBuf, Error> {
     find_etcd_in(env::var_os("ETCD_BIN"), env::var_os("PATH"))
 }
 
-pub(crate) fn find_etcd_in(etcd_bin: Option<OsString>, path: Option<OsString>) -> Result<PathBuf, Error> {
+pub(crate) fn find_etcd_in(
+    etcd_bin: Option<OsString>,
+    path: Option<OsString>,
+) -> Result<PathBuf, Error> {
     if let Some(bin) = etcd_bin {
         let bin = PathBuf::from(bin);
         return if is_executable(&bin) {
@@ -64,7 +67,9 @@ pub fn install_etcd() -> Result<(), Error> {
     if cfg!(target_os = "linux") && on_path("apt-get").is_some() {
         if !nix::unistd::geteuid().is_root() {
             return Err(Error::NotFound {
-                detail: format!("etcd is missing and installing it with apt-get needs root; {INSTALL_HINT}"),
+                detail: format!(
+                    "etcd is missing and installing it with apt-get needs root; {INSTALL_HINT}"
+                ),
             });
         }
         let install = || {
@@ -82,16 +87,21 @@ pub fn install_etcd() -> Result<(), Error> {
         return run_install(&mut install());
     }
     Err(Error::NotFound {
-        detail: format!("etcd is missing and this machine has no package manager mesh knows; {INSTALL_HINT}"),
+        detail: format!(
+            "etcd is missing and this machine has no package manager mesh knows; {INSTALL_HINT}"
+        ),
     })
 }
 
 fn run_install(cmd: &mut Command) -> Result<(), Error> {
     let shown = format!("{cmd:?}");
-    let output = cmd.stdin(Stdio::null()).output().map_err(|e| Error::Install {
-        command: shown.clone(),
-        detail: e.to_string(),
-    })?;
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Install {
+            command: shown.clone(),
+            detail: e.to_string(),
+        })?;
     if output.status.success() {
         return Ok(());
     }
@@ -99,7 +109,11 @@ fn run_install(cmd: &mut Command) -> Result<(), Error> {
     let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
     Err(Error::Install {
         command: shown,
-        detail: format!("{}: {}", output.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
+        detail: format!(
+            "{}: {}",
+            output.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ),
     })
 }
 

@@ -15,7 +15,12 @@ pub fn is_healthy(client_url: &str, timeout: Duration) -> bool {
 
 /// POSTs a JSON body to etcd's JSON gateway (`/v3/kv/put`, `/v3/maintenance/status`, …) at
 /// `client_url` and returns the response body. A non-2xx status is an error carrying the body.
-pub fn gateway_post(client_url: &str, path: &str, json: &str, timeout: Duration) -> Result<String, Error> {
+pub fn gateway_post(
+    client_url: &str,
+    path: &str,
+    json: &str,
+    timeout: Duration,
+) -> Result<String, Error> {
     request(client_url, "POST", path, json, timeout)
         .map_err(|e| Error::io(format!("POST {client_url}{path}"), e))
 }
@@ -35,7 +40,13 @@ pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns the body of a 2xx response.
-fn request(client_url: &str, method: &str, path: &str, body: &str, timeout: Duration) -> std::io::Result<String> {
+fn request(
+    client_url: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> std::io::Result<String> {
     let authority = client_url
         .strip_prefix("http://")
         .unwrap_or(client_url)
@@ -63,10 +74,15 @@ fn request(client_url: &str, method: &str, path: &str, body: &str, timeout: Dura
         .split_whitespace()
         .nth(1)
         .is_some_and(|code| code.starts_with('2'));
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     if status_ok {
         Ok(body)
     } else {
@@ -80,8 +96,12 @@ fn request(client_url: &str, method: &str, path: &str, body: &str, timeout: Dura
 fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
     while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        let (Some(chunk), Some(after)) = (tail.get(..n), tail.get(n..)) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        let (Some(chunk), Some(after)) = (tail.get(..n), tail.get(n..)) else {
+            break;
+        };
         if n == 0 {
             break;
         }

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{is_healthy, wait_until, Error};
+use crate::{Error, is_healthy, wait_until};
 
 /// One etcd member: its name, loopback ports and data directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +67,11 @@ impl ClusterSpec {
                 data_dir: dir.join(format!("m{i}.etcd")),
             })
             .collect();
-        let token = format!("mesh-{}-{}", std::process::id(), ports.first().map_or(0, |p| p.0));
+        let token = format!(
+            "mesh-{}-{}",
+            std::process::id(),
+            ports.first().map_or(0, |p| p.0)
+        );
         ClusterSpec { token, members }
     }
 
@@ -101,7 +105,11 @@ impl ClusterSpec {
         if wait_until(timeout, || urls.iter().all(|u| is_healthy(u, probe))) {
             return Ok(());
         }
-        let sick: Vec<&str> = urls.iter().filter(|u| !is_healthy(u, probe)).map(String::as_str).collect();
+        let sick: Vec<&str> = urls
+            .iter()
+            .filter(|u| !is_healthy(u, probe))
+            .map(String::as_str)
+            .collect();
         Err(Error::Unhealthy {
             urls: urls.clone(),
             detail: format!("after {timeout:?}, still unhealthy: {}", sick.join(",")),
@@ -143,22 +151,33 @@ pub fn free_port() -> Result<u16, Error> {
 
 /// Sends `sig` to process `pid`.
 pub fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
-    use nix::sys::signal::{kill, Signal as S};
+    use nix::sys::signal::{Signal as S, kill};
     let s = match sig {
         Signal::Term => S::SIGTERM,
         Signal::Kill => S::SIGKILL,
         Signal::Stop => S::SIGSTOP,
         Signal::Cont => S::SIGCONT,
     };
-    let raw = i32::try_from(pid).map_err(|_| Error::io(format!("pid {pid}"), std::io::ErrorKind::InvalidInput.into()))?;
-    kill(nix::unistd::Pid::from_raw(raw), s)
-        .map_err(|e| Error::io(format!("sending {sig:?} to pid {pid}"), std::io::Error::from(e)))
+    let raw = i32::try_from(pid).map_err(|_| {
+        Error::io(
+            format!("pid {pid}"),
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    kill(nix::unistd::Pid::from_raw(raw), s).map_err(|e| {
+        Error::io(
+            format!("sending {sig:?} to pid {pid}"),
+            std::io::Error::from(e),
+        )
+    })
 }
 
 /// Whether `pid` is alive and, where `/proc` tells, an etcd using `data_dir` (so that a pid
 /// file left behind never leads us to signal an unrelated process that reused the pid).
 pub fn process_is_etcd(pid: u32, data_dir: &Path) -> bool {
-    let Ok(raw) = i32::try_from(pid) else { return false };
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
     if nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_err() {
         return false;
     }

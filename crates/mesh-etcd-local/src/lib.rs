@@ -34,9 +34,11 @@ mod health;
 mod launch;
 
 pub use error::Error;
-pub use find::{ensure_etcd, find_etcd, find_etcdctl, install_etcd, INSTALL_HINT};
+pub use find::{INSTALL_HINT, ensure_etcd, find_etcd, find_etcdctl, install_etcd};
 pub use health::{gateway_post, is_healthy, wait_until};
-pub use launch::{free_port, process_is_etcd, signal, start_member, ClusterSpec, MemberSpec, Signal};
+pub use launch::{
+    ClusterSpec, MemberSpec, Signal, free_port, process_is_etcd, signal, start_member,
+};
 
 #[cfg(test)]
 mod tests;

@@ -54,7 +54,9 @@ impl Etcd {
     /// Starts a cluster of `size` members and waits until every member is healthy.
     pub async fn start_cluster(size: usize) -> Result<Self, Error> {
         if size == 0 {
-            return Err(Error::Usage("an etcd cluster needs at least one member".into()));
+            return Err(Error::Usage(
+                "an etcd cluster needs at least one member".into(),
+            ));
         }
         let bin = mesh_etcd_local::find_etcd()?;
         // A port found free can be taken before etcd binds it; then etcd exits and we try
@@ -93,7 +95,11 @@ impl Etcd {
 
     /// The client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        self.spec.members.get(i).map(|m| m.client_url()).unwrap_or_default()
+        self.spec
+            .members
+            .get(i)
+            .map(|m| m.client_url())
+            .unwrap_or_default()
     }
 
     /// The number of members.
@@ -185,7 +191,10 @@ impl Etcd {
     /// The index of the current leader, as the running members report it.
     pub async fn leader(&self) -> Result<usize, Error> {
         for i in self.live() {
-            let Ok(status) = self.call_member(i, "/v3/maintenance/status", json!({})).await else {
+            let Ok(status) = self
+                .call_member(i, "/v3/maintenance/status", json!({}))
+                .await
+            else {
                 continue;
             };
             let me = number(&status["header"]["member_id"]);
@@ -228,7 +237,9 @@ impl Etcd {
 
     /// Deletes `key`; returns how many keys were deleted.
     pub async fn delete(&self, key: &str) -> Result<i64, Error> {
-        let resp = self.call("/v3/kv/deleterange", json!({"key": B64.encode(key)})).await?;
+        let resp = self
+            .call("/v3/kv/deleterange", json!({"key": B64.encode(key)}))
+            .await?;
         Ok(number(&resp["deleted"]).unwrap_or(0))
     }
 
@@ -259,7 +270,10 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|source| mesh_etcd_local::Error::Spawn { binary: self.bin.clone(), source })?;
+            .map_err(|source| mesh_etcd_local::Error::Spawn {
+                binary: self.bin.clone(),
+                source,
+            })?;
         let member = self.member_mut(i)?;
         member.child = Some(child);
         member.paused = false;
@@ -267,7 +281,9 @@ impl Etcd {
     }
 
     fn signal(&self, i: usize, sig: Signal) -> Result<(), Error> {
-        let pid = self.pid(i).ok_or_else(|| Error::Usage(format!("etcd member {i} is not running")))?;
+        let pid = self
+            .pid(i)
+            .ok_or_else(|| Error::Usage(format!("etcd member {i} is not running")))?;
         Ok(mesh_etcd_local::signal(pid, sig)?)
     }
 
@@ -279,20 +295,19 @@ impl Etcd {
     }
 
     fn live(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.members.len()).filter(|&i| self.members[i].child.is_some() && !self.members[i].paused)
+        (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_some() && !self.members[i].paused)
     }
 
     fn check_alive(&mut self) -> Result<(), Error> {
         for (i, m) in self.members.iter_mut().enumerate() {
-            if let Some(child) = m.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    m.child = None;
-                    let log = self.dir.path().join(format!("m{i}.log"));
-                    return Err(Error::Usage(format!(
-                        "etcd member {i} exited with {status}; log: {}",
-                        tail(&log)
-                    )));
-                }
+            if let Some(Ok(Some(status))) = m.child.as_mut().map(Child::try_wait) {
+                m.child = None;
+                let log = self.dir.path().join(format!("m{i}.log"));
+                return Err(Error::Usage(format!(
+                    "etcd member {i} exited with {status}; log: {}",
+                    tail(&log)
+                )));
             }
         }
         Ok(())
@@ -357,7 +372,10 @@ impl Drop for Etcd {
 }
 
 fn gateway_err(call: &str, detail: String) -> Error {
-    Error::Gateway { call: call.to_string(), detail }
+    Error::Gateway {
+        call: call.to_string(),
+        detail,
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -380,7 +398,8 @@ fn number(v: &Value) -> Option<i64> {
 }
 
 fn revision(resp: &Value, call: &str) -> Result<i64, Error> {
-    number(&resp["header"]["revision"]).ok_or_else(|| gateway_err(call, format!("no revision in {resp}")))
+    number(&resp["header"]["revision"])
+        .ok_or_else(|| gateway_err(call, format!("no revision in {resp}")))
 }
 
 fn decode(v: &Value) -> Result<String, String> {
@@ -407,7 +426,9 @@ fn tail(path: &std::path::Path) -> String {
         .ok()
         .and_then(|mut f| {
             let mut s = String::new();
-            std::io::Read::read_to_string(&mut f, &mut s).ok().map(|_| s)
+            std::io::Read::read_to_string(&mut f, &mut s)
+                .ok()
+                .map(|_| s)
         })
         .unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(3).collect();

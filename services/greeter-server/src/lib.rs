@@ -21,4 +21,4 @@ mod server;
 
 pub use cli::Args;
 pub use greeter::{Greeter, MAX_NAME_BYTES, MAX_STREAM_COUNT};
-pub use server::{run, serve, ServeOptions};
+pub use server::{ServeOptions, run, serve};

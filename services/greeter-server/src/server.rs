@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use mesh_proto::pb::greeter_server::GreeterServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -65,7 +65,7 @@ pub async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
     let (stop, stopped) = oneshot::channel::<()>();
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
@@ -87,7 +87,9 @@ pub async fn serve(
     }
 
     info!("shutting down: reporting NOT_SERVING");
-    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     health.set_not_serving::<GreeterServer<Greeter>>().await;
     let _ = stop.send(());
     info!(timeout = ?options.drain_timeout, "draining in-flight calls");

@@ -1,0 +1,126 @@
+//! greeter-client as a user runs it: against a real in-process greeter-server, an
+//! unreachable address and bad flags.
+
+use std::process::Command;
+use std::time::Duration;
+
+use greeter_client::bench::{self, BenchConfig};
+use greeter_server::Greeter;
+use mesh_proto::pb::greeter_server::GreeterServer;
+use mesh_testkit::TestServer;
+
+fn client() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_greeter-client"))
+}
+
+#[test]
+fn unreachable_server_fails_naming_the_address_without_panic() {
+    let out = client()
+        .args(["--target", "http://127.0.0.1:1"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach greeter at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_flags_name_the_flag() {
+    let out = client()
+        .args(["--target", "127.0.0.1:50051"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid --target"), "{stderr}");
+
+    let out = client()
+        .args(["bench", "--concurrency", "0"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--concurrency"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greets_count_times_and_prints_each_reply() {
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1")))
+        .await
+        .expect("serve");
+    let uri = server.uri();
+    let out = tokio::task::spawn_blocking(move || {
+        client()
+            .args(["--target", &uri, "--name", "mesh", "--count", "3"])
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("Hello, mesh! (served by s1)").count(),
+        3,
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_calls_and_reports_ordered_percentiles() {
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1")))
+        .await
+        .expect("serve");
+    let channel = greeter_client::connect(&server.uri())
+        .await
+        .expect("connect");
+    let config = BenchConfig {
+        concurrency: 4,
+        duration: Duration::from_millis(300),
+        warmup: Duration::from_millis(100),
+        name: "b".into(),
+    };
+    let report = bench::run(channel, &config).await;
+    assert!(report.ok > 0, "{report:?}");
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert_eq!(report.served_by.get("s1"), Some(&report.ok));
+    assert!(
+        report.p50_us <= report.p90_us
+            && report.p90_us <= report.p99_us
+            && report.p99_us <= report.p999_us
+    );
+    assert!(report.p999_us <= report.max_us);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_failures_by_code_when_the_server_is_killed() {
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1")))
+        .await
+        .expect("serve");
+    let channel = greeter_client::connect(&server.uri())
+        .await
+        .expect("connect");
+    server.kill().await;
+    let config = BenchConfig {
+        concurrency: 2,
+        duration: Duration::from_millis(200),
+        warmup: Duration::ZERO,
+        name: "b".into(),
+    };
+    let report = bench::run(channel, &config).await;
+    assert_eq!(report.ok, 0);
+    assert!(report.errors > 0);
+    assert!(
+        report.errors_by_code.contains_key("Unavailable"),
+        "{:?}",
+        report.errors_by_code
+    );
+}

@@ -1,0 +1,272 @@
+//! `cargo xtask bench`: A/B runs of the greeter through the same load generator
+//! (`greeter-client bench`), alternating A and B (ABBA order) several times per concurrency so
+//! that drift on a noisy machine hits both alike. Reported: median throughput and p99 of
+//! each side, and the median B/A ratio of the paired runs with its spread (min–max).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::util;
+
+#[derive(Debug)]
+pub(crate) struct Opts {
+    runs: usize,
+    duration: u64,
+    warmup: u64,
+    concurrency: Vec<u32>,
+}
+
+pub(crate) fn parse(rest: &[String]) -> anyhow::Result<Opts> {
+    let mut opts = Opts {
+        runs: 5,
+        duration: 3,
+        warmup: 1,
+        concurrency: vec![1, 16, 64],
+    };
+    let mut args = rest.iter();
+    while let Some(flag) = args.next() {
+        let mut value = |name: &str| -> anyhow::Result<u64> {
+            let v = args
+                .next()
+                .with_context(|| format!("{name} needs a value"))?;
+            v.parse()
+                .with_context(|| format!("{name} takes a whole number, not {v:?}"))
+        };
+        match flag.as_str() {
+            "--runs" => opts.runs = value("--runs")?.max(1) as usize,
+            "--duration" => opts.duration = value("--duration")?.max(1),
+            "--quick" => {
+                opts.runs = 2;
+                opts.duration = 1;
+            }
+            other => bail!(
+                "unknown flag {other:?}; usage: cargo xtask bench [--runs N] [--duration SECS] [--quick]"
+            ),
+        }
+    }
+    Ok(opts)
+}
+
+/// One side of a comparison: a server to start and the client flags to load it with.
+struct Side {
+    label: &'static str,
+    server: fn(&Bins, &str) -> Command,
+    client_args: &'static [&'static str],
+}
+
+struct Comparison {
+    title: &'static str,
+    a: Side,
+    b: Side,
+}
+
+struct Bins {
+    dir: PathBuf,
+}
+
+fn comparisons() -> Vec<Comparison> {
+    vec![Comparison {
+        title: "greeter-server vs bare tonic",
+        a: Side {
+            label: "bare tonic",
+            server: bare_server,
+            client_args: &[],
+        },
+        b: Side {
+            label: "greeter-server",
+            server: greeter_server,
+            client_args: &[],
+        },
+    }]
+}
+
+fn bare_server(bins: &Bins, addr: &str) -> Command {
+    let mut cmd = Command::new(bins.dir.join("examples").join("bare-greeter"));
+    cmd.arg(addr);
+    cmd
+}
+
+fn greeter_server(bins: &Bins, addr: &str) -> Command {
+    let mut cmd = Command::new(bins.dir.join("greeter-server"));
+    cmd.args(["--listen", addr]).env("RUST_LOG", "warn");
+    cmd
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(side: &Side, bins: &Bins) -> anyhow::Result<(Running, String)> {
+    let port = mesh_etcd_local::free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let child = (side.server)(bins, &addr)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting the {} server", side.label))?;
+    let running = Running(child);
+    if !mesh_etcd_local::wait_until(Duration::from_secs(15), || {
+        TcpStream::connect(&addr).is_ok()
+    }) {
+        bail!("the {} server did not listen on {addr}", side.label);
+    }
+    Ok((running, format!("http://{addr}")))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    throughput: f64,
+    p99_us: f64,
+    errors: f64,
+}
+
+fn load(bins: &Bins, side: &Side, target: &str, c: u32, opts: &Opts) -> anyhow::Result<Sample> {
+    let mut cmd = Command::new(bins.dir.join("greeter-client"));
+    cmd.args(["bench", "--json", "--target", target])
+        .args(["--concurrency", &c.to_string()])
+        .args(["--duration", &format!("{}s", opts.duration)])
+        .args(["--warmup", &format!("{}s", opts.warmup)])
+        .args(side.client_args);
+    let out = util::output(&mut cmd)?;
+    let v: Value = serde_json::from_str(out.trim())
+        .with_context(|| format!("parsing the bench report {out:?}"))?;
+    let num = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("no {k} in the bench report"))
+    };
+    Ok(Sample {
+        throughput: num("throughput")?,
+        p99_us: num("p99_us")?,
+        errors: num("errors")?,
+    })
+}
+
+pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
+    util::run(util::cargo().args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "greeter-server",
+        "-p",
+        "greeter-client",
+        "--bins",
+        "--example",
+        "bare-greeter",
+    ]))?;
+    let bins = Bins {
+        dir: util::root().join("target").join("release"),
+    };
+    let command = format!(
+        "cargo xtask bench --runs {} --duration {}",
+        opts.runs, opts.duration
+    );
+    let mut md = String::new();
+    let _ = writeln!(md, "# mesh benchmarks\n");
+    let _ = writeln!(
+        md,
+        "`{command}`: {} paired runs per row, ABBA order, {} s measured after {} s warmup, one load generator (`greeter-client bench`) on the same {}-core machine as the servers. Ratios are B/A per pair: median [min–max].\n",
+        opts.runs,
+        opts.duration,
+        opts.warmup,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for cmp in comparisons() {
+        eprintln!("== {} ==", cmp.title);
+        let (_a_proc, a_target) = start(&cmp.a, &bins)?;
+        let (_b_proc, b_target) = start(&cmp.b, &bins)?;
+        let _ = writeln!(
+            md,
+            "## {} (A = {}, B = {})\n",
+            cmp.title, cmp.a.label, cmp.b.label
+        );
+        let _ = writeln!(
+            md,
+            "| concurrency | A calls/s | B calls/s | throughput B/A | A p99 µs | B p99 µs | p99 B/A | errors |\n|---:|---:|---:|---|---:|---:|---|---:|"
+        );
+        for &c in &opts.concurrency {
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            for round in 0..opts.runs {
+                let order = if round % 2 == 0 {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
+                for is_a in order {
+                    let (side, target, into) = if is_a {
+                        (&cmp.a, &a_target, &mut a)
+                    } else {
+                        (&cmp.b, &b_target, &mut b)
+                    };
+                    let s = load(&bins, side, target, c, &opts)?;
+                    eprintln!(
+                        "  c={c:<3} run {round} {:<16} {:>9.0} calls/s  p99 {:>6.0} µs",
+                        side.label, s.throughput, s.p99_us
+                    );
+                    into.push(s);
+                }
+            }
+            let tput: Vec<f64> = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| b.throughput / a.throughput)
+                .collect();
+            let p99: Vec<f64> = a.iter().zip(&b).map(|(a, b)| b.p99_us / a.p99_us).collect();
+            let errors: f64 = a.iter().chain(&b).map(|s| s.errors).sum();
+            let _ = writeln!(
+                md,
+                "| {c} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {} | {errors:.0} |",
+                median(a.iter().map(|s| s.throughput).collect()),
+                median(b.iter().map(|s| s.throughput).collect()),
+                spread(tput),
+                median(a.iter().map(|s| s.p99_us).collect()),
+                median(b.iter().map(|s| s.p99_us).collect()),
+                spread(p99),
+            );
+        }
+        md.push('\n');
+    }
+    println!("{md}");
+    let dir = util::root().join("target").join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for name in [format!("bench-{stamp}.md"), "latest.md".to_string()] {
+        fs::write(dir.join(&name), &md).with_context(|| format!("writing {name}"))?;
+    }
+    println!(
+        "saved to {}",
+        dir.join(format!("bench-{stamp}.md")).display()
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn spread(v: Vec<f64>) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.3} [{lo:.3}–{hi:.3}]", median(v))
+}

@@ -1,0 +1,233 @@
+//! The detached local etcd of `cargo xtask etcd-up`: one member on 127.0.0.1:2379, or three
+//! on 2379, 22379 and 32379 (etcd's own Procfile ports), under `target/etcd/cluster-N/` with
+//! a data dir, a log and a pid file per member. Launching is mesh-etcd-local's, shared with
+//! mesh-testkit.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use mesh_etcd_local::{ClusterSpec, Signal};
+
+use crate::util;
+
+const PORTS: [(u16, u16); 3] = [(2379, 2380), (22379, 22380), (32379, 32380)];
+
+/// The outcome of [`up`].
+#[derive(Debug)]
+pub(crate) struct Up {
+    pub(crate) endpoints: Vec<String>,
+    /// The processes this call started (none if it was running already), so that a demo
+    /// that stops them again can reap them.
+    pub(crate) started: Vec<std::process::Child>,
+}
+
+pub(crate) fn parse_cluster(rest: &[String]) -> anyhow::Result<usize> {
+    match rest {
+        [] => Ok(1),
+        [flag, n] if flag == "--cluster" => match n.as_str() {
+            "1" => Ok(1),
+            "3" => Ok(3),
+            _ => bail!("--cluster takes 1 or 3, not {n:?}"),
+        },
+        _ => bail!("usage: cargo xtask etcd-up [--cluster 1|3]"),
+    }
+}
+
+fn base() -> PathBuf {
+    util::root().join("target").join("etcd")
+}
+
+fn spec(size: usize) -> ClusterSpec {
+    ClusterSpec::on_ports(&base().join(format!("cluster-{size}")), &PORTS[..size])
+}
+
+fn pid_file(spec: &ClusterSpec, i: usize) -> PathBuf {
+    spec.members[i].data_dir.with_extension("pid")
+}
+
+fn log_file(spec: &ClusterSpec, i: usize) -> PathBuf {
+    spec.members[i].data_dir.with_extension("log")
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The members started by xtask that still run, per cluster size.
+fn running() -> Vec<(ClusterSpec, Vec<(usize, u32)>)> {
+    [1, 3]
+        .into_iter()
+        .map(spec)
+        .filter_map(|spec| {
+            let alive: Vec<(usize, u32)> = (0..spec.members.len())
+                .filter_map(|i| {
+                    let pid = read_pid(&pid_file(&spec, i))?;
+                    mesh_etcd_local::process_is_etcd(pid, &spec.members[i].data_dir)
+                        .then_some((i, pid))
+                })
+                .collect();
+            (!alive.is_empty()).then_some((spec, alive))
+        })
+        .collect()
+}
+
+/// Starts a local etcd of `size` members unless one runs already; waits until healthy.
+pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
+    for (spec, alive) in running() {
+        if spec.members.len() != size {
+            bail!(
+                "an etcd of {} members started by xtask already runs; `cargo xtask etcd-down` first",
+                spec.members.len()
+            );
+        }
+        if alive.len() == size {
+            spec.wait_healthy(Duration::from_secs(10))?;
+            let pids: Vec<String> = alive.iter().map(|(_, p)| p.to_string()).collect();
+            println!(
+                "etcd already running (pid {}): {}",
+                pids.join(","),
+                spec.client_urls().join(",")
+            );
+            return Ok(Up {
+                endpoints: spec.client_urls(),
+                started: Vec::new(),
+            });
+        }
+        // Some members died: stop the rest and start the whole cluster again.
+        down()?;
+    }
+
+    let spec = spec(size);
+    for m in &spec.members {
+        if mesh_etcd_local::is_healthy(&m.client_url(), Duration::from_millis(300)) {
+            if size == 1 {
+                // Debian's etcd-server package starts a system etcd on 2379; use it as is.
+                println!(
+                    "an etcd not started by xtask already answers on {} (a system service?); using it",
+                    m.client_url()
+                );
+                return Ok(Up { endpoints: vec![m.client_url()], started: Vec::new() });
+            }
+            bail!(
+                "an etcd not started by xtask already answers on {}; stop it to start a cluster of {size} on these ports",
+                m.client_url()
+            );
+        }
+        for port in [m.client_port, m.peer_port] {
+            TcpListener::bind(("127.0.0.1", port))
+                .with_context(|| format!("port {port} on 127.0.0.1 is taken; etcd-up needs it"))?;
+        }
+    }
+    let etcd = mesh_etcd_local::ensure_etcd()?;
+    let dir = spec.members[0]
+        .data_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(base);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut pids = Vec::new();
+    let mut children = Vec::new();
+    for i in 0..size {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_file(&spec, i))
+            .with_context(|| format!("opening {}", log_file(&spec, i).display()))?;
+        let log2 = log.try_clone().context("duplicating the log handle")?;
+        let child = {
+            use std::os::unix::process::CommandExt as _;
+            mesh_etcd_local::start_member(&etcd, &spec, i)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                // Its own process group: Ctrl-C in this terminal must not stop a detached etcd.
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", etcd.display()))?
+        };
+        fs::write(pid_file(&spec, i), child.id().to_string()).context("writing the pid file")?;
+        pids.push(child.id());
+        children.push(child);
+    }
+    if let Err(e) = spec.wait_healthy(Duration::from_secs(30)) {
+        let _ = down();
+        let tail = fs::read_to_string(log_file(&spec, 0)).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+        bail!(
+            "{e}; last lines of {}:\n{}",
+            log_file(&spec, 0).display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    println!(
+        "etcd is up (pid {}): {}\n  data and logs under {}",
+        pids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        spec.client_urls().join(","),
+        dir.display()
+    );
+    Ok(Up {
+        endpoints: spec.client_urls(),
+        started: children,
+    })
+}
+
+/// Stops every etcd started by xtask; their data stays.
+pub(crate) fn down() -> anyhow::Result<()> {
+    let all = running();
+    if all.is_empty() {
+        println!("no etcd started by xtask is running");
+    }
+    for (spec, alive) in all {
+        for &(_, pid) in &alive {
+            mesh_etcd_local::signal(pid, Signal::Term)?;
+        }
+        for &(i, pid) in &alive {
+            let data = &spec.members[i].data_dir;
+            if !mesh_etcd_local::wait_until(Duration::from_secs(10), || {
+                !mesh_etcd_local::process_is_etcd(pid, data)
+            }) {
+                mesh_etcd_local::signal(pid, Signal::Kill)?;
+            }
+            println!("stopped etcd member {} (pid {pid})", spec.members[i].name);
+        }
+        for i in 0..spec.members.len() {
+            let _ = fs::remove_file(pid_file(&spec, i));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn status() -> anyhow::Result<()> {
+    let all = running();
+    if all.is_empty() {
+        println!("no etcd started by xtask is running; `cargo xtask etcd-up` starts one");
+        return Ok(());
+    }
+    for (spec, alive) in all {
+        println!(
+            "etcd cluster of {} under {}",
+            spec.members.len(),
+            base().display()
+        );
+        for (i, m) in spec.members.iter().enumerate() {
+            let pid = alive.iter().find(|(j, _)| *j == i).map(|(_, p)| *p);
+            let health = if pid.is_none() {
+                "not running"
+            } else if mesh_etcd_local::is_healthy(&m.client_url(), Duration::from_secs(1)) {
+                "healthy"
+            } else {
+                "UNHEALTHY"
+            };
+            let pid = pid.map_or("-".to_string(), |p| p.to_string());
+            println!("  {}  {}  pid {pid}  {health}", m.name, m.client_url());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! `cargo xtask test`: provision what the tests need, then fmt, clippy and every test.
+
+use std::process::Command;
+
+use crate::util;
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    // The etcd integration tests start their own etcd (mesh-testkit) and only need a binary;
+    // install it here so that they never do.
+    let etcd = mesh_etcd_local::ensure_etcd()?;
+    eprintln!("using etcd at {}", etcd.display());
+
+    util::run(util::cargo().args(["fmt", "--all", "--", "--check"]))?;
+    util::run(util::cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    if has_nextest() {
+        util::run(util::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
+    } else {
+        eprintln!("cargo-nextest not found; running cargo test");
+        util::run(util::cargo().args(["test", "--workspace", "--no-fail-fast", "--all-targets"]))?;
+    }
+    // nextest does not run doctests.
+    util::run(util::cargo().args(["test", "--workspace", "--doc"]))?;
+    Ok(())
+}
+
+fn has_nextest() -> bool {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
