@@ -110,7 +110,10 @@ pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
                     "an etcd not started by xtask already answers on {} (a system service?); using it",
                     m.client_url()
                 );
-                return Ok(Up { endpoints: vec![m.client_url()], started: Vec::new() });
+                return Ok(Up {
+                    endpoints: vec![m.client_url()],
+                    started: Vec::new(),
+                });
             }
             bail!(
                 "an etcd not started by xtask already answers on {}; stop it to start a cluster of {size} on these ports",
