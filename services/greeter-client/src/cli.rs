@@ -1,12 +1,15 @@
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mesh_balancer::{BalancedChannel, Strategy};
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
+use tonic::transport::Channel;
 
 use crate::bench::{self, BenchConfig};
-use crate::connect;
+use crate::connect::{balanced, connect};
 
 /// `greeter-client`: greet, or `bench` to drive load.
 #[derive(Debug, Clone, Parser)]
@@ -33,12 +36,34 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+/// Where calls go and how they are spread.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// Servers to call, comma-separated: host:port or http://host:port.
+    #[arg(
+        long,
+        env = "MESH_TARGET",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub target: Vec<String>,
+    /// How calls are spread: round_robin, random, consistent_hash, weighted, p2c, p2c_ewma.
+    #[arg(long, env = "MESH_STRATEGY", default_value = "round_robin", value_parser = parse_strategy)]
+    pub strategy: Strategy,
+    /// Weights of the targets for `weighted`, comma-separated, one per target.
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Vec<u32>,
+    /// The consistent-hash key sent as `x-mesh-hash-key`; `{i}` becomes the call's number.
+    #[arg(long)]
+    pub hash_key: Option<String>,
+}
+
 /// Flags of the default mode.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GreetArgs {
-    /// The server to call, e.g. http://127.0.0.1:50051.
-    #[arg(long, env = "MESH_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
+    /// Targets and strategy.
+    #[command(flatten)]
+    pub targets: TargetArgs,
     /// The name to greet.
     #[arg(long, default_value = "world")]
     pub name: String,
@@ -48,14 +73,21 @@ pub struct GreetArgs {
     /// Deadline of each call, e.g. `1s`, `500ms`.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Print only the table at the end, not each reply.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Flags of `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// The server to load, e.g. http://127.0.0.1:50051.
-    #[arg(long, env = "MESH_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
+    /// Targets and strategy.
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// Call through a plain tonic `Channel` instead of the balancer (one target only): the
+    /// baseline the balancer is measured against.
+    #[arg(long)]
+    pub plain: bool,
     /// Parallel workers, each one call at a time.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
@@ -73,6 +105,11 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    s.parse()
+        .map_err(|e: mesh_balancer::InvalidStrategy| e.to_string())
+}
+
 /// Runs the client; the error says what failed and where.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
@@ -81,19 +118,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+async fn channel(t: &TargetArgs) -> anyhow::Result<BalancedChannel<Channel>> {
+    balanced(&t.target, &t.weights, t.strategy.clone()).await
+}
+
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {
-    let channel = connect(&args.target).await?;
-    let mut client = GreeterClient::new(channel);
+    let channel = channel(&args.targets).await?;
+    let mut client = GreeterClient::new(channel.clone());
+    let mut replies: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed = 0u64;
-    for _ in 0..args.count {
+    for i in 0..args.count {
         let mut request = tonic::Request::new(HelloRequest {
             name: args.name.clone(),
         });
         request.set_timeout(args.timeout);
+        if let Some(key) = &args.targets.hash_key {
+            let key = key.replace("{i}", &i.to_string());
+            let value = key
+                .parse()
+                .with_context(|| format!("--hash-key {key:?} is not a valid header value"))?;
+            request.metadata_mut().insert("x-mesh-hash-key", value);
+        }
         match client.say_hello(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                println!("{} (served by {})", reply.message, reply.served_by);
+                if !args.quiet {
+                    println!("{} (served by {})", reply.message, reply.served_by);
+                }
+                *replies.entry(reply.served_by).or_default() += 1;
             }
             Err(status) => {
                 failed += 1;
@@ -101,21 +153,59 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
             }
         }
     }
+    print!("{}", table(&channel, &replies));
     if failed > 0 {
-        anyhow::bail!("{failed} of {} calls to {} failed", args.count, args.target);
+        anyhow::bail!("{failed} of {} calls failed", args.count);
     }
     Ok(())
 }
 
+/// Replies per `served_by`, then what the balancer counted per endpoint.
+fn table(channel: &BalancedChannel<Channel>, replies: &BTreeMap<String, u64>) -> String {
+    let mut out = format!(
+        "\nstrategy {}\n{:<28} {:>8}\n",
+        channel.strategy(),
+        "served_by",
+        "replies"
+    );
+    for (who, n) in replies {
+        out.push_str(&format!("{who:<28} {n:>8}\n"));
+    }
+    out.push_str(&format!(
+        "{:<28} {:>8} {:>8}  state\n",
+        "endpoint", "requests", "failures"
+    ));
+    for e in channel.endpoints() {
+        let state = if e.connected {
+            "connected"
+        } else if e.usable {
+            "idle"
+        } else {
+            "unreachable"
+        };
+        out.push_str(&format!(
+            "{:<28} {:>8} {:>8}  {state}\n",
+            e.address, e.requests, e.failures
+        ));
+    }
+    out
+}
+
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    let channel = connect(&args.target).await?;
     let config = BenchConfig {
         concurrency: args.concurrency as usize,
         duration: args.duration,
         warmup: args.warmup,
         name: args.name,
     };
-    let report = bench::run(channel, &config).await;
+    let report = if args.plain {
+        let [target] = args.targets.target.as_slice() else {
+            anyhow::bail!("--plain takes exactly one --target");
+        };
+        bench::run(connect(target).await?, &config).await
+    } else {
+        bench::run(channel(&args.targets).await?, &config).await
+    };
     if args.json {
         println!(
             "{}",

@@ -1,30 +1,75 @@
 use std::time::Duration;
 
-use anyhow::Context as _;
-use tonic::transport::{Channel, Endpoint};
+use anyhow::{Context as _, bail};
+use mesh_balancer::{BalancedChannel, Balancer, BalancerConfig, Endpoint, EndpointSet, Strategy};
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 /// How long connecting to a target may take before it counts as unreachable.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Connects to one target such as `http://127.0.0.1:50051`; the error names the address.
+/// Connects to one target such as `http://127.0.0.1:50051` with a plain tonic `Channel`
+/// (no balancer); the error names the address.
 pub async fn connect(target: &str) -> anyhow::Result<Channel> {
-    endpoint(target)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach greeter at {target}"))
-}
-
-/// The endpoint for `target`, with the timeouts and keepalive mesh uses everywhere.
-pub(crate) fn endpoint(target: &str) -> anyhow::Result<Endpoint> {
-    if !(target.starts_with("http://") || target.starts_with("https://")) {
-        anyhow::bail!("invalid --target {target:?}; expected a URL like http://127.0.0.1:50051");
-    }
-    Ok(Endpoint::from_shared(target.to_string())
-        .with_context(|| {
-            format!("invalid --target {target:?}; expected a URL like http://127.0.0.1:50051")
-        })?
+    let url = url_of(target)?;
+    TonicEndpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid --target {target:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5)))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach greeter at {url}"))
+}
+
+/// A balanced channel over a static list of targets (`--target a,b,c`), with optional
+/// weights; waits until the targets have been probed and one is reachable.
+pub async fn balanced(
+    targets: &[String],
+    weights: &[u32],
+    strategy: Strategy,
+) -> anyhow::Result<BalancedChannel<Channel>> {
+    if targets.is_empty() {
+        bail!("--target needs at least one address");
+    }
+    if !weights.is_empty() && weights.len() != targets.len() {
+        bail!(
+            "--weights has {} values for {} targets; give one per target",
+            weights.len(),
+            targets.len()
+        );
+    }
+    let mut endpoints = Vec::with_capacity(targets.len());
+    for (i, target) in targets.iter().enumerate() {
+        let url = url_of(target)?;
+        let address = url.trim_start_matches("http://").to_string();
+        endpoints.push(Endpoint::new(address).with_weight(weights.get(i).copied().unwrap_or(1)));
+    }
+    let config = BalancerConfig::new("greeter").with_strategy(strategy);
+    let channel = Balancer::spawn(config, tokio_stream::once(EndpointSet::new(endpoints)));
+    channel
+        .wait_ready(CONNECT_TIMEOUT)
+        .await
+        .with_context(|| format!("cannot reach greeter at {}", targets.join(",")))?;
+    Ok(channel)
+}
+
+/// `http://host:port` for `host:port` or a URL; anything else is a readable error.
+pub(crate) fn url_of(target: &str) -> anyhow::Result<String> {
+    let target = target.trim();
+    let url = if target.contains("://") {
+        target.to_string()
+    } else {
+        format!("http://{target}")
+    };
+    let uri: http::Uri = url.parse().with_context(|| {
+        format!("invalid --target {target:?}; expected host:port or http://host:port")
+    })?;
+    if uri.scheme_str() != Some("http") {
+        bail!("invalid --target {target:?}: only http:// is supported");
+    }
+    if uri.port_u16().is_none() || uri.host().is_none_or(str::is_empty) {
+        bail!("invalid --target {target:?}; expected host:port or http://host:port");
+    }
+    Ok(url)
 }

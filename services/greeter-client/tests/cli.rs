@@ -31,12 +31,33 @@ fn unreachable_server_fails_naming_the_address_without_panic() {
 #[test]
 fn bad_flags_name_the_flag() {
     let out = client()
-        .args(["--target", "127.0.0.1:50051"])
+        .args(["--target", "nonsense"])
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("invalid --target"), "{stderr}");
+
+    let out = client()
+        .args(["--strategy", "fastest"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--strategy") && stderr.contains("round_robin"),
+        "{stderr}"
+    );
+
+    let out = client()
+        .args(["--target", "127.0.0.1:1", "--weights", "1,2"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--weights has 2 values for 1 targets"),
+        "{stderr}"
+    );
 
     let out = client()
         .args(["bench", "--concurrency", "0"])
@@ -122,5 +143,84 @@ async fn bench_counts_failures_by_code_when_the_server_is_killed() {
         report.errors_by_code.contains_key("Unavailable"),
         "{:?}",
         report.errors_by_code
+    );
+}
+
+fn replies_by_served_by(stdout: &str) -> std::collections::BTreeMap<String, u64> {
+    // The table's first section: "served_by  replies" rows until the endpoint header.
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("served_by"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("endpoint"))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
+    let mut servers = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        servers.push(
+            TestServer::serve(GreeterServer::new(Greeter::new(name)))
+                .await
+                .expect("serve"),
+        );
+    }
+    let targets = servers
+        .iter()
+        .map(|s| s.addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let t = targets.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        client()
+            .args(["--target", &t, "--count", "30", "--quiet"])
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by = replies_by_served_by(&stdout);
+    assert_eq!(by.values().collect::<Vec<_>>(), [&10, &10, &10], "{stdout}");
+    assert!(stdout.contains("strategy round_robin"), "{stdout}");
+
+    let out = tokio::task::spawn_blocking(move || {
+        client()
+            .args([
+                "--target",
+                &targets,
+                "--count",
+                "12",
+                "--quiet",
+                "--strategy",
+                "consistent_hash",
+                "--hash-key",
+                "user-7",
+            ])
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        replies_by_served_by(&stdout).values().collect::<Vec<_>>(),
+        [&12],
+        "{stdout}"
     );
 }
