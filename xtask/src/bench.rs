@@ -24,20 +24,12 @@ pub(crate) struct Opts {
 }
 
 pub(crate) fn parse(rest: &[String]) -> anyhow::Result<Opts> {
-    let mut opts = Opts {
-        runs: 5,
-        duration: 3,
-        warmup: 1,
-        concurrency: vec![1, 16, 64],
-    };
+    let mut opts = Opts { runs: 5, duration: 3, warmup: 1, concurrency: vec![1, 16, 64] };
     let mut args = rest.iter();
     while let Some(flag) = args.next() {
         let mut value = |name: &str| -> anyhow::Result<u64> {
-            let v = args
-                .next()
-                .with_context(|| format!("{name} needs a value"))?;
-            v.parse()
-                .with_context(|| format!("{name} takes a whole number, not {v:?}"))
+            let v = args.next().with_context(|| format!("{name} needs a value"))?;
+            v.parse().with_context(|| format!("{name} takes a whole number, not {v:?}"))
         };
         match flag.as_str() {
             "--runs" => opts.runs = value("--runs")?.max(1) as usize,
@@ -46,19 +38,24 @@ pub(crate) fn parse(rest: &[String]) -> anyhow::Result<Opts> {
                 opts.runs = 2;
                 opts.duration = 1;
             }
-            other => bail!(
-                "unknown flag {other:?}; usage: cargo xtask bench [--runs N] [--duration SECS] [--quick]"
-            ),
+            other => bail!("unknown flag {other:?}; usage: cargo xtask bench [--runs N] [--duration SECS] [--quick]"),
         }
     }
     Ok(opts)
 }
 
 /// One side of a comparison: a server to start and the client flags to load it with.
+/// Sides of one comparison that name the same server share one process.
 struct Side {
     label: &'static str,
-    server: fn(&Bins, &str) -> Command,
+    server: ServerKind,
     client_args: &'static [&'static str],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerKind {
+    Bare,
+    Greeter,
 }
 
 struct Comparison {
@@ -72,31 +69,33 @@ struct Bins {
 }
 
 fn comparisons() -> Vec<Comparison> {
-    vec![Comparison {
-        title: "greeter-server vs bare tonic",
-        a: Side {
-            label: "bare tonic",
-            server: bare_server,
-            client_args: &[],
+    vec![
+        Comparison {
+            title: "greeter-server vs bare tonic (plain client)",
+            a: Side { label: "bare tonic", server: ServerKind::Bare, client_args: &["--plain"] },
+            b: Side { label: "greeter-server", server: ServerKind::Greeter, client_args: &["--plain"] },
         },
-        b: Side {
-            label: "greeter-server",
-            server: greeter_server,
-            client_args: &[],
+        Comparison {
+            title: "balanced channel over one endpoint vs plain tonic Channel (same greeter-server)",
+            a: Side { label: "plain Channel", server: ServerKind::Greeter, client_args: &["--plain"] },
+            b: Side { label: "balanced", server: ServerKind::Greeter, client_args: &[] },
         },
-    }]
+    ]
 }
 
-fn bare_server(bins: &Bins, addr: &str) -> Command {
-    let mut cmd = Command::new(bins.dir.join("examples").join("bare-greeter"));
-    cmd.arg(addr);
-    cmd
-}
-
-fn greeter_server(bins: &Bins, addr: &str) -> Command {
-    let mut cmd = Command::new(bins.dir.join("greeter-server"));
-    cmd.args(["--listen", addr]).env("RUST_LOG", "warn");
-    cmd
+fn server_command(kind: ServerKind, bins: &Bins, addr: &str) -> Command {
+    match kind {
+        ServerKind::Bare => {
+            let mut cmd = Command::new(bins.dir.join("examples").join("bare-greeter"));
+            cmd.arg(addr);
+            cmd
+        }
+        ServerKind::Greeter => {
+            let mut cmd = Command::new(bins.dir.join("greeter-server"));
+            cmd.args(["--listen", addr]).env("RUST_LOG", "warn");
+            cmd
+        }
+    }
 }
 
 struct Running(Child);
@@ -111,16 +110,14 @@ impl Drop for Running {
 fn start(side: &Side, bins: &Bins) -> anyhow::Result<(Running, String)> {
     let port = mesh_etcd_local::free_port()?;
     let addr = format!("127.0.0.1:{port}");
-    let child = (side.server)(bins, &addr)
+    let child = server_command(side.server, bins, &addr)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting the {} server", side.label))?;
     let running = Running(child);
-    if !mesh_etcd_local::wait_until(Duration::from_secs(15), || {
-        TcpStream::connect(&addr).is_ok()
-    }) {
+    if !mesh_etcd_local::wait_until(Duration::from_secs(15), || TcpStream::connect(&addr).is_ok()) {
         bail!("the {} server did not listen on {addr}", side.label);
     }
     Ok((running, format!("http://{addr}")))
@@ -141,17 +138,9 @@ fn load(bins: &Bins, side: &Side, target: &str, c: u32, opts: &Opts) -> anyhow::
         .args(["--warmup", &format!("{}s", opts.warmup)])
         .args(side.client_args);
     let out = util::output(&mut cmd)?;
-    let v: Value = serde_json::from_str(out.trim())
-        .with_context(|| format!("parsing the bench report {out:?}"))?;
-    let num = |k: &str| {
-        v[k].as_f64()
-            .with_context(|| format!("no {k} in the bench report"))
-    };
-    Ok(Sample {
-        throughput: num("throughput")?,
-        p99_us: num("p99_us")?,
-        errors: num("errors")?,
-    })
+    let v: Value = serde_json::from_str(out.trim()).with_context(|| format!("parsing the bench report {out:?}"))?;
+    let num = |k: &str| v[k].as_f64().with_context(|| format!("no {k} in the bench report"));
+    Ok(Sample { throughput: num("throughput")?, p99_us: num("p99_us")?, errors: num("errors")? })
 }
 
 pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
@@ -167,13 +156,8 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
         "--example",
         "bare-greeter",
     ]))?;
-    let bins = Bins {
-        dir: util::root().join("target").join("release"),
-    };
-    let command = format!(
-        "cargo xtask bench --runs {} --duration {}",
-        opts.runs, opts.duration
-    );
+    let bins = Bins { dir: util::root().join("target").join("release") };
+    let command = format!("cargo xtask bench --runs {} --duration {}", opts.runs, opts.duration);
     let mut md = String::new();
     let _ = writeln!(md, "# mesh benchmarks\n");
     let _ = writeln!(
@@ -187,12 +171,13 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
     for cmp in comparisons() {
         eprintln!("== {} ==", cmp.title);
         let (_a_proc, a_target) = start(&cmp.a, &bins)?;
-        let (_b_proc, b_target) = start(&cmp.b, &bins)?;
-        let _ = writeln!(
-            md,
-            "## {} (A = {}, B = {})\n",
-            cmp.title, cmp.a.label, cmp.b.label
-        );
+        let (_b_proc, b_target) = if cmp.b.server == cmp.a.server {
+            (None, a_target.clone())
+        } else {
+            let (p, t) = start(&cmp.b, &bins)?;
+            (Some(p), t)
+        };
+        let _ = writeln!(md, "## {} (A = {}, B = {})\n", cmp.title, cmp.a.label, cmp.b.label);
         let _ = writeln!(
             md,
             "| concurrency | A calls/s | B calls/s | throughput B/A | A p99 µs | B p99 µs | p99 B/A | errors |\n|---:|---:|---:|---|---:|---:|---|---:|"
@@ -201,17 +186,10 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
             let mut a = Vec::new();
             let mut b = Vec::new();
             for round in 0..opts.runs {
-                let order = if round % 2 == 0 {
-                    [true, false]
-                } else {
-                    [false, true]
-                };
+                let order = if round % 2 == 0 { [true, false] } else { [false, true] };
                 for is_a in order {
-                    let (side, target, into) = if is_a {
-                        (&cmp.a, &a_target, &mut a)
-                    } else {
-                        (&cmp.b, &b_target, &mut b)
-                    };
+                    let (side, target, into) =
+                        if is_a { (&cmp.a, &a_target, &mut a) } else { (&cmp.b, &b_target, &mut b) };
                     let s = load(&bins, side, target, c, &opts)?;
                     eprintln!(
                         "  c={c:<3} run {round} {:<16} {:>9.0} calls/s  p99 {:>6.0} µs",
@@ -220,11 +198,7 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
                     into.push(s);
                 }
             }
-            let tput: Vec<f64> = a
-                .iter()
-                .zip(&b)
-                .map(|(a, b)| b.throughput / a.throughput)
-                .collect();
+            let tput: Vec<f64> = a.iter().zip(&b).map(|(a, b)| b.throughput / a.throughput).collect();
             let p99: Vec<f64> = a.iter().zip(&b).map(|(a, b)| b.p99_us / a.p99_us).collect();
             let errors: f64 = a.iter().chain(&b).map(|s| s.errors).sum();
             let _ = writeln!(
@@ -240,20 +214,63 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
         }
         md.push('\n');
     }
+    md.push_str(&pick_table(&opts)?);
     println!("{md}");
     let dir = util::root().join("target").join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     for name in [format!("bench-{stamp}.md"), "latest.md".to_string()] {
         fs::write(dir.join(&name), &md).with_context(|| format!("writing {name}"))?;
     }
-    println!(
-        "saved to {}",
-        dir.join(format!("bench-{stamp}.md")).display()
-    );
+    println!("saved to {}", dir.join(format!("bench-{stamp}.md")).display());
     Ok(())
+}
+
+/// Runs mesh-balancer's criterion pick benchmark and tabulates the median ns per pick.
+fn pick_table(opts: &Opts) -> anyhow::Result<String> {
+    eprintln!("== balancer pick cost (criterion) ==");
+    let (warm, measure) = if opts.duration <= 1 { ("0.5", "1") } else { ("1", "3") };
+    util::run(util::cargo().args([
+        "bench",
+        "-q",
+        "-p",
+        "mesh-balancer",
+        "--bench",
+        "pick",
+        "--",
+        "--warm-up-time",
+        warm,
+        "--measurement-time",
+        measure,
+        "--noplot",
+    ]))?;
+    let base = util::root().join("target").join("criterion").join("pick");
+    let sizes = [3, 100, 1000];
+    let mut md = String::from(
+        "## balancer pick cost (criterion median, ns per pick; consistent hash includes hashing the key)\n\n\
+         | strategy | 3 | 100 | 1000 | target at 1000 |\n|---|---:|---:|---:|---|\n",
+    );
+    for (strategy, target) in [
+        ("round_robin", "< 100 ns"),
+        ("random", "< 100 ns"),
+        ("consistent_hash", "< 300 ns"),
+        ("weighted", "—"),
+        ("p2c", "—"),
+    ] {
+        let mut row = format!("| {strategy} |");
+        for n in sizes {
+            let path = base.join(strategy).join(n.to_string()).join("new").join("estimates.json");
+            let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let ns =
+                v["median"]["point_estimate"].as_f64().with_context(|| format!("no median in {}", path.display()))?;
+            let _ = write!(row, " {ns:.1} |");
+        }
+        let _ = writeln!(row, " {target} |");
+        md.push_str(&row);
+    }
+    md.push('\n');
+    Ok(md)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

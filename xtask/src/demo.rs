@@ -2,7 +2,7 @@
 //! needs, says what to look for, checks that it happened (a demo that lies is worse than
 //! none), and leaves no process behind, also when it fails.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -30,23 +30,12 @@ struct Server {
 
 pub(crate) fn run() -> anyhow::Result<()> {
     println!("== mesh demo ==\nbuilding greeter-server and greeter-client …");
-    util::run(util::cargo().args([
-        "build",
-        "-q",
-        "-p",
-        "greeter-server",
-        "-p",
-        "greeter-client",
-    ]))?;
+    util::run(util::cargo().args(["build", "-q", "-p", "greeter-server", "-p", "greeter-client"]))?;
     let up = etcd::up(1)?;
     let logs = util::root().join("target").join("demo");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let mut demo = Demo {
-        bin: util::root().join("target").join("debug"),
-        logs,
-        etcd: up.endpoints.clone(),
-        servers: Vec::new(),
-    };
+    let mut demo =
+        Demo { bin: util::root().join("target").join("debug"), logs, etcd: up.endpoints.clone(), servers: Vec::new() };
     let result = chapters(&mut demo);
     demo.stop_all();
     if !up.started.is_empty() {
@@ -62,40 +51,100 @@ pub(crate) fn run() -> anyhow::Result<()> {
 
 fn chapters(demo: &mut Demo) -> anyhow::Result<()> {
     chapter_three_greeters(demo)?;
+    chapter_balancing(demo)?;
     Ok(())
 }
 
 /// Chapter 1: three plain greeter-servers, each greeted directly.
 fn chapter_three_greeters(demo: &mut Demo) -> anyhow::Result<()> {
     println!("\n-- 1. three greeter-servers, one greeting each --");
-    println!(
-        "etcd runs at {} (used from the registry chapter on)",
-        demo.etcd.join(",")
-    );
+    println!("etcd runs at {} (used from the registry chapter on)", demo.etcd.join(","));
     for i in 1..=3 {
         demo.start_server(&format!("greeter-{i}"))?;
     }
     let mut answered = BTreeSet::new();
-    let targets: Vec<String> = demo
-        .servers
-        .iter()
-        .map(|s| format!("http://{}", s.addr))
-        .collect();
+    let targets: Vec<String> = demo.servers.iter().map(|s| format!("http://{}", s.addr)).collect();
     for target in &targets {
         let out = util::output(demo.client().args(["--target", target, "--name", "demo"]))?;
-        print!("  {target} → {out}");
+        let out = out.lines().next().unwrap_or_default();
+        println!("  {target} → {out}");
         let served_by = out
             .rsplit_once("(served by ")
             .and_then(|(_, rest)| rest.split(')').next())
             .context("the reply names no instance")?;
         answered.insert(served_by.to_string());
     }
-    ensure!(
-        answered.len() == 3,
-        "expected three different instances, got {answered:?}"
-    );
+    ensure!(answered.len() == 3, "expected three different instances, got {answered:?}");
     println!("three greetings from three different instances: {answered:?}");
     Ok(())
+}
+
+/// Chapter 2: the client spreads 300 calls over the three servers with each strategy.
+fn chapter_balancing(demo: &mut Demo) -> anyhow::Result<()> {
+    println!("\n-- 2. client-side balancing: 300 calls per strategy over three servers --");
+    let targets: Vec<String> = demo.servers.iter().map(|s| s.addr.clone()).collect();
+    let all = targets.join(",");
+    let runs: [(&str, &[&str]); 5] = [
+        ("round_robin", &[]),
+        ("random", &[]),
+        ("consistent_hash", &["--hash-key", "user-{i}"]),
+        ("weighted", &["--weights", "1,2,3"]),
+        ("p2c", &[]),
+    ];
+    for (strategy, extra) in runs {
+        let out = demo.greet(&all, strategy, 300, extra)?;
+        let by = served_by_counts(&out);
+        let line: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("  {strategy:<16} {}", line.join(", "));
+        ensure!(by.values().sum::<usize>() == 300, "{strategy}: not all 300 calls were answered: {by:?}");
+        if strategy == "round_robin" {
+            ensure!(by.values().all(|&n| n == 100), "round robin must give 100 each: {by:?}");
+        }
+        if strategy == "weighted" {
+            let counts: Vec<usize> = demo.servers.iter().map(|s| by.get(&s.name).copied().unwrap_or(0)).collect();
+            ensure!(counts == [50, 100, 150], "weights 1:2:3 must give 50/100/150: {counts:?}");
+            println!("  {:<16} (weights 1:2:3 → exactly 50/100/150: smooth weighted round robin)", "");
+        }
+    }
+
+    let out = demo.greet(&all, "consistent_hash", 20, &["--hash-key", "user-42"])?;
+    let by = served_by_counts(&out);
+    ensure!(by.len() == 1, "one key must always land on one server: {by:?}");
+    println!("  20 calls with hash key user-42 all went to {}", by.keys().next().map_or("?", String::as_str));
+
+    let before =
+        per_call_owners(&demo.greet(&all, "consistent_hash", 300, &["--hash-key", "user-{i}", "--verbose"])?);
+    let removed = &demo.servers[2];
+    let two = targets[..2].join(",");
+    let after = per_call_owners(&demo.greet(&two, "consistent_hash", 300, &["--hash-key", "user-{i}", "--verbose"])?);
+    ensure!(before.len() == 300 && after.len() == 300, "expected 300 replies each time");
+    let on_removed = before.iter().filter(|o| **o == removed.name).count();
+    let moved: Vec<usize> = (0..300).filter(|&i| before[i] != after[i]).collect();
+    let moved_elsewhere = moved.iter().filter(|&&i| before[i] != removed.name).count();
+    println!(
+        "  removing {} from the set: {on_removed} of 300 keys were on it and moved; {moved_elsewhere} other keys moved",
+        removed.name
+    );
+    ensure!(moved_elsewhere == 0 && moved.len() == on_removed, "only the removed server's keys may move");
+    Ok(())
+}
+
+/// Replies per `served_by` from greeter-client's table.
+fn served_by_counts(out: &str) -> BTreeMap<String, usize> {
+    out.lines()
+        .skip_while(|l| !l.starts_with("served_by"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("endpoint"))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The instance that answered each call, in call order, from the per-call lines.
+fn per_call_owners(out: &str) -> Vec<String> {
+    out.lines().filter_map(|l| l.rsplit_once("(served by ")?.1.strip_suffix(')').map(str::to_string)).collect()
 }
 
 // === impl Demo ===
@@ -105,13 +154,24 @@ impl Demo {
         Command::new(self.bin.join("greeter-client"))
     }
 
+    /// Runs the client over `targets` with `strategy` for `count` calls; its stdout.
+    fn greet(&self, targets: &str, strategy: &str, count: u32, extra: &[&str]) -> anyhow::Result<String> {
+        let verbose = extra.contains(&"--verbose");
+        let mut cmd = self.client();
+        cmd.args(["--target", targets, "--strategy", strategy, "--count", &count.to_string(), "--name", "demo"]);
+        if !verbose {
+            cmd.arg("--quiet");
+        }
+        cmd.args(extra.iter().filter(|a| **a != "--verbose"));
+        util::output(&mut cmd)
+    }
+
     /// Starts a greeter-server on a free port and waits until it accepts connections.
     fn start_server(&mut self, name: &str) -> anyhow::Result<()> {
         let port = mesh_etcd_local::free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let log_path = self.logs.join(format!("{name}.log"));
-        let log = fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(self.bin.join("greeter-server"))
             .args(["--listen", &addr, "--instance-id", name])
             .stdin(Stdio::null())
@@ -119,19 +179,10 @@ impl Demo {
             .stderr(log)
             .spawn()
             .context("starting greeter-server")?;
-        self.servers.push(Server {
-            name: name.to_string(),
-            addr: addr.clone(),
-            child,
-        });
-        let up = mesh_etcd_local::wait_until(Duration::from_secs(15), || {
-            TcpStream::connect(&addr).is_ok()
-        });
+        self.servers.push(Server { name: name.to_string(), addr: addr.clone(), child });
+        let up = mesh_etcd_local::wait_until(Duration::from_secs(15), || TcpStream::connect(&addr).is_ok());
         if !up {
-            bail!(
-                "{name} did not listen on {addr} within 15 s; see {}",
-                log_path.display()
-            );
+            bail!("{name} did not listen on {addr} within 15 s; see {}", log_path.display());
         }
         println!("  started {name} on {addr} (log: {})", log_path.display());
         Ok(())
@@ -143,9 +194,8 @@ impl Demo {
             let _ = mesh_etcd_local::signal(s.child.id(), Signal::Term);
         }
         for mut s in self.servers.drain(..) {
-            let exited = mesh_etcd_local::wait_until(Duration::from_secs(15), || {
-                matches!(s.child.try_wait(), Ok(Some(_)))
-            });
+            let exited =
+                mesh_etcd_local::wait_until(Duration::from_secs(15), || matches!(s.child.try_wait(), Ok(Some(_))));
             if !exited {
                 eprintln!("  {} did not stop within 15 s; killing it", s.name);
                 let _ = s.child.kill();

@@ -66,8 +66,7 @@ fn running() -> Vec<(ClusterSpec, Vec<(usize, u32)>)> {
             let alive: Vec<(usize, u32)> = (0..spec.members.len())
                 .filter_map(|i| {
                     let pid = read_pid(&pid_file(&spec, i))?;
-                    mesh_etcd_local::process_is_etcd(pid, &spec.members[i].data_dir)
-                        .then_some((i, pid))
+                    mesh_etcd_local::process_is_etcd(pid, &spec.members[i].data_dir).then_some((i, pid))
                 })
                 .collect();
             (!alive.is_empty()).then_some((spec, alive))
@@ -87,15 +86,8 @@ pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
         if alive.len() == size {
             spec.wait_healthy(Duration::from_secs(10))?;
             let pids: Vec<String> = alive.iter().map(|(_, p)| p.to_string()).collect();
-            println!(
-                "etcd already running (pid {}): {}",
-                pids.join(","),
-                spec.client_urls().join(",")
-            );
-            return Ok(Up {
-                endpoints: spec.client_urls(),
-                started: Vec::new(),
-            });
+            println!("etcd already running (pid {}): {}", pids.join(","), spec.client_urls().join(","));
+            return Ok(Up { endpoints: spec.client_urls(), started: Vec::new() });
         }
         // Some members died: stop the rest and start the whole cluster again.
         down()?;
@@ -110,10 +102,7 @@ pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
                     "an etcd not started by xtask already answers on {} (a system service?); using it",
                     m.client_url()
                 );
-                return Ok(Up {
-                    endpoints: vec![m.client_url()],
-                    started: Vec::new(),
-                });
+                return Ok(Up { endpoints: vec![m.client_url()], started: Vec::new() });
             }
             bail!(
                 "an etcd not started by xtask already answers on {}; stop it to start a cluster of {size} on these ports",
@@ -126,11 +115,7 @@ pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
         }
     }
     let etcd = mesh_etcd_local::ensure_etcd()?;
-    let dir = spec.members[0]
-        .data_dir
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(base);
+    let dir = spec.members[0].data_dir.parent().map(Path::to_path_buf).unwrap_or_else(base);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut pids = Vec::new();
     let mut children = Vec::new();
@@ -168,17 +153,11 @@ pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
     }
     println!(
         "etcd is up (pid {}): {}\n  data and logs under {}",
-        pids.iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
         spec.client_urls().join(","),
         dir.display()
     );
-    Ok(Up {
-        endpoints: spec.client_urls(),
-        started: children,
-    })
+    Ok(Up { endpoints: spec.client_urls(), started: children })
 }
 
 /// Stops every etcd started by xtask; their data stays.
@@ -193,9 +172,7 @@ pub(crate) fn down() -> anyhow::Result<()> {
         }
         for &(i, pid) in &alive {
             let data = &spec.members[i].data_dir;
-            if !mesh_etcd_local::wait_until(Duration::from_secs(10), || {
-                !mesh_etcd_local::process_is_etcd(pid, data)
-            }) {
+            if !mesh_etcd_local::wait_until(Duration::from_secs(10), || !mesh_etcd_local::process_is_etcd(pid, data)) {
                 mesh_etcd_local::signal(pid, Signal::Kill)?;
             }
             println!("stopped etcd member {} (pid {pid})", spec.members[i].name);
@@ -214,11 +191,7 @@ pub(crate) fn status() -> anyhow::Result<()> {
         return Ok(());
     }
     for (spec, alive) in all {
-        println!(
-            "etcd cluster of {} under {}",
-            spec.members.len(),
-            base().display()
-        );
+        println!("etcd cluster of {} under {}", spec.members.len(), base().display());
         for (i, m) in spec.members.iter().enumerate() {
             let pid = alive.iter().find(|(j, _)| *j == i).map(|(_, p)| *p);
             let health = if pid.is_none() {

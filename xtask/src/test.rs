@@ -11,14 +11,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     eprintln!("using etcd at {}", etcd.display());
 
     util::run(util::cargo().args(["fmt", "--all", "--", "--check"]))?;
-    util::run(util::cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    util::run(util::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     if has_nextest() {
         util::run(util::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
     } else {

@@ -32,11 +32,7 @@ pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let shown = shown(cmd);
     let out = cmd.output().with_context(|| format!("running {shown}"))?;
     if !out.status.success() {
-        bail!(
-            "`{shown}` failed with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{shown}` failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -2,6 +2,7 @@
 //! endpoint (for consistent hashing, including hashing the key). Run by `cargo xtask bench`.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use mesh_balancer::pick::{PickEndpoint, PickInput, Picker, ring};
@@ -21,35 +22,23 @@ fn pick(c: &mut Criterion) {
     let keys: Vec<String> = (0..1024).map(|i| format!("user-{i}")).collect();
     let mut group = c.benchmark_group("pick");
     for n in [3usize, 100, 1000] {
-        let ids: Vec<String> = (0..n)
-            .map(|i| format!("10.0.{}.{}:50051", i / 256, i % 256))
-            .collect();
-        let endpoints: Vec<PickEndpoint<'_>> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| PickEndpoint {
-                id,
-                weight: 1 + (i % 5) as u32,
-            })
-            .collect();
+        let ids: Vec<String> = (0..n).map(|i| format!("10.0.{}.{}:50051", i / 256, i % 256)).collect();
+        let endpoints: Vec<PickEndpoint<'_>> =
+            ids.iter().enumerate().map(|(i, id)| PickEndpoint { id, weight: 1 + (i % 5) as u32 }).collect();
         let loads: Vec<u64> = (0..n as u64).map(|i| i % 7).collect();
         for strategy in strategies() {
             let picker = Picker::new(&strategy, &endpoints);
             let hashed = matches!(strategy, Strategy::ConsistentHash(_));
-            let mut ticket = 0usize;
-            let mut random = 0x9E37_79B9_7F4A_7C15u64;
+            // The inputs are made as the balanced channel makes them per call: a shared
+            // atomic ticket, a thread-local random number when the strategy needs one.
+            let ticket = AtomicUsize::new(0);
+            let needs_random = matches!(strategy, Strategy::Random | Strategy::P2c(_));
             group.bench_function(BenchmarkId::new(strategy.name(), n), |b| {
                 b.iter(|| {
-                    ticket = ticket.wrapping_add(1);
-                    random ^= random << 13;
-                    random ^= random >> 7;
-                    random ^= random << 17;
+                    let ticket = ticket.fetch_add(1, Ordering::Relaxed);
+                    let random = if needs_random { rand::random() } else { 0 };
                     let key = hashed.then(|| ring::hash_key(keys[ticket % keys.len()].as_bytes()));
-                    let input = PickInput {
-                        ticket,
-                        random,
-                        key,
-                    };
+                    let input = PickInput { ticket, random, key };
                     black_box(picker.first(black_box(&input), |i| loads[i]))
                 })
             });

@@ -44,9 +44,7 @@ pub struct BalancedChannel<S> {
 
 impl<S> Clone for BalancedChannel<S> {
     fn clone(&self) -> Self {
-        BalancedChannel {
-            shared: self.shared.clone(),
-        }
+        BalancedChannel { shared: self.shared.clone() }
     }
 }
 
@@ -164,12 +162,7 @@ impl<S> Shared<S> {
             }),
             ticket: AtomicUsize::new(0),
             went_down: Arc::new(Notify::new()),
-            control: Mutex::new(Control {
-                strategy,
-                entries: Vec::new(),
-                make,
-                config,
-            }),
+            control: Mutex::new(Control { strategy, entries: Vec::new(), make, config }),
             version: watch::Sender::new(0),
             task: OnceLock::new(),
         }
@@ -191,11 +184,8 @@ impl<S> Shared<S> {
         S: Clone,
     {
         let mut control = self.control();
-        let mut old: HashMap<&str, &Arc<Entry<S>>> = control
-            .entries
-            .iter()
-            .map(|e| (e.endpoint.id.as_str(), e))
-            .collect();
+        let mut old: HashMap<&str, &Arc<Entry<S>>> =
+            control.entries.iter().map(|e| (e.endpoint.id.as_str(), e)).collect();
         let mut next: Vec<Arc<Entry<S>>> = Vec::with_capacity(set.endpoints.len());
         let mut index: HashMap<String, usize> = HashMap::new();
         let (mut added, mut kept) = (0usize, 0usize);
@@ -207,18 +197,12 @@ impl<S> Shared<S> {
                 }
                 Some(existing) if existing.endpoint.address == endpoint.address => {
                     kept += 1;
-                    Arc::new(Entry {
-                        endpoint,
-                        core: existing.core.clone(),
-                    })
+                    Arc::new(Entry { endpoint, core: existing.core.clone() })
                 }
                 _ => match self.connect(&control, &endpoint) {
                     Ok(core) => {
                         added += 1;
-                        Arc::new(Entry {
-                            endpoint,
-                            core: Arc::new(core),
-                        })
+                        Arc::new(Entry { endpoint, core: Arc::new(core) })
                     }
                     Err(reason) => {
                         warn!(
@@ -261,14 +245,8 @@ impl<S> Shared<S> {
     }
 
     fn publish(&self, control: &Control<S>) {
-        let picks: Vec<PickEndpoint<'_>> = control
-            .entries
-            .iter()
-            .map(|e| PickEndpoint {
-                id: &e.endpoint.id,
-                weight: e.endpoint.weight,
-            })
-            .collect();
+        let picks: Vec<PickEndpoint<'_>> =
+            control.entries.iter().map(|e| PickEndpoint { id: &e.endpoint.id, weight: e.endpoint.weight }).collect();
         let picker = Picker::new(&control.strategy, &picks);
         self.snapshot.store(Arc::new(Snapshot {
             entries: control.entries.clone(),
@@ -292,27 +270,16 @@ impl<S> Shared<S> {
             .keep_alive_timeout(cfg.keepalive_timeout)
             .keep_alive_while_idle(true);
         let live = Arc::new(Liveness::new(self.went_down.clone()));
-        let connector = TrackingConnector {
-            live: live.clone(),
-            timeout: cfg.connect_timeout,
-        };
+        let connector = TrackingConnector { live: live.clone(), timeout: cfg.connect_timeout };
         let channel = tonic_endpoint.connect_with_connector_lazy(connector);
         let stats = Arc::new(Stats {
-            label: format!(
-                "endpoint {} ({}) of service {}",
-                endpoint.id, endpoint.address, self.service
-            ),
+            label: format!("endpoint {} ({}) of service {}", endpoint.id, endpoint.address, self.service),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ewma: Mutex::new(PeakEwma::default()),
         });
-        Ok(Core {
-            service: (control.make)(channel),
-            live,
-            url: uri,
-            stats,
-        })
+        Ok(Core { service: (control.make)(channel), live, url: uri, stats })
     }
 }
 
@@ -380,11 +347,7 @@ impl<S> BalancedChannel<S> {
                 }
             });
             if wait.await.is_err() {
-                return Err(NotReady {
-                    service: self.shared.service.to_string(),
-                    waited: timeout,
-                    endpoints,
-                });
+                return Err(NotReady { service: self.shared.service.to_string(), waited: timeout, endpoints });
             }
         }
     }
@@ -411,10 +374,7 @@ where
         let snap = shared.snapshot();
         let n = snap.entries.len();
         if n == 0 {
-            return ResponseFuture::failed(Status::unavailable(format!(
-                "no endpoints for service {}",
-                shared.service
-            )));
+            return ResponseFuture::failed(Status::unavailable(format!("no endpoints for service {}", shared.service)));
         }
         let key = match &snap.strategy {
             Strategy::ConsistentHash(cfg) => match hash_key_of(&request, &cfg.header) {
@@ -429,8 +389,7 @@ where
             },
             _ => None,
         };
-        let needs_random =
-            matches!(snap.strategy, Strategy::Random | Strategy::P2c(_)) || key.is_none();
+        let needs_random = matches!(snap.strategy, Strategy::Random | Strategy::P2c(_)) || key.is_none();
         let input = PickInput {
             ticket: shared.ticket.fetch_add(1, Ordering::Relaxed),
             random: if needs_random { rand::random() } else { 0 },
@@ -442,10 +401,7 @@ where
         };
         let load = |i: usize| load_of(&snap.entries[i], &snap.strategy, now);
         let Some(first) = snap.picker.first(&input, load) else {
-            return ResponseFuture::failed(Status::unavailable(format!(
-                "no endpoints for service {}",
-                shared.service
-            )));
+            return ResponseFuture::failed(Status::unavailable(format!("no endpoints for service {}", shared.service)));
         };
         if let Some(svc) = ready(&snap.entries[first]) {
             return call(&snap.entries[first], svc, request, &snap.strategy);
@@ -468,10 +424,7 @@ fn hash_key_of(request: &http::Request<Body>, header: &http::HeaderName) -> Opti
     if let Some(HashKey(key)) = request.extensions().get::<HashKey>() {
         return Some(ring::hash_key(key.as_bytes()));
     }
-    request
-        .headers()
-        .get(header)
-        .map(|v| ring::hash_key(v.as_bytes()))
+    request.headers().get(header).map(|v| ring::hash_key(v.as_bytes()))
 }
 
 fn load_of<S>(entry: &Entry<S>, strategy: &Strategy, now: u64) -> u64 {
@@ -509,12 +462,7 @@ where
     }
 }
 
-fn call<S>(
-    entry: &Entry<S>,
-    mut svc: S,
-    request: http::Request<Body>,
-    strategy: &Strategy,
-) -> ResponseFuture<S::Future>
+fn call<S>(entry: &Entry<S>, mut svc: S, request: http::Request<Body>, strategy: &Strategy) -> ResponseFuture<S::Future>
 where
     S: Service<http::Request<Body>>,
 {
@@ -526,16 +474,7 @@ where
         Strategy::P2c(P2cLoad::PeakEwma { decay }) => *decay,
         _ => Duration::ZERO,
     };
-    ResponseFuture {
-        kind: Kind::Called {
-            inner: svc.call(request),
-            guard: CallGuard {
-                stats,
-                started,
-                decay,
-            },
-        },
-    }
+    ResponseFuture { kind: Kind::Called { inner: svc.call(request), guard: CallGuard { stats, started, decay } } }
 }
 
 // === impl ResponseFuture ===
@@ -562,11 +501,7 @@ pin_project! {
 
 impl<F> ResponseFuture<F> {
     fn failed(status: Status) -> Self {
-        ResponseFuture {
-            kind: Kind::Failed {
-                status: Some(status),
-            },
-        }
+        ResponseFuture { kind: Kind::Failed { status: Some(status) } }
     }
 }
 
@@ -615,26 +550,20 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             Proj::Failed { status } => {
-                let status = status
-                    .take()
-                    .unwrap_or_else(|| Status::internal("response polled after completion"));
+                let status = status.take().unwrap_or_else(|| Status::internal("response polled after completion"));
                 Poll::Ready(Ok(status.into_http()))
             }
             Proj::Called { inner, guard } => match inner.poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(response)) => {
-                    let failed = response
-                        .headers()
-                        .get("grpc-status")
-                        .is_some_and(|code| code.as_bytes() != b"0");
+                    let failed = response.headers().get("grpc-status").is_some_and(|code| code.as_bytes() != b"0");
                     guard.finish(failed);
                     Poll::Ready(Ok(response))
                 }
                 Poll::Ready(Err(e)) => {
                     guard.finish(true);
                     let e: BoxError = e.into();
-                    let status =
-                        Status::unavailable(format!("{}: {}", guard.stats.label, error_chain(&*e)));
+                    let status = Status::unavailable(format!("{}: {}", guard.stats.label, error_chain(&*e)));
                     Poll::Ready(Ok(status.into_http()))
                 }
             },

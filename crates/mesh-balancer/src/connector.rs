@@ -36,10 +36,7 @@ pub(crate) struct Liveness {
 
 impl Liveness {
     pub(crate) fn new(went_down: Arc<Notify>) -> Self {
-        Liveness {
-            state: AtomicU8::new(NEW),
-            went_down,
-        }
+        Liveness { state: AtomicU8::new(NEW), went_down }
     }
 
     /// Not known to be down: never connected yet, connected, or probed back.
@@ -66,11 +63,7 @@ impl Liveness {
     /// A probe connected: let calls try again (tonic connects lazily on the next one).
     pub(crate) fn set_idle(&self) {
         // A connection made meanwhile is better news than the probe's; keep UP.
-        let _ = self
-            .state
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                (s != UP).then_some(IDLE)
-            });
+        let _ = self.state.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| (s != UP).then_some(IDLE));
     }
 
     pub(crate) fn set_down(&self) {
@@ -107,10 +100,7 @@ impl tower_service::Service<Uri> for TrackingConnector {
             match result {
                 Ok(stream) => {
                     live.set_up();
-                    Ok(TokioIo::new(TrackedStream {
-                        inner: stream,
-                        live,
-                    }))
+                    Ok(TokioIo::new(TrackedStream { inner: stream, live }))
                 }
                 Err(e) => {
                     live.set_down();
@@ -123,19 +113,12 @@ impl tower_service::Service<Uri> for TrackingConnector {
 
 /// A TCP connect to the authority of `uri` within `timeout`, with Nagle off.
 pub(crate) async fn connect(uri: &Uri, timeout: Duration) -> io::Result<TcpStream> {
-    let host = uri
-        .host()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no host")))?;
+    let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no host")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connecting to {host}:{port} timed out after {timeout:?}"),
-            )
-        })??;
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port))).await.map_err(|_| {
+        io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {host}:{port} timed out after {timeout:?}"))
+    })??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
@@ -148,17 +131,11 @@ pub(crate) struct TrackedStream {
 }
 
 impl AsyncRead for TrackedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         match &poll {
-            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
-                self.live.set_down()
-            }
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => self.live.set_down(),
             Poll::Ready(Err(_)) => self.live.set_down(),
             _ => {}
         }
@@ -167,11 +144,7 @@ impl AsyncRead for TrackedStream {
 }
 
 impl AsyncWrite for TrackedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Err(_)) = &poll {
             self.live.set_down();
@@ -207,9 +180,6 @@ impl AsyncWrite for TrackedStream {
 impl Drop for TrackedStream {
     fn drop(&mut self) {
         // Closed by our side (endpoint removed, channel dropped): not known to be down.
-        let _ = self
-            .live
-            .state
-            .compare_exchange(UP, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self.live.state.compare_exchange(UP, IDLE, Ordering::Relaxed, Ordering::Relaxed);
     }
 }

@@ -18,12 +18,7 @@ impl Endpoint {
     /// An endpoint at `address` whose id is the address itself, weight 1, no metadata.
     pub fn new(address: impl Into<String>) -> Self {
         let address = address.into();
-        Endpoint {
-            id: address.clone(),
-            address,
-            weight: 1,
-            metadata: BTreeMap::new(),
-        }
+        Endpoint { id: address.clone(), address, weight: 1, metadata: BTreeMap::new() }
     }
 
     /// Sets the id.
@@ -40,11 +35,7 @@ impl Endpoint {
 
     /// The URL to connect to: `address` itself when it has a scheme, else `http://address`.
     pub fn url(&self) -> String {
-        if self.address.contains("://") {
-            self.address.clone()
-        } else {
-            format!("http://{}", self.address)
-        }
+        if self.address.contains("://") { self.address.clone() } else { format!("http://{}", self.address) }
     }
 }
 
@@ -68,9 +59,7 @@ impl EndpointSet {
         I: IntoIterator<Item = A>,
         A: Into<String>,
     {
-        EndpointSet {
-            endpoints: addresses.into_iter().map(Endpoint::new).collect(),
-        }
+        EndpointSet { endpoints: addresses.into_iter().map(Endpoint::new).collect() }
     }
 
     /// The number of endpoints.

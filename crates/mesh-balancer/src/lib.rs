@@ -53,8 +53,7 @@ use tower_layer::{Identity, Layer};
 pub use balanced::{BalancedChannel, CallGuard, EndpointStatus, NotReady, ResponseFuture};
 pub use endpoint::{Endpoint, EndpointSet};
 pub use strategy::{
-    DEFAULT_HASH_HEADER, DEFAULT_VIRTUAL_NODES, HashConfig, HashKey, InvalidStrategy, MissingKey,
-    P2cLoad, Strategy,
+    DEFAULT_HASH_HEADER, DEFAULT_VIRTUAL_NODES, HashConfig, HashKey, InvalidStrategy, MissingKey, P2cLoad, Strategy,
 };
 
 /// Settings of a balancer.
@@ -105,10 +104,7 @@ pub struct Balancer;
 impl Balancer {
     /// Spawns the task that applies `updates` and returns the channel; each endpoint is a
     /// plain tonic `Channel`. Must be called within a tokio runtime.
-    pub fn spawn<U>(
-        config: BalancerConfig,
-        updates: U,
-    ) -> BalancedChannel<tonic::transport::Channel>
+    pub fn spawn<U>(config: BalancerConfig, updates: U) -> BalancedChannel<tonic::transport::Channel>
     where
         U: Stream<Item = EndpointSet> + Send + 'static,
     {
@@ -117,11 +113,7 @@ impl Balancer {
 
     /// Like [`Balancer::spawn`], with `layer` wrapped around each endpoint's channel: an
     /// endpoint whose stack is not ready (`poll_ready` pending or failing) is skipped.
-    pub fn spawn_with_layer<L, U>(
-        config: BalancerConfig,
-        layer: L,
-        updates: U,
-    ) -> BalancedChannel<L::Service>
+    pub fn spawn_with_layer<L, U>(config: BalancerConfig, layer: L, updates: U) -> BalancedChannel<L::Service>
     where
         L: Layer<tonic::transport::Channel> + Send + Sync + 'static,
         L::Service: Clone + Send + Sync + 'static,

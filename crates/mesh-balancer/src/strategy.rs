@@ -73,9 +73,7 @@ const MAX_VIRTUAL_NODES: u32 = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidStrategy {
     /// An unknown strategy name.
-    #[error(
-        "unknown strategy {0:?}; expected round_robin, random, consistent_hash, weighted, p2c or p2c_ewma"
-    )]
+    #[error("unknown strategy {0:?}; expected round_robin, random, consistent_hash, weighted, p2c or p2c_ewma")]
     UnknownName(String),
     /// A header name that HTTP does not allow.
     #[error("invalid hash header {0:?}: header names are lowercase letters, digits and -")]
@@ -87,21 +85,13 @@ pub enum InvalidStrategy {
 
 impl HashConfig {
     /// A config reading `header`, with `virtual_nodes` points per endpoint.
-    pub fn try_new(
-        header: &str,
-        virtual_nodes: u32,
-        on_missing_key: MissingKey,
-    ) -> Result<Self, InvalidStrategy> {
-        let header = HeaderName::from_bytes(header.as_bytes())
-            .map_err(|_| InvalidStrategy::BadHeader(header.into()))?;
+    pub fn try_new(header: &str, virtual_nodes: u32, on_missing_key: MissingKey) -> Result<Self, InvalidStrategy> {
+        let header =
+            HeaderName::from_bytes(header.as_bytes()).map_err(|_| InvalidStrategy::BadHeader(header.into()))?;
         if !(1..=MAX_VIRTUAL_NODES).contains(&virtual_nodes) {
             return Err(InvalidStrategy::BadVirtualNodes(virtual_nodes));
         }
-        Ok(HashConfig {
-            header,
-            virtual_nodes,
-            on_missing_key,
-        })
+        Ok(HashConfig { header, virtual_nodes, on_missing_key })
     }
 }
 
@@ -146,19 +136,15 @@ impl FromStr for Strategy {
     /// `round_robin`, `random`, `consistent_hash` (defaults), `weighted`, `p2c` (in flight),
     /// `p2c_ewma` (peak EWMA, 10 s decay).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(
-            match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
-                "round_robin" | "rr" => Strategy::RoundRobin,
-                "random" => Strategy::Random,
-                "consistent_hash" | "hash" => Strategy::consistent_hash(),
-                "weighted" | "wrr" => Strategy::Weighted,
-                "p2c" | "least_request" => Strategy::P2c(P2cLoad::InFlight),
-                "p2c_ewma" | "peak_ewma" => Strategy::P2c(P2cLoad::PeakEwma {
-                    decay: Duration::from_secs(10),
-                }),
-                _ => return Err(InvalidStrategy::UnknownName(s.into())),
-            },
-        )
+        Ok(match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "round_robin" | "rr" => Strategy::RoundRobin,
+            "random" => Strategy::Random,
+            "consistent_hash" | "hash" => Strategy::consistent_hash(),
+            "weighted" | "wrr" => Strategy::Weighted,
+            "p2c" | "least_request" => Strategy::P2c(P2cLoad::InFlight),
+            "p2c_ewma" | "peak_ewma" => Strategy::P2c(P2cLoad::PeakEwma { decay: Duration::from_secs(10) }),
+            _ => return Err(InvalidStrategy::UnknownName(s.into())),
+        })
     }
 }
 

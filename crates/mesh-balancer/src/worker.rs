@@ -46,11 +46,7 @@ where
     let mut probes: HashMap<String, Probe> = HashMap::new();
     let mut running: JoinSet<(String, std::io::Result<()>)> = JoinSet::new();
     loop {
-        let next_probe = probes
-            .values()
-            .filter(|p| !p.running)
-            .map(|p| p.next_at)
-            .min();
+        let next_probe = probes.values().filter(|p| !p.running).map(|p| p.next_at).min();
         tokio::select! {
             update = updates.next(), if updates_open => match update {
                 Some(set) => match shared.upgrade() {
@@ -87,12 +83,7 @@ where
     }
 }
 
-fn finish_probe(
-    probes: &mut HashMap<String, Probe>,
-    id: &str,
-    result: std::io::Result<()>,
-    backoff: ProbeBackoff,
-) {
+fn finish_probe(probes: &mut HashMap<String, Probe>, id: &str, result: std::io::Result<()>, backoff: ProbeBackoff) {
     let Some(p) = probes.get_mut(id) else { return };
     p.running = false;
     match result {
@@ -124,11 +115,7 @@ fn schedule<S>(shared: &Shared<S>, probes: &mut HashMap<String, Probe>, backoff:
         if (live.is_new() || live.is_down()) && !probes.contains_key(&e.endpoint.id) {
             // A new endpoint is probed at once; one that just died after a short pause, as
             // its server is most likely still gone.
-            let first = if live.is_new() {
-                Duration::ZERO
-            } else {
-                backoff.min
-            };
+            let first = if live.is_new() { Duration::ZERO } else { backoff.min };
             probes.insert(
                 e.endpoint.id.clone(),
                 Probe {
@@ -141,11 +128,7 @@ fn schedule<S>(shared: &Shared<S>, probes: &mut HashMap<String, Probe>, backoff:
             );
         }
     }
-    probes.retain(|id, p| {
-        snap.entries
-            .iter()
-            .any(|e| &e.endpoint.id == id && Arc::ptr_eq(&e.core.live, &p.live))
-    });
+    probes.retain(|id, p| snap.entries.iter().any(|e| &e.endpoint.id == id && Arc::ptr_eq(&e.core.live, &p.live)));
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mesh_balancer::{
-    Balancer, BalancerConfig, Endpoint, EndpointSet, HashConfig, MissingKey, P2cLoad, Strategy,
-};
+use mesh_balancer::{Balancer, BalancerConfig, Endpoint, EndpointSet, HashConfig, MissingKey, P2cLoad, Strategy};
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
 use mesh_testkit::eventually;
@@ -30,36 +28,19 @@ fn watched(initial: EndpointSet) -> (watch::Sender<EndpointSet>, WatchStream<End
 #[tokio::test]
 async fn round_robin_300_calls_over_3_servers_gives_100_each() {
     let (a, b, c) = (server("a").await, server("b").await, server("c").await);
-    let channel = Balancer::spawn(
-        config(),
-        tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])),
-    );
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    let channel = Balancer::spawn(config(), tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])));
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let (by, failures) = calls(&channel, 300).await;
     assert!(failures.is_empty(), "{failures:?}");
-    assert_eq!(
-        by,
-        BTreeMap::from([("a".into(), 100), ("b".into(), 100), ("c".into(), 100)])
-    );
+    assert_eq!(by, BTreeMap::from([("a".into(), 100), ("b".into(), 100), ("c".into(), 100)]));
     let stats = channel.endpoints();
-    assert!(
-        stats
-            .iter()
-            .all(|e| e.requests == 100 && e.failures == 0 && e.connected),
-        "{stats:?}"
-    );
+    assert!(stats.iter().all(|e| e.requests == 100 && e.failures == 0 && e.connected), "{stats:?}");
 }
 
 #[tokio::test]
 async fn no_endpoints_fails_fast_with_unavailable_naming_the_service() {
     let channel = Balancer::spawn(config(), tokio_stream::once(EndpointSet::default()));
-    let err = GreeterClient::new(channel)
-        .say_hello(HelloRequest { name: "x".into() })
-        .await
-        .expect_err("no endpoints");
+    let err = GreeterClient::new(channel).say_hello(HelloRequest { name: "x".into() }).await.expect_err("no endpoints");
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert_eq!(err.message(), "no endpoints for service greeter");
 }
@@ -68,15 +49,10 @@ async fn no_endpoints_fails_fast_with_unavailable_naming_the_service() {
 async fn a_malformed_address_is_skipped_and_the_others_serve() {
     let (a, b) = (server("a").await, server("b").await);
     let mut s = set(&[("a", &a), ("b", &b)]);
-    s.endpoints
-        .insert(1, Endpoint::new("not a valid address::/").with_id("bad"));
-    s.endpoints
-        .push(Endpoint::new("http://").with_id("empty-host"));
+    s.endpoints.insert(1, Endpoint::new("not a valid address::/").with_id("bad"));
+    s.endpoints.push(Endpoint::new("http://").with_id("empty-host"));
     let channel = Balancer::spawn(config(), tokio_stream::once(s));
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let ids: Vec<String> = channel.endpoints().into_iter().map(|e| e.id).collect();
     assert_eq!(ids, ["a", "b"]);
     let (by, failures) = calls(&channel, 100).await;
@@ -86,31 +62,18 @@ async fn a_malformed_address_is_skipped_and_the_others_serve() {
 
 #[tokio::test]
 async fn a_server_added_at_runtime_gets_calls_with_no_call_in_between() {
-    let (a, b, c, d) = (
-        server("a").await,
-        server("b").await,
-        server("c").await,
-        server("d").await,
-    );
+    let (a, b, c, d) = (server("a").await, server("b").await, server("c").await, server("d").await);
     let (tx, updates) = watched(set(&[("a", &a), ("b", &b), ("c", &c)]));
     let channel = Balancer::spawn(config(), updates);
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     tx.send_replace(set(&[("a", &a), ("b", &b), ("c", &c), ("d", &d)]));
     // No call flows: the background task alone must apply the update.
-    eventually(
-        "the fourth endpoint applied",
-        Duration::from_secs(5),
-        || async { (channel.endpoints().len() == 4).then_some(()) },
-    )
+    eventually("the fourth endpoint applied", Duration::from_secs(5), || async {
+        (channel.endpoints().len() == 4).then_some(())
+    })
     .await
     .expect("applied without traffic");
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let (by, failures) = calls(&channel, 400).await;
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(by.get("d"), Some(&100), "{by:?}");
@@ -121,26 +84,14 @@ async fn connections_of_endpoints_that_stay_are_kept_across_updates() {
     let (a, b) = (server("a").await, server("b").await);
     let (tx, updates) = watched(set(&[("a", &a)]));
     let channel = Balancer::spawn(config(), updates);
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     calls(&channel, 10).await;
     tx.send_replace(set(&[("a", &a), ("b", &b)]));
-    eventually("two endpoints", Duration::from_secs(5), || async {
-        (channel.endpoints().len() == 2).then_some(())
-    })
-    .await
-    .expect("applied");
-    let a_stats = channel
-        .endpoints()
-        .into_iter()
-        .find(|e| e.id == "a")
-        .expect("a stays");
-    assert_eq!(
-        a_stats.requests, 10,
-        "a's counters (and connection) survive the update"
-    );
+    eventually("two endpoints", Duration::from_secs(5), || async { (channel.endpoints().len() == 2).then_some(()) })
+        .await
+        .expect("applied");
+    let a_stats = channel.endpoints().into_iter().find(|e| e.id == "a").expect("a stays");
+    assert_eq!(a_stats.requests, 10, "a's counters (and connection) survive the update");
     assert!(a_stats.connected);
 }
 
@@ -148,14 +99,8 @@ async fn connections_of_endpoints_that_stay_are_kept_across_updates() {
 async fn killing_one_of_three_fails_at_most_the_calls_in_flight() {
     const WORKERS: usize = 8;
     let (a, b, c) = (server("a").await, server("b").await, server("c").await);
-    let channel = Balancer::spawn(
-        config(),
-        tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])),
-    );
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    let channel = Balancer::spawn(config(), tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])));
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let killed = Arc::new(AtomicBool::new(false));
     let after_kill = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
@@ -194,21 +139,10 @@ async fn killing_one_of_three_fails_at_most_the_calls_in_flight() {
             *late.entry(k).or_insert(0) += v;
         }
     }
-    assert!(
-        failures.len() <= WORKERS,
-        "{} failures > {WORKERS} calls in flight: {failures:?}",
-        failures.len()
-    );
+    assert!(failures.len() <= WORKERS, "{} failures > {WORKERS} calls in flight: {failures:?}", failures.len());
     assert!(!late.contains_key("b"), "{late:?}");
-    assert!(
-        late.get("a").is_some_and(|&n| n > 100) && late.get("c").is_some_and(|&n| n > 100),
-        "{late:?}"
-    );
-    let b_state = channel
-        .endpoints()
-        .into_iter()
-        .find(|e| e.id == "b")
-        .expect("b still listed");
+    assert!(late.get("a").is_some_and(|&n| n > 100) && late.get("c").is_some_and(|&n| n > 100), "{late:?}");
+    let b_state = channel.endpoints().into_iter().find(|e| e.id == "b").expect("b still listed");
     assert!(!b_state.usable, "a dead endpoint is skipped: {b_state:?}");
 }
 
@@ -220,41 +154,24 @@ async fn a_killed_server_back_on_its_address_gets_calls_again() {
     cfg.probe_backoff_min = Duration::from_millis(20);
     cfg.probe_backoff_max = Duration::from_millis(100);
     let channel = Balancer::spawn(cfg, tokio_stream::once(set(&[("a", &a), ("b", &b)])));
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     calls(&channel, 10).await;
     b.kill().await;
     eventually("b marked down", Duration::from_secs(5), || async {
-        channel
-            .endpoints()
-            .iter()
-            .any(|e| e.id == "b" && !e.usable)
-            .then_some(())
+        channel.endpoints().iter().any(|e| e.id == "b" && !e.usable).then_some(())
     })
     .await
     .expect("down");
     let (by, failures) = calls(&channel, 20).await;
-    assert!(
-        failures.is_empty() && by.get("a") == Some(&20),
-        "{by:?} {failures:?}"
-    );
+    assert!(failures.is_empty() && by.get("a") == Some(&20), "{by:?} {failures:?}");
     let _b = mesh_testkit::TestServer::serve_at(
         b_addr,
-        mesh_proto::pb::greeter_server::GreeterServer::new(support::Named {
-            name: "b".into(),
-            delay: Duration::ZERO,
-        }),
+        mesh_proto::pb::greeter_server::GreeterServer::new(support::Named { name: "b".into(), delay: Duration::ZERO }),
     )
     .await
     .expect("b again");
     eventually("b probed back", Duration::from_secs(5), || async {
-        channel
-            .endpoints()
-            .iter()
-            .any(|e| e.id == "b" && e.usable)
-            .then_some(())
+        channel.endpoints().iter().any(|e| e.id == "b" && e.usable).then_some(())
     })
     .await
     .expect("back");
@@ -268,15 +185,9 @@ async fn a_dead_endpoint_is_skipped_and_all_dead_says_how_many_were_tried() {
     let a = server("a").await;
     let dead1 = format!("127.0.0.1:{}", mesh_etcd_local::free_port().expect("port"));
     let dead2 = format!("127.0.0.1:{}", mesh_etcd_local::free_port().expect("port"));
-    let (tx, updates) = watched(EndpointSet::new(vec![
-        endpoint("a", &a),
-        Endpoint::new(dead1.clone()),
-    ]));
+    let (tx, updates) = watched(EndpointSet::new(vec![endpoint("a", &a), Endpoint::new(dead1.clone())]));
     let channel = Balancer::spawn(config(), updates);
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let (by, failures) = calls(&channel, 50).await;
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(by.get("a"), Some(&50));
@@ -288,15 +199,10 @@ async fn a_dead_endpoint_is_skipped_and_all_dead_says_how_many_were_tried() {
     })
     .await
     .expect("probed");
-    let err = GreeterClient::new(channel.clone())
-        .say_hello(HelloRequest { name: "x".into() })
-        .await
-        .expect_err("all dead");
+    let err =
+        GreeterClient::new(channel.clone()).say_hello(HelloRequest { name: "x".into() }).await.expect_err("all dead");
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert_eq!(
-        err.message(),
-        "all 2 endpoints of service greeter are unavailable (tried 2)"
-    );
+    assert_eq!(err.message(), "all 2 endpoints of service greeter are unavailable (tried 2)");
 }
 
 #[tokio::test]
@@ -305,19 +211,11 @@ async fn a_removed_endpoint_lets_its_in_flight_call_finish() {
     let fast = server("fast").await;
     let (tx, updates) = watched(set(&[("slow", &slow)]));
     let channel = Balancer::spawn(config(), updates);
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let mut client = GreeterClient::new(channel.clone());
-    let in_flight =
-        tokio::spawn(async move { client.say_hello(HelloRequest { name: "x".into() }).await });
+    let in_flight = tokio::spawn(async move { client.say_hello(HelloRequest { name: "x".into() }).await });
     eventually("call in flight", Duration::from_secs(5), || async {
-        channel
-            .endpoints()
-            .first()
-            .is_some_and(|e| e.in_flight == 1)
-            .then_some(())
+        channel.endpoints().first().is_some_and(|e| e.in_flight == 1).then_some(())
     })
     .await
     .expect("in flight");
@@ -327,10 +225,7 @@ async fn a_removed_endpoint_lets_its_in_flight_call_finish() {
     })
     .await
     .expect("removed");
-    let reply = in_flight
-        .await
-        .expect("join")
-        .expect("the in-flight call finishes");
+    let reply = in_flight.await.expect("join").expect("the in-flight call finishes");
     assert_eq!(reply.get_ref().served_by, "slow");
     let (by, _) = calls(&channel, 5).await;
     assert_eq!(by.get("fast"), Some(&5));
@@ -342,27 +237,16 @@ async fn hashed_call(
 ) -> Result<String, tonic::Status> {
     let mut request = tonic::Request::new(HelloRequest { name: "h".into() });
     if let Some(key) = key {
-        request
-            .metadata_mut()
-            .insert("x-mesh-hash-key", key.parse().expect("ascii key"));
+        request.metadata_mut().insert("x-mesh-hash-key", key.parse().expect("ascii key"));
     }
-    GreeterClient::new(channel.clone())
-        .say_hello(request)
-        .await
-        .map(|r| r.into_inner().served_by)
+    GreeterClient::new(channel.clone()).say_hello(request).await.map(|r| r.into_inner().served_by)
 }
 
 #[tokio::test]
 async fn switching_to_consistent_hash_at_runtime_pins_each_key_to_one_server() {
     let (a, b, c) = (server("a").await, server("b").await, server("c").await);
-    let channel = Balancer::spawn(
-        config(),
-        tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])),
-    );
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    let channel = Balancer::spawn(config(), tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])));
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     assert_eq!(channel.strategy(), Strategy::RoundRobin);
     channel.set_strategy(Strategy::consistent_hash());
     assert_eq!(channel.strategy().name(), "consistent_hash");
@@ -370,32 +254,21 @@ async fn switching_to_consistent_hash_at_runtime_pins_each_key_to_one_server() {
     for i in 0..60 {
         let key = format!("user-{}", i % 20);
         let owner = hashed_call(&channel, Some(&key)).await.expect("call");
-        assert_eq!(
-            owners.entry(key.clone()).or_insert_with(|| owner.clone()),
-            &owner,
-            "key {key} moved"
-        );
+        assert_eq!(owners.entry(key.clone()).or_insert_with(|| owner.clone()), &owner, "key {key} moved");
     }
     let distinct: std::collections::BTreeSet<_> = owners.values().collect();
     assert!(distinct.len() >= 2, "20 keys all on one server: {owners:?}");
     // No key: random by default.
-    hashed_call(&channel, None)
-        .await
-        .expect("a keyless call still goes somewhere");
+    hashed_call(&channel, None).await.expect("a keyless call still goes somewhere");
 }
 
 #[tokio::test]
 async fn a_missing_hash_key_is_invalid_argument_when_configured() {
     let a = server("a").await;
     let cfg = HashConfig::try_new("x-user", 160, MissingKey::Reject).expect("valid");
-    let channel = Balancer::spawn(
-        config().with_strategy(Strategy::ConsistentHash(cfg)),
-        tokio_stream::once(set(&[("a", &a)])),
-    );
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    let channel =
+        Balancer::spawn(config().with_strategy(Strategy::ConsistentHash(cfg)), tokio_stream::once(set(&[("a", &a)])));
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let err = hashed_call(&channel, None).await.expect_err("no key");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("x-user"), "{}", err.message());
@@ -406,21 +279,16 @@ async fn consistent_hash_moves_only_the_keys_of_a_removed_server() {
     let (a, b, c) = (server("a").await, server("b").await, server("c").await);
     let (tx, updates) = watched(set(&[("a", &a), ("b", &b), ("c", &c)]));
     let channel = Balancer::spawn(config().with_strategy(Strategy::consistent_hash()), updates);
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let keys: Vec<String> = (0..90).map(|i| format!("k{i}")).collect();
     let mut before = Vec::new();
     for k in &keys {
         before.push(hashed_call(&channel, Some(k)).await.expect("call"));
     }
     tx.send_replace(set(&[("a", &a), ("c", &c)]));
-    eventually("b removed", Duration::from_secs(5), || async {
-        (channel.endpoints().len() == 2).then_some(())
-    })
-    .await
-    .expect("removed");
+    eventually("b removed", Duration::from_secs(5), || async { (channel.endpoints().len() == 2).then_some(()) })
+        .await
+        .expect("removed");
     for (k, was) in keys.iter().zip(&before) {
         let now = hashed_call(&channel, Some(k)).await.expect("call");
         if was != "b" {
@@ -437,40 +305,23 @@ async fn weighted_1_2_3_over_600_calls_gives_100_200_300() {
         endpoint("b", &b).with_weight(2),
         endpoint("c", &c).with_weight(3),
     ]);
-    let channel = Balancer::spawn(
-        config().with_strategy(Strategy::Weighted),
-        tokio_stream::once(s),
-    );
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    let channel = Balancer::spawn(config().with_strategy(Strategy::Weighted), tokio_stream::once(s));
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let (by, failures) = calls(&channel, 600).await;
     assert!(failures.is_empty(), "{failures:?}");
-    assert_eq!(
-        by,
-        BTreeMap::from([("a".into(), 100), ("b".into(), 200), ("c".into(), 300)])
-    );
+    assert_eq!(by, BTreeMap::from([("a".into(), 100), ("b".into(), 200), ("c".into(), 300)]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_sends_most_calls_to_the_faster_server() {
-    for load in [
-        P2cLoad::InFlight,
-        P2cLoad::PeakEwma {
-            decay: Duration::from_secs(1),
-        },
-    ] {
+    for load in [P2cLoad::InFlight, P2cLoad::PeakEwma { decay: Duration::from_secs(1) }] {
         let slow = slow_server("slow", Duration::from_millis(30)).await;
         let fast = server("fast").await;
         let channel = Balancer::spawn(
             config().with_strategy(Strategy::P2c(load)),
             tokio_stream::once(set(&[("slow", &slow), ("fast", &fast)])),
         );
-        channel
-            .wait_ready(Duration::from_secs(5))
-            .await
-            .expect("ready");
+        channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
         let mut workers = Vec::new();
         for _ in 0..4 {
             let channel = channel.clone();
@@ -484,10 +335,7 @@ async fn p2c_sends_most_calls_to_the_faster_server() {
                 *by.entry(k).or_default() += v;
             }
         }
-        let (s, f) = (
-            by.get("slow").copied().unwrap_or(0),
-            by.get("fast").copied().unwrap_or(0),
-        );
+        let (s, f) = (by.get("slow").copied().unwrap_or(0), by.get("fast").copied().unwrap_or(0));
         assert!(f > 3 * s, "{load:?}: fast {f} vs slow {s}");
     }
 }
@@ -505,10 +353,7 @@ struct MaybeReady<S> {
 impl<S> tower::Layer<S> for FirstNeverReady {
     type Service = MaybeReady<S>;
     fn layer(&self, inner: S) -> MaybeReady<S> {
-        MaybeReady {
-            inner,
-            ready: self.0.fetch_add(1, Ordering::Relaxed) > 0,
-        }
+        MaybeReady { inner, ready: self.0.fetch_add(1, Ordering::Relaxed) > 0 }
     }
 }
 
@@ -542,16 +387,10 @@ async fn an_endpoint_whose_layer_is_not_ready_is_skipped() {
         FirstNeverReady::default(),
         tokio_stream::once(set(&[("a", &a), ("b", &b)])),
     );
-    channel
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .expect("ready");
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
     let mut client = GreeterClient::new(channel.clone());
     for _ in 0..20 {
-        let r = client
-            .say_hello(HelloRequest { name: "x".into() })
-            .await
-            .expect("b serves");
+        let r = client.say_hello(HelloRequest { name: "x".into() }).await.expect("b serves");
         assert_eq!(r.get_ref().served_by, "b");
     }
 }

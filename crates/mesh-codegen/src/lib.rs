@@ -51,24 +51,16 @@ pub fn generate(root: &Path) -> Result<Vec<GeneratedFile>> {
         .context("generating Rust code with tonic-prost-build")?;
 
     let mut out = Vec::new();
-    let mut entries: Vec<_> = fs::read_dir(scratch.path())
-        .context("reading the codegen output")?
-        .collect::<std::io::Result<_>>()?;
+    let mut entries: Vec<_> =
+        fs::read_dir(scratch.path()).context("reading the codegen output")?.collect::<std::io::Result<_>>()?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
-        let code = fs::read_to_string(entry.path())
-            .with_context(|| format!("reading {}", entry.path().display()))?;
+        let code = fs::read_to_string(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
         let mut contents = HEADER.as_bytes().to_vec();
         contents.extend_from_slice(code.as_bytes());
-        out.push(GeneratedFile {
-            path: Path::new(OUT_DIR).join(entry.file_name()),
-            contents,
-        });
+        out.push(GeneratedFile { path: Path::new(OUT_DIR).join(entry.file_name()), contents });
     }
-    out.push(GeneratedFile {
-        path: Path::new(OUT_DIR).join("greeter_v1_descriptor.bin"),
-        contents: descriptor,
-    });
+    out.push(GeneratedFile { path: Path::new(OUT_DIR).join("greeter_v1_descriptor.bin"), contents: descriptor });
     Ok(out)
 }
 

@@ -18,9 +18,7 @@ fn main() -> ExitCode {
                 }
             },
             other => {
-                eprintln!(
-                    "error: unexpected argument {other:?}; usage: mesh-codegen [--check] [--root DIR]"
-                );
+                eprintln!("error: unexpected argument {other:?}; usage: mesh-codegen [--check] [--root DIR]");
                 return ExitCode::from(2);
             }
         }

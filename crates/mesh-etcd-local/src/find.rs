@@ -15,23 +15,17 @@ pub fn find_etcd() -> Result<PathBuf, Error> {
     find_etcd_in(env::var_os("ETCD_BIN"), env::var_os("PATH"))
 }
 
-pub(crate) fn find_etcd_in(
-    etcd_bin: Option<OsString>,
-    path: Option<OsString>,
-) -> Result<PathBuf, Error> {
+pub(crate) fn find_etcd_in(etcd_bin: Option<OsString>, path: Option<OsString>) -> Result<PathBuf, Error> {
     if let Some(bin) = etcd_bin {
         let bin = PathBuf::from(bin);
         return if is_executable(&bin) {
             Ok(bin)
         } else {
-            Err(Error::NotFound {
-                detail: format!("ETCD_BIN={} is not an executable file", bin.display()),
-            })
+            Err(Error::NotFound { detail: format!("ETCD_BIN={} is not an executable file", bin.display()) })
         };
     }
-    search(path, "etcd").ok_or_else(|| Error::NotFound {
-        detail: format!("no `etcd` on PATH and ETCD_BIN is not set; {INSTALL_HINT}"),
-    })
+    search(path, "etcd")
+        .ok_or_else(|| Error::NotFound { detail: format!("no `etcd` on PATH and ETCD_BIN is not set; {INSTALL_HINT}") })
 }
 
 /// Finds etcdctl: `ETCDCTL_BIN` if set, else beside the etcd binary, else on `PATH`.
@@ -67,15 +61,12 @@ pub fn install_etcd() -> Result<(), Error> {
     if cfg!(target_os = "linux") && on_path("apt-get").is_some() {
         if !nix::unistd::geteuid().is_root() {
             return Err(Error::NotFound {
-                detail: format!(
-                    "etcd is missing and installing it with apt-get needs root; {INSTALL_HINT}"
-                ),
+                detail: format!("etcd is missing and installing it with apt-get needs root; {INSTALL_HINT}"),
             });
         }
         let install = || {
             let mut cmd = Command::new("apt-get");
-            cmd.args(["install", "-y", "-q", "etcd-server", "etcd-client"])
-                .env("DEBIAN_FRONTEND", "noninteractive");
+            cmd.args(["install", "-y", "-q", "etcd-server", "etcd-client"]).env("DEBIAN_FRONTEND", "noninteractive");
             cmd
         };
         eprintln!("etcd not found; installing Debian's etcd-server and etcd-client with apt-get");
@@ -87,9 +78,7 @@ pub fn install_etcd() -> Result<(), Error> {
         return run_install(&mut install());
     }
     Err(Error::NotFound {
-        detail: format!(
-            "etcd is missing and this machine has no package manager mesh knows; {INSTALL_HINT}"
-        ),
+        detail: format!("etcd is missing and this machine has no package manager mesh knows; {INSTALL_HINT}"),
     })
 }
 
@@ -98,10 +87,7 @@ fn run_install(cmd: &mut Command) -> Result<(), Error> {
     let output = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| Error::Install {
-            command: shown.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| Error::Install { command: shown.clone(), detail: e.to_string() })?;
     if output.status.success() {
         return Ok(());
     }
@@ -109,11 +95,7 @@ fn run_install(cmd: &mut Command) -> Result<(), Error> {
     let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
     Err(Error::Install {
         command: shown,
-        detail: format!(
-            "{}: {}",
-            output.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        ),
+        detail: format!("{}: {}", output.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
     })
 }
 
@@ -122,14 +104,10 @@ fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 fn search(path: Option<OsString>, name: &str) -> Option<PathBuf> {
-    env::split_paths(&path?)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
+    env::split_paths(&path?).map(|dir| dir.join(name)).find(|candidate| is_executable(candidate))
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }

@@ -67,11 +67,7 @@ impl ClusterSpec {
                 data_dir: dir.join(format!("m{i}.etcd")),
             })
             .collect();
-        let token = format!(
-            "mesh-{}-{}",
-            std::process::id(),
-            ports.first().map_or(0, |p| p.0)
-        );
+        let token = format!("mesh-{}-{}", std::process::id(), ports.first().map_or(0, |p| p.0));
         ClusterSpec { token, members }
     }
 
@@ -91,11 +87,7 @@ impl ClusterSpec {
 
     /// `--initial-cluster`: `m0=http://127.0.0.1:P0,m1=…`.
     pub fn initial_cluster(&self) -> String {
-        self.members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url()))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.members.iter().map(|m| format!("{}={}", m.name, m.peer_url())).collect::<Vec<_>>().join(",")
     }
 
     /// Waits until every member reports healthy.
@@ -105,11 +97,7 @@ impl ClusterSpec {
         if wait_until(timeout, || urls.iter().all(|u| is_healthy(u, probe))) {
             return Ok(());
         }
-        let sick: Vec<&str> = urls
-            .iter()
-            .filter(|u| !is_healthy(u, probe))
-            .map(String::as_str)
-            .collect();
+        let sick: Vec<&str> = urls.iter().filter(|u| !is_healthy(u, probe)).map(String::as_str).collect();
         Err(Error::Unhealthy {
             urls: urls.clone(),
             detail: format!("after {timeout:?}, still unhealthy: {}", sick.join(",")),
@@ -158,18 +146,10 @@ pub fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
         Signal::Stop => S::SIGSTOP,
         Signal::Cont => S::SIGCONT,
     };
-    let raw = i32::try_from(pid).map_err(|_| {
-        Error::io(
-            format!("pid {pid}"),
-            std::io::ErrorKind::InvalidInput.into(),
-        )
-    })?;
-    kill(nix::unistd::Pid::from_raw(raw), s).map_err(|e| {
-        Error::io(
-            format!("sending {sig:?} to pid {pid}"),
-            std::io::Error::from(e),
-        )
-    })
+    let raw =
+        i32::try_from(pid).map_err(|_| Error::io(format!("pid {pid}"), std::io::ErrorKind::InvalidInput.into()))?;
+    kill(nix::unistd::Pid::from_raw(raw), s)
+        .map_err(|e| Error::io(format!("sending {sig:?} to pid {pid}"), std::io::Error::from(e)))
 }
 
 /// Whether `pid` is alive and, where `/proc` tells, an etcd using `data_dir` (so that a pid

@@ -54,9 +54,7 @@ impl Etcd {
     /// Starts a cluster of `size` members and waits until every member is healthy.
     pub async fn start_cluster(size: usize) -> Result<Self, Error> {
         if size == 0 {
-            return Err(Error::Usage(
-                "an etcd cluster needs at least one member".into(),
-            ));
+            return Err(Error::Usage("an etcd cluster needs at least one member".into()));
         }
         let bin = mesh_etcd_local::find_etcd()?;
         // A port found free can be taken before etcd binds it; then etcd exits and we try
@@ -95,11 +93,7 @@ impl Etcd {
 
     /// The client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        self.spec
-            .members
-            .get(i)
-            .map(|m| m.client_url())
-            .unwrap_or_default()
+        self.spec.members.get(i).map(|m| m.client_url()).unwrap_or_default()
     }
 
     /// The number of members.
@@ -150,13 +144,13 @@ impl Etcd {
     pub async fn restart_fresh(&mut self) -> Result<(), Error> {
         if self.size() != 1 {
             return Err(Error::Usage(
-                "restart_fresh needs a one-member etcd: a member of a cluster cannot rejoin with an empty data dir".into(),
+                "restart_fresh needs a one-member etcd: a member of a cluster cannot rejoin with an empty data dir"
+                    .into(),
             ));
         }
         self.kill(0)?;
         let data_dir = &self.spec.members[0].data_dir;
-        std::fs::remove_dir_all(data_dir)
-            .map_err(|e| Error::Usage(format!("removing {}: {e}", data_dir.display())))?;
+        std::fs::remove_dir_all(data_dir).map_err(|e| Error::Usage(format!("removing {}: {e}", data_dir.display())))?;
         // A new token makes it a different cluster, with a different cluster id.
         self.spec.token.push_str("-fresh");
         self.spawn(0)?;
@@ -170,8 +164,7 @@ impl Etcd {
             self.check_alive()?;
             let urls: Vec<String> = self.live().map(|i| self.endpoint(i)).collect();
             let healthy = tokio::task::spawn_blocking(move || {
-                urls.iter()
-                    .all(|u| mesh_etcd_local::is_healthy(u, Duration::from_millis(500)))
+                urls.iter().all(|u| mesh_etcd_local::is_healthy(u, Duration::from_millis(500)))
             })
             .await
             .unwrap_or(false);
@@ -191,10 +184,7 @@ impl Etcd {
     /// The index of the current leader, as the running members report it.
     pub async fn leader(&self) -> Result<usize, Error> {
         for i in self.live() {
-            let Ok(status) = self
-                .call_member(i, "/v3/maintenance/status", json!({}))
-                .await
-            else {
+            let Ok(status) = self.call_member(i, "/v3/maintenance/status", json!({})).await else {
                 continue;
             };
             let me = number(&status["header"]["member_id"]);
@@ -203,10 +193,7 @@ impl Etcd {
                 return Ok(i);
             }
         }
-        Err(Error::Gateway {
-            call: "status".into(),
-            detail: "no running member reports itself leader".into(),
-        })
+        Err(Error::Gateway { call: "status".into(), detail: "no running member reports itself leader".into() })
     }
 
     /// Puts `key` = `value`; returns the revision of the put.
@@ -237,9 +224,7 @@ impl Etcd {
 
     /// Deletes `key`; returns how many keys were deleted.
     pub async fn delete(&self, key: &str) -> Result<i64, Error> {
-        let resp = self
-            .call("/v3/kv/deleterange", json!({"key": B64.encode(key)}))
-            .await?;
+        let resp = self.call("/v3/kv/deleterange", json!({"key": B64.encode(key)})).await?;
         Ok(number(&resp["deleted"]).unwrap_or(0))
     }
 
@@ -270,10 +255,7 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|source| mesh_etcd_local::Error::Spawn {
-                binary: self.bin.clone(),
-                source,
-            })?;
+            .map_err(|source| mesh_etcd_local::Error::Spawn { binary: self.bin.clone(), source })?;
         let member = self.member_mut(i)?;
         member.child = Some(child);
         member.paused = false;
@@ -281,22 +263,17 @@ impl Etcd {
     }
 
     fn signal(&self, i: usize, sig: Signal) -> Result<(), Error> {
-        let pid = self
-            .pid(i)
-            .ok_or_else(|| Error::Usage(format!("etcd member {i} is not running")))?;
+        let pid = self.pid(i).ok_or_else(|| Error::Usage(format!("etcd member {i} is not running")))?;
         Ok(mesh_etcd_local::signal(pid, sig)?)
     }
 
     fn member_mut(&mut self, i: usize) -> Result<&mut Member, Error> {
         let n = self.members.len();
-        self.members
-            .get_mut(i)
-            .ok_or_else(|| Error::Usage(format!("no etcd member {i} in a cluster of {n}")))
+        self.members.get_mut(i).ok_or_else(|| Error::Usage(format!("no etcd member {i} in a cluster of {n}")))
     }
 
     fn live(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.members.len())
-            .filter(|&i| self.members[i].child.is_some() && !self.members[i].paused)
+        (0..self.members.len()).filter(|&i| self.members[i].child.is_some() && !self.members[i].paused)
     }
 
     fn check_alive(&mut self) -> Result<(), Error> {
@@ -304,10 +281,7 @@ impl Etcd {
             if let Some(Ok(Some(status))) = m.child.as_mut().map(Child::try_wait) {
                 m.child = None;
                 let log = self.dir.path().join(format!("m{i}.log"));
-                return Err(Error::Usage(format!(
-                    "etcd member {i} exited with {status}; log: {}",
-                    tail(&log)
-                )));
+                return Err(Error::Usage(format!("etcd member {i} exited with {status}; log: {}", tail(&log))));
             }
         }
         Ok(())
@@ -372,10 +346,7 @@ impl Drop for Etcd {
 }
 
 fn gateway_err(call: &str, detail: String) -> Error {
-    Error::Gateway {
-        call: call.to_string(),
-        detail,
-    }
+    Error::Gateway { call: call.to_string(), detail }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -398,15 +369,12 @@ fn number(v: &Value) -> Option<i64> {
 }
 
 fn revision(resp: &Value, call: &str) -> Result<i64, Error> {
-    number(&resp["header"]["revision"])
-        .ok_or_else(|| gateway_err(call, format!("no revision in {resp}")))
+    number(&resp["header"]["revision"]).ok_or_else(|| gateway_err(call, format!("no revision in {resp}")))
 }
 
 fn decode(v: &Value) -> Result<String, String> {
     let s = v.as_str().unwrap_or_default();
-    B64.decode(s)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .map_err(|e| format!("bad base64 {s:?}: {e}"))
+    B64.decode(s).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| format!("bad base64 {s:?}: {e}"))
 }
 
 /// The end of the range that holds every key starting with `prefix` (etcd's `GetPrefix`).
@@ -426,9 +394,7 @@ fn tail(path: &std::path::Path) -> String {
         .ok()
         .and_then(|mut f| {
             let mut s = String::new();
-            std::io::Read::read_to_string(&mut f, &mut s)
-                .ok()
-                .map(|_| s)
+            std::io::Read::read_to_string(&mut f, &mut s).ok().map(|_| s)
         })
         .unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(3).collect();

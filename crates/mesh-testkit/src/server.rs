@@ -35,11 +35,8 @@ impl TestServer {
     /// [`tonic::service::Routes`].
     pub async fn serve<S, B>(svc: S) -> Result<Self, Error>
     where
-        S: tower_service::Service<
-                http::Request<Body>,
-                Response = http::Response<B>,
-                Error = Infallible,
-            > + Clone
+        S: tower_service::Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
+            + Clone
             + Send
             + 'static,
         S::Future: Send + 'static,
@@ -52,11 +49,8 @@ impl TestServer {
     /// Serves `svc` on `addr`, e.g. the address of a server killed before, to bring it back.
     pub async fn serve_at<S, B>(addr: SocketAddr, svc: S) -> Result<Self, Error>
     where
-        S: tower_service::Service<
-                http::Request<Body>,
-                Response = http::Response<B>,
-                Error = Infallible,
-            > + Clone
+        S: tower_service::Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
+            + Clone
             + Send
             + 'static,
         S::Future: Send + 'static,
@@ -81,15 +75,9 @@ impl TestServer {
                 _ = signal_kill.cancelled() => {}
             }
         };
-        let task = tokio::spawn(
-            tonic::transport::Server::builder().serve_with_incoming_shutdown(svc, incoming, signal),
-        );
-        Ok(TestServer {
-            addr,
-            stop: Some(stop),
-            kill,
-            task: Some(task),
-        })
+        let task =
+            tokio::spawn(tonic::transport::Server::builder().serve_with_incoming_shutdown(svc, incoming, signal));
+        Ok(TestServer { addr, stop: Some(stop), kill, task: Some(task) })
     }
 
     /// The address it listens on.
@@ -138,18 +126,12 @@ struct Killable {
 
 impl Killable {
     fn new(inner: TcpStream, token: &CancellationToken) -> Self {
-        Killable {
-            inner,
-            killed: Box::pin(token.clone().cancelled_owned()),
-        }
+        Killable { inner, killed: Box::pin(token.clone().cancelled_owned()) }
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         match self.killed.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "test server killed",
-            )),
+            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::ConnectionReset, "test server killed")),
             Poll::Pending => Ok(()),
         }
     }
@@ -164,22 +146,14 @@ impl Connected for Killable {
 }
 
 impl AsyncRead for Killable {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         self.check(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Killable {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.check(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

@@ -16,10 +16,7 @@ where
             return Ok(value);
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Timeout {
-                what: what.to_string(),
-                after: timeout,
-            });
+            return Err(Error::Timeout { what: what.to_string(), after: timeout });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -21,17 +21,10 @@ async fn put_is_gone_after_restart_on_a_fresh_data_dir() {
     }
     let before = etcd.revision().await.expect("revision");
     etcd.restart_fresh().await.expect("fresh restart");
-    assert_eq!(
-        etcd.endpoint(0),
-        endpoint,
-        "same port after a fresh restart"
-    );
+    assert_eq!(etcd.endpoint(0), endpoint, "same port after a fresh restart");
     assert_eq!(etcd.get("/t/0").await.expect("get"), None);
     let after = etcd.revision().await.expect("revision");
-    assert!(
-        after < before,
-        "a fresh cluster starts its revisions again: {after} < {before}"
-    );
+    assert!(after < before, "a fresh cluster starts its revisions again: {after} < {before}");
 }
 
 #[tokio::test]
@@ -41,19 +34,14 @@ async fn kill_9_then_restart_keeps_data() {
     let pid = etcd.pid(0).expect("running");
     etcd.kill(0).expect("kill");
     assert_eq!(etcd.pid(0), None);
-    assert!(
-        etcd.get("/t/k").await.is_err(),
-        "a killed etcd answers nothing"
-    );
+    assert!(etcd.get("/t/k").await.is_err(), "a killed etcd answers nothing");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || !proc_is_running(pid));
     etcd.restart(0).await.expect("restart");
     assert_eq!(etcd.get("/t/k").await.expect("get").as_deref(), Some("v"));
 }
 
 fn proc_is_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
 }
 
 #[tokio::test]
@@ -62,16 +50,12 @@ async fn a_paused_member_answers_nothing_until_resumed() {
     etcd.put("/t/k", "v").await.expect("put");
     etcd.pause(0).expect("pause");
     let url = etcd.endpoint(0);
-    let healthy = tokio::task::spawn_blocking(move || {
-        mesh_etcd_local::is_healthy(&url, Duration::from_millis(300))
-    })
-    .await
-    .expect("join");
+    let healthy = tokio::task::spawn_blocking(move || mesh_etcd_local::is_healthy(&url, Duration::from_millis(300)))
+        .await
+        .expect("join");
     assert!(!healthy, "a SIGSTOPped etcd must not answer /health");
     etcd.resume(0).expect("resume");
-    etcd.wait_healthy(Duration::from_secs(10))
-        .await
-        .expect("healthy again");
+    etcd.wait_healthy(Duration::from_secs(10)).await.expect("healthy again");
     assert_eq!(etcd.get("/t/k").await.expect("get").as_deref(), Some("v"));
 }
 
@@ -81,10 +65,7 @@ async fn compaction_makes_old_revisions_unreadable() {
     let first = etcd.put("/t/k", "v1").await.expect("put");
     let second = etcd.put("/t/k", "v2").await.expect("put");
     etcd.compact(second).await.expect("compact");
-    let err = etcd
-        .get_at("/t/k", first)
-        .await
-        .expect_err("compacted revision");
+    let err = etcd.get_at("/t/k", first).await.expect_err("compacted revision");
     assert!(err.to_string().contains("compacted"), "{err}");
     assert_eq!(etcd.get("/t/k").await.expect("get").as_deref(), Some("v2"));
 }
@@ -110,22 +91,13 @@ async fn three_member_cluster_elects_a_new_leader_after_its_leader_is_killed() {
     etcd.put("/t/before", "1").await.expect("put");
     let leader = etcd.leader().await.expect("a leader");
     etcd.kill(leader).expect("kill leader");
-    let new_leader = mesh_testkit::eventually("a new leader", Duration::from_secs(15), || async {
-        etcd.leader().await.ok()
-    })
-    .await
-    .expect("new leader elected");
+    let new_leader =
+        mesh_testkit::eventually("a new leader", Duration::from_secs(15), || async { etcd.leader().await.ok() })
+            .await
+            .expect("new leader elected");
     assert_ne!(new_leader, leader);
-    etcd.put("/t/after", "2")
-        .await
-        .expect("the cluster accepts writes with 2 of 3 members");
-    assert_eq!(
-        etcd.get("/t/before").await.expect("get").as_deref(),
-        Some("1")
-    );
+    etcd.put("/t/after", "2").await.expect("the cluster accepts writes with 2 of 3 members");
+    assert_eq!(etcd.get("/t/before").await.expect("get").as_deref(), Some("1"));
     etcd.restart(leader).await.expect("old leader rejoins");
-    assert_eq!(
-        etcd.get("/t/after").await.expect("get").as_deref(),
-        Some("2")
-    );
+    assert_eq!(etcd.get("/t/after").await.expect("get").as_deref(), Some("2"));
 }

@@ -90,8 +90,7 @@ where
     T::Future: Send,
     T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    <T::ResponseBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     let start = Instant::now();
     let measure_from = start + config.warmup;
@@ -101,11 +100,8 @@ where
         let mut client = GreeterClient::new(channel.clone());
         let name = config.name.clone();
         workers.push(tokio::spawn(async move {
-            let mut result = WorkerResult {
-                histogram: new_histogram(),
-                errors: BTreeMap::new(),
-                served_by: BTreeMap::new(),
-            };
+            let mut result =
+                WorkerResult { histogram: new_histogram(), errors: BTreeMap::new(), served_by: BTreeMap::new() };
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
@@ -119,16 +115,10 @@ where
                     Ok(reply) => {
                         let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
                         result.histogram.saturating_record(micros.max(1));
-                        *result
-                            .served_by
-                            .entry(reply.into_inner().served_by)
-                            .or_default() += 1;
+                        *result.served_by.entry(reply.into_inner().served_by).or_default() += 1;
                     }
                     Err(status) => {
-                        *result
-                            .errors
-                            .entry(format!("{:?}", status.code()))
-                            .or_default() += 1;
+                        *result.errors.entry(format!("{:?}", status.code())).or_default() += 1;
                     }
                 }
             }
@@ -146,11 +136,7 @@ where
                 merge(&mut errors_by_code, r.errors);
                 merge(&mut served_by, r.served_by);
             }
-            Err(e) => {
-                *errors_by_code
-                    .entry(format!("worker failed: {e}"))
-                    .or_default() += 1
-            }
+            Err(e) => *errors_by_code.entry(format!("worker failed: {e}")).or_default() += 1,
         }
     }
     let seconds = config.duration.as_secs_f64();
@@ -161,11 +147,7 @@ where
         errors: errors_by_code.values().sum(),
         errors_by_code,
         seconds,
-        throughput: if seconds > 0.0 {
-            ok as f64 / seconds
-        } else {
-            0.0
-        },
+        throughput: if seconds > 0.0 { ok as f64 / seconds } else { 0.0 },
         p50_us: histogram.value_at_quantile(0.50),
         p90_us: histogram.value_at_quantile(0.90),
         p99_us: histogram.value_at_quantile(0.99),

@@ -13,11 +13,7 @@ use crate::connect::{balanced, connect};
 
 /// `greeter-client`: greet, or `bench` to drive load.
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "greeter-client",
-    version,
-    about = "The reference greeter.v1 client of mesh"
-)]
+#[command(name = "greeter-client", version, about = "The reference greeter.v1 client of mesh")]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
     /// What to do; without a subcommand, greet.
@@ -40,12 +36,7 @@ pub enum Command {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TargetArgs {
     /// Servers to call, comma-separated: host:port or http://host:port.
-    #[arg(
-        long,
-        env = "MESH_TARGET",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:50051"
-    )]
+    #[arg(long, env = "MESH_TARGET", value_delimiter = ',', default_value = "http://127.0.0.1:50051")]
     pub target: Vec<String>,
     /// How calls are spread: round_robin, random, consistent_hash, weighted, p2c, p2c_ewma.
     #[arg(long, env = "MESH_STRATEGY", default_value = "round_robin", value_parser = parse_strategy)]
@@ -106,8 +97,7 @@ pub struct BenchArgs {
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {
-    s.parse()
-        .map_err(|e: mesh_balancer::InvalidStrategy| e.to_string())
+    s.parse().map_err(|e: mesh_balancer::InvalidStrategy| e.to_string())
 }
 
 /// Runs the client; the error says what failed and where.
@@ -128,15 +118,11 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed = 0u64;
     for i in 0..args.count {
-        let mut request = tonic::Request::new(HelloRequest {
-            name: args.name.clone(),
-        });
+        let mut request = tonic::Request::new(HelloRequest { name: args.name.clone() });
         request.set_timeout(args.timeout);
         if let Some(key) = &args.targets.hash_key {
             let key = key.replace("{i}", &i.to_string());
-            let value = key
-                .parse()
-                .with_context(|| format!("--hash-key {key:?} is not a valid header value"))?;
+            let value = key.parse().with_context(|| format!("--hash-key {key:?} is not a valid header value"))?;
             request.metadata_mut().insert("x-mesh-hash-key", value);
         }
         match client.say_hello(request).await {
@@ -162,19 +148,11 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
 
 /// Replies per `served_by`, then what the balancer counted per endpoint.
 fn table(channel: &BalancedChannel<Channel>, replies: &BTreeMap<String, u64>) -> String {
-    let mut out = format!(
-        "\nstrategy {}\n{:<28} {:>8}\n",
-        channel.strategy(),
-        "served_by",
-        "replies"
-    );
+    let mut out = format!("\nstrategy {}\n{:<28} {:>8}\n", channel.strategy(), "served_by", "replies");
     for (who, n) in replies {
         out.push_str(&format!("{who:<28} {n:>8}\n"));
     }
-    out.push_str(&format!(
-        "{:<28} {:>8} {:>8}  state\n",
-        "endpoint", "requests", "failures"
-    ));
+    out.push_str(&format!("{:<28} {:>8} {:>8}  state\n", "endpoint", "requests", "failures"));
     for e in channel.endpoints() {
         let state = if e.connected {
             "connected"
@@ -183,10 +161,7 @@ fn table(channel: &BalancedChannel<Channel>, replies: &BTreeMap<String, u64>) ->
         } else {
             "unreachable"
         };
-        out.push_str(&format!(
-            "{:<28} {:>8} {:>8}  {state}\n",
-            e.address, e.requests, e.failures
-        ));
+        out.push_str(&format!("{:<28} {:>8} {:>8}  {state}\n", e.address, e.requests, e.failures));
     }
     out
 }
@@ -207,10 +182,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         bench::run(channel(&args.targets).await?, &config).await
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).context("encoding the report")?
-        );
+        println!("{}", serde_json::to_string(&report).context("encoding the report")?);
     } else {
         println!("{}", report.summary());
     }

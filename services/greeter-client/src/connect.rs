@@ -33,11 +33,7 @@ pub async fn balanced(
         bail!("--target needs at least one address");
     }
     if !weights.is_empty() && weights.len() != targets.len() {
-        bail!(
-            "--weights has {} values for {} targets; give one per target",
-            weights.len(),
-            targets.len()
-        );
+        bail!("--weights has {} values for {} targets; give one per target", weights.len(), targets.len());
     }
     let mut endpoints = Vec::with_capacity(targets.len());
     for (i, target) in targets.iter().enumerate() {
@@ -57,14 +53,9 @@ pub async fn balanced(
 /// `http://host:port` for `host:port` or a URL; anything else is a readable error.
 pub(crate) fn url_of(target: &str) -> anyhow::Result<String> {
     let target = target.trim();
-    let url = if target.contains("://") {
-        target.to_string()
-    } else {
-        format!("http://{target}")
-    };
-    let uri: http::Uri = url.parse().with_context(|| {
-        format!("invalid --target {target:?}; expected host:port or http://host:port")
-    })?;
+    let url = if target.contains("://") { target.to_string() } else { format!("http://{target}") };
+    let uri: http::Uri =
+        url.parse().with_context(|| format!("invalid --target {target:?}; expected host:port or http://host:port"))?;
     if uri.scheme_str() != Some("http") {
         bail!("invalid --target {target:?}: only http:// is supported");
     }

@@ -9,10 +9,7 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let args = greeter_client::Args::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match greeter_client::run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -15,54 +15,30 @@ fn client() -> Command {
 
 #[test]
 fn unreachable_server_fails_naming_the_address_without_panic() {
-    let out = client()
-        .args(["--target", "http://127.0.0.1:1"])
-        .output()
-        .expect("run");
+    let out = client().args(["--target", "http://127.0.0.1:1"]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("cannot reach greeter at http://127.0.0.1:1"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot reach greeter at http://127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn bad_flags_name_the_flag() {
-    let out = client()
-        .args(["--target", "nonsense"])
-        .output()
-        .expect("run");
+    let out = client().args(["--target", "nonsense"]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("invalid --target"), "{stderr}");
 
-    let out = client()
-        .args(["--strategy", "fastest"])
-        .output()
-        .expect("run");
+    let out = client().args(["--strategy", "fastest"]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("--strategy") && stderr.contains("round_robin"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--strategy") && stderr.contains("round_robin"), "{stderr}");
 
-    let out = client()
-        .args(["--target", "127.0.0.1:1", "--weights", "1,2"])
-        .output()
-        .expect("run");
+    let out = client().args(["--target", "127.0.0.1:1", "--weights", "1,2"]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--weights has 2 values for 1 targets"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--weights has 2 values for 1 targets"), "{stderr}");
 
-    let out = client()
-        .args(["bench", "--concurrency", "0"])
-        .output()
-        .expect("run");
+    let out = client().args(["bench", "--concurrency", "0"]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--concurrency"), "{stderr}");
@@ -70,39 +46,22 @@ fn bad_flags_name_the_flag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greets_count_times_and_prints_each_reply() {
-    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1")))
-        .await
-        .expect("serve");
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1"))).await.expect("serve");
     let uri = server.uri();
     let out = tokio::task::spawn_blocking(move || {
-        client()
-            .args(["--target", &uri, "--name", "mesh", "--count", "3"])
-            .output()
-            .expect("run")
+        client().args(["--target", &uri, "--name", "mesh", "--count", "3"]).output().expect("run")
     })
     .await
     .expect("join");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        stdout.matches("Hello, mesh! (served by s1)").count(),
-        3,
-        "{stdout}"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches("Hello, mesh! (served by s1)").count(), 3, "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_calls_and_reports_ordered_percentiles() {
-    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1")))
-        .await
-        .expect("serve");
-    let channel = greeter_client::connect(&server.uri())
-        .await
-        .expect("connect");
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1"))).await.expect("serve");
+    let channel = greeter_client::connect(&server.uri()).await.expect("connect");
     let config = BenchConfig {
         concurrency: 4,
         duration: Duration::from_millis(300),
@@ -113,37 +72,21 @@ async fn bench_counts_calls_and_reports_ordered_percentiles() {
     assert!(report.ok > 0, "{report:?}");
     assert_eq!(report.errors, 0, "{report:?}");
     assert_eq!(report.served_by.get("s1"), Some(&report.ok));
-    assert!(
-        report.p50_us <= report.p90_us
-            && report.p90_us <= report.p99_us
-            && report.p99_us <= report.p999_us
-    );
+    assert!(report.p50_us <= report.p90_us && report.p90_us <= report.p99_us && report.p99_us <= report.p999_us);
     assert!(report.p999_us <= report.max_us);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_failures_by_code_when_the_server_is_killed() {
-    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1")))
-        .await
-        .expect("serve");
-    let channel = greeter_client::connect(&server.uri())
-        .await
-        .expect("connect");
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1"))).await.expect("serve");
+    let channel = greeter_client::connect(&server.uri()).await.expect("connect");
     server.kill().await;
-    let config = BenchConfig {
-        concurrency: 2,
-        duration: Duration::from_millis(200),
-        warmup: Duration::ZERO,
-        name: "b".into(),
-    };
+    let config =
+        BenchConfig { concurrency: 2, duration: Duration::from_millis(200), warmup: Duration::ZERO, name: "b".into() };
     let report = bench::run(channel, &config).await;
     assert_eq!(report.ok, 0);
     assert!(report.errors > 0);
-    assert!(
-        report.errors_by_code.contains_key("Unavailable"),
-        "{:?}",
-        report.errors_by_code
-    );
+    assert!(report.errors_by_code.contains_key("Unavailable"), "{:?}", report.errors_by_code);
 }
 
 fn replies_by_served_by(stdout: &str) -> std::collections::BTreeMap<String, u64> {
@@ -164,32 +107,17 @@ fn replies_by_served_by(stdout: &str) -> std::collections::BTreeMap<String, u64>
 async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
     let mut servers = Vec::new();
     for name in ["s1", "s2", "s3"] {
-        servers.push(
-            TestServer::serve(GreeterServer::new(Greeter::new(name)))
-                .await
-                .expect("serve"),
-        );
+        servers.push(TestServer::serve(GreeterServer::new(Greeter::new(name))).await.expect("serve"));
     }
-    let targets = servers
-        .iter()
-        .map(|s| s.addr().to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let targets = servers.iter().map(|s| s.addr().to_string()).collect::<Vec<_>>().join(",");
     let t = targets.clone();
     let out = tokio::task::spawn_blocking(move || {
-        client()
-            .args(["--target", &t, "--count", "30", "--quiet"])
-            .output()
-            .expect("run")
+        client().args(["--target", &t, "--count", "30", "--quiet"]).output().expect("run")
     })
     .await
     .expect("join");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let by = replies_by_served_by(&stdout);
     assert_eq!(by.values().collect::<Vec<_>>(), [&10, &10, &10], "{stdout}");
     assert!(stdout.contains("strategy round_robin"), "{stdout}");
@@ -213,14 +141,6 @@ async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
     .await
     .expect("join");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        replies_by_served_by(&stdout).values().collect::<Vec<_>>(),
-        [&12],
-        "{stdout}"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(replies_by_served_by(&stdout).values().collect::<Vec<_>>(), [&12], "{stdout}");
 }

@@ -14,18 +14,12 @@ struct Bare {
 
 #[tonic::async_trait]
 impl Greeter for Bare {
-    async fn say_hello(
-        &self,
-        request: Request<HelloRequest>,
-    ) -> Result<Response<HelloReply>, Status> {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let name = &request.get_ref().name;
         if name.is_empty() || name.len() > 1024 {
             return Err(Status::invalid_argument("name must be 1 to 1024 bytes"));
         }
-        Ok(Response::new(HelloReply {
-            message: format!("Hello, {name}!"),
-            served_by: self.instance.clone(),
-        }))
+        Ok(Response::new(HelloReply { message: format!("Hello, {name}!"), served_by: self.instance.clone() }))
     }
 
     type SayHelloStreamStream = tokio_stream::Iter<std::vec::IntoIter<Result<HelloReply, Status>>>;
@@ -35,15 +29,8 @@ impl Greeter for Bare {
         request: Request<HelloStreamRequest>,
     ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
         let HelloStreamRequest { name, count } = request.into_inner();
-        let reply = HelloReply {
-            message: format!("Hello, {name}!"),
-            served_by: self.instance.clone(),
-        };
-        Ok(Response::new(tokio_stream::iter(vec![
-            Ok(reply);
-            count.clamp(1, 10_000)
-                as usize
-        ])))
+        let reply = HelloReply { message: format!("Hello, {name}!"), served_by: self.instance.clone() };
+        Ok(Response::new(tokio_stream::iter(vec![Ok(reply); count.clamp(1, 10_000) as usize])))
     }
 }
 
@@ -55,9 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     eprintln!("bare-greeter listening on {addr}");
     tonic::transport::Server::builder()
-        .add_service(GreeterServer::new(Bare {
-            instance: addr.to_string(),
-        }))
+        .add_service(GreeterServer::new(Bare { instance: addr.to_string() }))
         .serve_with_shutdown(addr, async {
             let _ = tokio::signal::ctrl_c().await;
         })

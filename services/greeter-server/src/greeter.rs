@@ -20,16 +20,11 @@ pub struct Greeter {
 impl Greeter {
     /// A greeter that reports `instance` (its instance id) as `served_by`.
     pub fn new(instance: impl Into<Arc<str>>) -> Self {
-        Greeter {
-            instance: instance.into(),
-        }
+        Greeter { instance: instance.into() }
     }
 
     fn reply(&self, name: &str) -> HelloReply {
-        HelloReply {
-            message: format!("Hello, {name}!"),
-            served_by: self.instance.to_string(),
-        }
+        HelloReply { message: format!("Hello, {name}!"), served_by: self.instance.to_string() }
     }
 }
 
@@ -51,10 +46,7 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send>
 
 #[tonic::async_trait]
 impl greeter_server::Greeter for Greeter {
-    async fn say_hello(
-        &self,
-        request: Request<HelloRequest>,
-    ) -> Result<Response<HelloReply>, Status> {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let name = &request.get_ref().name;
         validate(name)?;
         Ok(Response::new(self.reply(name)))
@@ -75,9 +67,7 @@ impl greeter_server::Greeter for Greeter {
         }
         let reply = self.reply(&name);
         let n = count.max(1) as usize;
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            std::iter::repeat_n(Ok(reply), n),
-        ))))
+        Ok(Response::new(Box::pin(tokio_stream::iter(std::iter::repeat_n(Ok(reply), n)))))
     }
 }
 

@@ -27,9 +27,8 @@ pub struct ServeOptions {
 
 /// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let listener =
+        TcpListener::bind(args.listen).await.with_context(|| format!("listening on {} (--listen)", args.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
     info!(address = %local, "greeter-server listening on {local}");
     let options = ServeOptions {
@@ -61,8 +60,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building the reflection service")?;
-    let greeter = GreeterServer::new(Greeter::new(options.instance_id.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let greeter =
+        GreeterServer::new(Greeter::new(options.instance_id.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
 
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -87,9 +86,7 @@ pub async fn serve(
     }
 
     info!("shutting down: reporting NOT_SERVING");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    health.set_service_status("", ServingStatus::NotServing).await;
     health.set_not_serving::<GreeterServer<Greeter>>().await;
     let _ = stop.send(());
     info!(timeout = ?options.drain_timeout, "draining in-flight calls");

@@ -25,34 +25,19 @@ async fn start(instance: &str) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
-    let options = ServeOptions {
-        instance_id: instance.into(),
-        drain_timeout: Duration::from_secs(5),
-    };
+    let options = ServeOptions { instance_id: instance.into(), drain_timeout: Duration::from_secs(5) };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;
     }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    Running {
-        channel,
-        stop,
-        task,
-    }
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    Running { channel, stop, task }
 }
 
 #[tokio::test]
 async fn greets_and_reports_its_instance() {
     let s = start("inst-1").await;
-    let reply = GreeterClient::new(s.channel.clone())
-        .say_hello(HelloRequest {
-            name: "world".into(),
-        })
-        .await
-        .expect("call");
+    let reply =
+        GreeterClient::new(s.channel.clone()).say_hello(HelloRequest { name: "world".into() }).await.expect("call");
     assert_eq!(reply.get_ref().message, "Hello, world!");
     assert_eq!(reply.get_ref().served_by, "inst-1");
 }
@@ -62,17 +47,8 @@ async fn health_is_serving_for_the_server_and_greeter() {
     let s = start("i").await;
     let mut health = HealthClient::new(s.channel.clone());
     for service in ["", "greeter.v1.Greeter"] {
-        let resp = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("health check");
-        assert_eq!(
-            resp.get_ref().status(),
-            ServingStatus::Serving,
-            "service {service:?}"
-        );
+        let resp = health.check(HealthCheckRequest { service: service.into() }).await.expect("health check");
+        assert_eq!(resp.get_ref().status(), ServingStatus::Serving, "service {service:?}");
     }
 }
 
@@ -84,109 +60,59 @@ async fn reflection_lists_greeter_in_v1_and_v1alpha() {
     let mut c1 = r1::server_reflection_client::ServerReflectionClient::new(s.channel.clone());
     let req = r1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(String::new())),
     };
-    let mut stream = c1
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .expect("v1")
-        .into_inner();
+    let mut stream = c1.server_reflection_info(tokio_stream::iter([req])).await.expect("v1").into_inner();
     let resp = stream.next().await.expect("a response").expect("ok");
-    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        resp.message_response
+    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response
     else {
         panic!("unexpected v1 response");
     };
-    assert!(
-        list.service.iter().any(|s| s.name == "greeter.v1.Greeter"),
-        "{list:?}"
-    );
+    assert!(list.service.iter().any(|s| s.name == "greeter.v1.Greeter"), "{list:?}");
 
     let mut c0 = r0::server_reflection_client::ServerReflectionClient::new(s.channel.clone());
     let req = r0::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(r0::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
+        message_request: Some(r0::server_reflection_request::MessageRequest::ListServices(String::new())),
     };
-    let mut stream = c0
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .expect("v1alpha")
-        .into_inner();
+    let mut stream = c0.server_reflection_info(tokio_stream::iter([req])).await.expect("v1alpha").into_inner();
     let resp = stream.next().await.expect("a response").expect("ok");
-    let Some(r0::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        resp.message_response
+    let Some(r0::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response
     else {
         panic!("unexpected v1alpha response");
     };
-    assert!(
-        list.service.iter().any(|s| s.name == "greeter.v1.Greeter"),
-        "{list:?}"
-    );
+    assert!(list.service.iter().any(|s| s.name == "greeter.v1.Greeter"), "{list:?}");
 }
 
 #[tokio::test]
 async fn empty_and_oversized_requests_get_clear_errors() {
     let s = start("i").await;
     let mut client = GreeterClient::new(s.channel.clone());
-    let err = client
-        .say_hello(HelloRequest {
-            name: String::new(),
-        })
-        .await
-        .expect_err("empty");
+    let err = client.say_hello(HelloRequest { name: String::new() }).await.expect_err("empty");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(err.message(), "name must not be empty");
 
-    let err = client
-        .say_hello(HelloRequest {
-            name: "n".repeat(2000),
-        })
-        .await
-        .expect_err("long");
+    let err = client.say_hello(HelloRequest { name: "n".repeat(2000) }).await.expect_err("long");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("2000 bytes"), "{}", err.message());
 
     // 1 MiB: refused by the decoder before it reaches the greeter.
-    let err = client
-        .say_hello(HelloRequest {
-            name: "n".repeat(1 << 20),
-        })
-        .await
-        .expect_err("huge");
-    assert!(
-        err.message().contains("too large"),
-        "code {:?}, message {:?}",
-        err.code(),
-        err.message()
-    );
+    let err = client.say_hello(HelloRequest { name: "n".repeat(1 << 20) }).await.expect_err("huge");
+    assert!(err.message().contains("too large"), "code {:?}, message {:?}", err.code(), err.message());
     // The server is still fine afterwards.
-    client
-        .say_hello(HelloRequest { name: "ok".into() })
-        .await
-        .expect("still serving");
+    client.say_hello(HelloRequest { name: "ok".into() }).await.expect("still serving");
 }
 
 #[tokio::test]
 async fn shutdown_reports_not_serving_to_watchers_then_exits_cleanly() {
     let s = start("i").await;
     let mut health = HealthClient::new(s.channel.clone());
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: "greeter.v1.Greeter".into(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watch =
+        health.watch(HealthCheckRequest { service: "greeter.v1.Greeter".into() }).await.expect("watch").into_inner();
     let first = watch.next().await.expect("first").expect("ok");
     assert_eq!(first.status(), ServingStatus::Serving);
     s.stop.send(()).expect("stop");
-    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
-        .await
-        .expect("a status before the deadline");
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.expect("a status before the deadline");
     if let Some(Ok(update)) = next {
         assert_eq!(update.status(), ServingStatus::NotServing);
     }

@@ -57,18 +57,11 @@ impl Picker {
         let kind = match strategy {
             Strategy::RoundRobin => Kind::RoundRobin,
             Strategy::Random => Kind::Random,
-            Strategy::ConsistentHash(cfg) => {
-                Kind::Hash(ring::Ring::new(endpoints, cfg.virtual_nodes))
-            }
-            Strategy::Weighted => {
-                Kind::Weighted(wrr::SmoothWeighted::new(endpoints.iter().map(|e| e.weight)))
-            }
+            Strategy::ConsistentHash(cfg) => Kind::Hash(ring::Ring::new(endpoints, cfg.virtual_nodes)),
+            Strategy::Weighted => Kind::Weighted(wrr::SmoothWeighted::new(endpoints.iter().map(|e| e.weight))),
             Strategy::P2c(_) => Kind::P2c,
         };
-        Picker {
-            n: endpoints.len(),
-            kind,
-        }
+        Picker { n: endpoints.len(), kind }
     }
 
     /// The number of endpoints it picks from.
@@ -102,13 +95,7 @@ impl Picker {
                 }
                 let a = uniform(input.random, n);
                 // A second, distinct index from the other half of the random bits.
-                let mut b = uniform(
-                    input
-                        .random
-                        .rotate_left(32)
-                        .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    n - 1,
-                );
+                let mut b = uniform(input.random.rotate_left(32).wrapping_mul(0x9E37_79B9_7F4A_7C15), n - 1);
                 if b >= a {
                     b += 1;
                 }

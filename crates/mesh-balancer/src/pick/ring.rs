@@ -86,18 +86,10 @@ impl Ring {
         let nodes = endpoints
             .iter()
             .enumerate()
-            .flat_map(|(endpoint, e)| {
-                (0..virtual_nodes.max(1)).map(move |r| VNode {
-                    point: point(e.id, r),
-                    endpoint,
-                })
-            })
+            .flat_map(|(endpoint, e)| (0..virtual_nodes.max(1)).map(move |r| VNode { point: point(e.id, r), endpoint }))
             .collect();
         ring.batch_add(nodes);
-        Ring {
-            ring,
-            endpoints: endpoints.len(),
-        }
+        Ring { ring, endpoints: endpoints.len() }
     }
 
     /// The endpoint that owns `key` (a [`hash_key`]). The ring must not be empty.

@@ -11,17 +11,11 @@ fn ids(n: usize) -> Vec<String> {
 }
 
 fn endpoints(ids: &[String]) -> Vec<PickEndpoint<'_>> {
-    ids.iter()
-        .map(|id| PickEndpoint { id, weight: 1 })
-        .collect()
+    ids.iter().map(|id| PickEndpoint { id, weight: 1 }).collect()
 }
 
 fn input(ticket: usize, random: u64, key: Option<u64>) -> PickInput {
-    PickInput {
-        ticket,
-        random,
-        key,
-    }
+    PickInput { ticket, random, key }
 }
 
 fn hash_picker(ids: &[String]) -> Picker {
@@ -29,23 +23,13 @@ fn hash_picker(ids: &[String]) -> Picker {
 }
 
 fn owner(p: &Picker, key: &str) -> usize {
-    p.first(&input(0, 0, Some(ring::hash_key(key.as_bytes()))), |_| 0)
-        .expect("non-empty")
+    p.first(&input(0, 0, Some(ring::hash_key(key.as_bytes()))), |_| 0).expect("non-empty")
 }
 
 #[test]
 fn nothing_to_pick_from_an_empty_set() {
-    for s in [
-        Strategy::RoundRobin,
-        Strategy::Random,
-        Strategy::consistent_hash(),
-        Strategy::Weighted,
-    ] {
-        assert_eq!(
-            Picker::new(&s, &[]).first(&input(0, 0, Some(1)), |_| 0),
-            None,
-            "{s}"
-        );
+    for s in [Strategy::RoundRobin, Strategy::Random, Strategy::consistent_hash(), Strategy::Weighted] {
+        assert_eq!(Picker::new(&s, &[]).first(&input(0, 0, Some(1)), |_| 0), None, "{s}");
     }
 }
 
@@ -105,15 +89,10 @@ fn random_over_100k_picks_is_within_3_percent_of_uniform() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut counts = [0u32; 5];
     for _ in 0..100_000 {
-        counts[p
-            .first(&input(0, rng.random(), None), |_| 0)
-            .expect("non-empty")] += 1;
+        counts[p.first(&input(0, rng.random(), None), |_| 0).expect("non-empty")] += 1;
     }
     for c in counts {
-        assert!(
-            (19_400..=20_600).contains(&c),
-            "{counts:?} not within ±3% of 20000"
-        );
+        assert!((19_400..=20_600).contains(&c), "{counts:?} not within ±3% of 20000");
     }
 }
 
@@ -124,24 +103,16 @@ fn hashing_without_a_key_spreads_like_random() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let mut counts = [0u32; 4];
     for _ in 0..40_000 {
-        counts[p
-            .first(&input(0, rng.random(), None), |_| 0)
-            .expect("non-empty")] += 1;
+        counts[p.first(&input(0, rng.random(), None), |_| 0).expect("non-empty")] += 1;
     }
-    assert!(
-        counts.iter().all(|&c| (9_400..=10_600).contains(&c)),
-        "{counts:?}"
-    );
+    assert!(counts.iter().all(|&c| (9_400..=10_600).contains(&c)), "{counts:?}");
 }
 
 #[test]
 fn weighted_1_2_3_is_within_2_percent() {
     let ids = ids(3);
-    let eps: Vec<PickEndpoint<'_>> = ids
-        .iter()
-        .zip([1, 2, 3])
-        .map(|(id, weight)| PickEndpoint { id, weight })
-        .collect();
+    let eps: Vec<PickEndpoint<'_>> =
+        ids.iter().zip([1, 2, 3]).map(|(id, weight)| PickEndpoint { id, weight }).collect();
     let p = Picker::new(&Strategy::Weighted, &eps);
     let mut counts = [0u32; 3];
     for t in 0..60_000 {
@@ -149,39 +120,26 @@ fn weighted_1_2_3_is_within_2_percent() {
     }
     for (c, expect) in counts.iter().zip([10_000u32, 20_000, 30_000]) {
         let tolerance = expect / 50;
-        assert!(
-            c.abs_diff(expect) <= tolerance,
-            "{counts:?} not within ±2% of 1:2:3"
-        );
+        assert!(c.abs_diff(expect) <= tolerance, "{counts:?} not within ±2% of 1:2:3");
     }
 }
 
 #[test]
 fn weighted_is_smooth_like_nginx() {
     let ids = ids(3);
-    let eps: Vec<PickEndpoint<'_>> = ids
-        .iter()
-        .zip([5, 1, 1])
-        .map(|(id, weight)| PickEndpoint { id, weight })
-        .collect();
+    let eps: Vec<PickEndpoint<'_>> =
+        ids.iter().zip([5, 1, 1]).map(|(id, weight)| PickEndpoint { id, weight }).collect();
     let p = Picker::new(&Strategy::Weighted, &eps);
-    let seq: Vec<usize> = (0..7)
-        .map(|t| p.first(&input(t, 0, None), |_| 0).expect("non-empty"))
-        .collect();
+    let seq: Vec<usize> = (0..7).map(|t| p.first(&input(t, 0, None), |_| 0).expect("non-empty")).collect();
     assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0], "nginx's example: a a b a c a a");
 }
 
 #[test]
 fn weight_zero_counts_as_one() {
     let ids = ids(2);
-    let eps: Vec<PickEndpoint<'_>> = ids
-        .iter()
-        .map(|id| PickEndpoint { id, weight: 0 })
-        .collect();
+    let eps: Vec<PickEndpoint<'_>> = ids.iter().map(|id| PickEndpoint { id, weight: 0 }).collect();
     let p = Picker::new(&Strategy::Weighted, &eps);
-    let seq: Vec<usize> = (0..4)
-        .map(|t| p.first(&input(t, 0, None), |_| 0).expect("non-empty"))
-        .collect();
+    let seq: Vec<usize> = (0..4).map(|t| p.first(&input(t, 0, None), |_| 0).expect("non-empty")).collect();
     assert_eq!(seq, [0, 1, 0, 1]);
 }
 
@@ -200,15 +158,8 @@ fn removing_1_of_10_moves_at_most_15_percent_of_10k_keys_and_only_its_own() {
     let after = key_owners(&nine, &keys);
     let moved: Vec<usize> = (0..keys.len()).filter(|&i| before[i] != after[i]).collect();
     assert!(moved.len() <= 1_500, "{} of 10000 keys moved", moved.len());
-    assert!(
-        moved.iter().all(|&i| before[i] == removed),
-        "a key not on the removed node moved"
-    );
-    assert_eq!(
-        moved.len(),
-        before.iter().filter(|o| **o == removed).count(),
-        "all of its keys moved"
-    );
+    assert!(moved.iter().all(|&i| before[i] == removed), "a key not on the removed node moved");
+    assert_eq!(moved.len(), before.iter().filter(|o| **o == removed).count(), "all of its keys moved");
 }
 
 #[test]
@@ -220,10 +171,7 @@ fn adding_an_11th_moves_at_most_15_percent_and_only_to_it() {
     let after = key_owners(&eleven, &keys);
     let moved: Vec<usize> = (0..keys.len()).filter(|&i| before[i] != after[i]).collect();
     assert!(moved.len() <= 1_500, "{} of 10000 keys moved", moved.len());
-    assert!(
-        moved.iter().all(|&i| after[i] == eleven[10]),
-        "keys moved between old nodes"
-    );
+    assert!(moved.iter().all(|&i| after[i] == eleven[10]), "keys moved between old nodes");
 }
 
 #[test]
@@ -235,10 +183,7 @@ fn virtual_nodes_spread_keys_evenly() {
         *per.entry(o).or_default() += 1;
     }
     // 160 points each: every node within ±35% of its fair 10%.
-    assert!(
-        per.values().all(|&c| (6_500..=13_500).contains(&c)),
-        "{per:?}"
-    );
+    assert!(per.values().all(|&c| (6_500..=13_500).contains(&c)), "{per:?}");
 }
 
 #[test]
@@ -251,20 +196,11 @@ fn ring_walk_after_the_owner_follows_the_ring() {
     let first = p.first(&inp, |_| 0).expect("non-empty");
     let fallbacks = p.fallbacks(first, &inp);
     // With one point each, the walk visits points in increasing order (wrapping).
-    let points: Vec<u64> = std::iter::once(first)
-        .chain(fallbacks)
-        .map(|i| ring_point(&ids[i]))
-        .collect();
-    let rotation = points
-        .iter()
-        .position(|&p| p == *points.iter().min().expect("some"))
-        .expect("some");
+    let points: Vec<u64> = std::iter::once(first).chain(fallbacks).map(|i| ring_point(&ids[i])).collect();
+    let rotation = points.iter().position(|&p| p == *points.iter().min().expect("some")).expect("some");
     let mut sorted = points.clone();
     sorted.rotate_left(rotation);
-    assert!(
-        sorted.windows(2).all(|w| w[0] < w[1]),
-        "walk is not ring order: {points:?}"
-    );
+    assert!(sorted.windows(2).all(|w| w[0] < w[1]), "walk is not ring order: {points:?}");
 }
 
 fn ring_point(id: &str) -> u64 {
@@ -282,14 +218,9 @@ fn p2c_over_two_picks_the_idle_one_and_both_when_equal() {
     let p = Picker::new(&Strategy::P2c(P2cLoad::InFlight), &endpoints(&ids));
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for _ in 0..100 {
-        assert_eq!(
-            p.first(&input(0, rng.random(), None), |i| [5, 0][i]),
-            Some(1)
-        );
+        assert_eq!(p.first(&input(0, rng.random(), None), |i| [5, 0][i]), Some(1));
     }
-    let both: HashSet<usize> = (0..100)
-        .filter_map(|_| p.first(&input(0, rng.random(), None), |_| 0))
-        .collect();
+    let both: HashSet<usize> = (0..100).filter_map(|_| p.first(&input(0, rng.random(), None), |_| 0)).collect();
     assert_eq!(both.len(), 2);
 }
 
@@ -300,11 +231,7 @@ fn peak_ewma_jumps_to_peaks_and_decays() {
     e.observe(0, 1_000_000, decay);
     assert_eq!(e.estimate(0, decay) as u64, 1_000_000);
     e.observe(10, 5_000_000, decay);
-    assert_eq!(
-        e.estimate(10, decay) as u64,
-        5_000_000,
-        "a slower sample is taken at once"
-    );
+    assert_eq!(e.estimate(10, decay) as u64, 5_000_000, "a slower sample is taken at once");
     e.observe(decay, 1_000_000, decay);
     let after = e.estimate(decay, decay);
     assert!(after < 5_000_000.0 && after > 1_000_000.0, "{after}");

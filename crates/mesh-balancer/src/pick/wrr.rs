@@ -19,11 +19,7 @@ impl SmoothWeighted {
         let weights: Vec<i64> = weights.into_iter().map(|w| i64::from(w.max(1))).collect();
         let total = weights.iter().sum();
         let current = Mutex::new(vec![0; weights.len()]);
-        SmoothWeighted {
-            weights,
-            total,
-            current,
-        }
+        SmoothWeighted { weights, total, current }
     }
 
     /// The next endpoint. There must be at least one.

@@ -8,9 +8,7 @@ fn names_parse_back_to_their_strategy() {
         Strategy::consistent_hash(),
         Strategy::Weighted,
         Strategy::P2c(P2cLoad::InFlight),
-        Strategy::P2c(P2cLoad::PeakEwma {
-            decay: Duration::from_secs(10),
-        }),
+        Strategy::P2c(P2cLoad::PeakEwma { decay: Duration::from_secs(10) }),
     ] {
         assert_eq!(s.name().parse::<Strategy>(), Ok(s.clone()), "{s}");
     }
@@ -20,11 +18,7 @@ fn names_parse_back_to_their_strategy() {
 #[test]
 fn an_unknown_name_lists_the_known_ones() {
     let err = "fastest".parse::<Strategy>().expect_err("unknown");
-    assert!(
-        err.to_string()
-            .contains("round_robin, random, consistent_hash, weighted, p2c"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("round_robin, random, consistent_hash, weighted, p2c"), "{err}");
 }
 
 #[test]
@@ -34,14 +28,8 @@ fn hash_config_rejects_bad_headers_and_vnode_counts() {
         HashConfig::try_new("bad header", 160, MissingKey::Random),
         Err(InvalidStrategy::BadHeader("bad header".into()))
     );
-    assert_eq!(
-        HashConfig::try_new("x", 0, MissingKey::Random),
-        Err(InvalidStrategy::BadVirtualNodes(0))
-    );
-    assert_eq!(
-        HashConfig::try_new("x", 10_001, MissingKey::Random),
-        Err(InvalidStrategy::BadVirtualNodes(10_001))
-    );
+    assert_eq!(HashConfig::try_new("x", 0, MissingKey::Random), Err(InvalidStrategy::BadVirtualNodes(0)));
+    assert_eq!(HashConfig::try_new("x", 10_001, MissingKey::Random), Err(InvalidStrategy::BadVirtualNodes(10_001)));
 }
 
 #[test]

@@ -24,10 +24,7 @@ impl Greeter for Named {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        Ok(Response::new(HelloReply {
-            message: r.into_inner().name,
-            served_by: self.name.clone(),
-        }))
+        Ok(Response::new(HelloReply { message: r.into_inner().name, served_by: self.name.clone() }))
     }
 
     type SayHelloStreamStream = tokio_stream::Empty<Result<HelloReply, Status>>;
@@ -45,12 +42,7 @@ pub(crate) async fn server(name: &str) -> TestServer {
 }
 
 pub(crate) async fn slow_server(name: &str, delay: Duration) -> TestServer {
-    TestServer::serve(GreeterServer::new(Named {
-        name: name.into(),
-        delay,
-    }))
-    .await
-    .expect("serve")
+    TestServer::serve(GreeterServer::new(Named { name: name.into(), delay })).await.expect("serve")
 }
 
 /// An endpoint whose id is the server's name, so replies and ids match.
@@ -63,10 +55,7 @@ pub(crate) fn set(servers: &[(&str, &TestServer)]) -> EndpointSet {
 }
 
 /// Makes `n` calls one after another; returns replies per `served_by` and failures.
-pub(crate) async fn calls(
-    channel: &BalancedChannel<Channel>,
-    n: usize,
-) -> (BTreeMap<String, usize>, Vec<Status>) {
+pub(crate) async fn calls(channel: &BalancedChannel<Channel>, n: usize) -> (BTreeMap<String, usize>, Vec<Status>) {
     let mut client = GreeterClient::new(channel.clone());
     let mut by = BTreeMap::new();
     let mut failures = Vec::new();
