@@ -83,15 +83,39 @@ fn comparisons() -> Vec<Comparison> {
     ]
 }
 
+/// With two or more CPUs and `taskset`, servers run on CPU 0 and the load generator on
+/// CPU 1, so that they do not preempt each other: on a small noisy machine that cuts the
+/// run-to-run spread several-fold.
+fn pinned(cpu: usize, program: PathBuf) -> Command {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset = std::path::Path::new("/usr/bin/taskset");
+    if cpus >= 2 && taskset.exists() {
+        let mut cmd = Command::new(taskset);
+        cmd.arg("-c").arg(cpu.to_string()).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn pinning() -> &'static str {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= 2 && std::path::Path::new("/usr/bin/taskset").exists() {
+        "servers pinned to CPU 0 and the load generator to CPU 1 (taskset)"
+    } else {
+        "no CPU pinning (one CPU, or no taskset)"
+    }
+}
+
 fn server_command(kind: ServerKind, bins: &Bins, addr: &str) -> Command {
     match kind {
         ServerKind::Bare => {
-            let mut cmd = Command::new(bins.dir.join("examples").join("bare-greeter"));
+            let mut cmd = pinned(0, bins.dir.join("examples").join("bare-greeter"));
             cmd.arg(addr);
             cmd
         }
         ServerKind::Greeter => {
-            let mut cmd = Command::new(bins.dir.join("greeter-server"));
+            let mut cmd = pinned(0, bins.dir.join("greeter-server"));
             cmd.args(["--listen", addr]).env("RUST_LOG", "warn");
             cmd
         }
@@ -131,7 +155,7 @@ struct Sample {
 }
 
 fn load(bins: &Bins, side: &Side, target: &str, c: u32, opts: &Opts) -> anyhow::Result<Sample> {
-    let mut cmd = Command::new(bins.dir.join("greeter-client"));
+    let mut cmd = pinned(1, bins.dir.join("greeter-client"));
     cmd.args(["bench", "--json", "--target", target])
         .args(["--concurrency", &c.to_string()])
         .args(["--duration", &format!("{}s", opts.duration)])
@@ -162,11 +186,12 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
     let _ = writeln!(md, "# mesh benchmarks\n");
     let _ = writeln!(
         md,
-        "`{command}`: {} paired runs per row, ABBA order, {} s measured after {} s warmup, one load generator (`greeter-client bench`) on the same {}-core machine as the servers. Ratios are B/A per pair: median [min–max].\n",
+        "`{command}`: {} paired runs per row, ABBA order, {} s measured after {} s warmup, one load generator (`greeter-client bench`) on the same {}-core machine as the servers, {}. Ratios are B/A per pair: median [min–max].\n",
         opts.runs,
         opts.duration,
         opts.warmup,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        pinning()
     );
     for cmp in comparisons() {
         eprintln!("== {} ==", cmp.title);

@@ -263,8 +263,9 @@ impl<S> Shared<S> {
             return Err(format!("{url:?} has no host"));
         }
         let cfg = &control.config;
+        // No tonic connect_timeout: with a custom connector tonic would wrap every
+        // connection in hyper-timeout's stream; the connector bounds the connect itself.
         let tonic_endpoint = tonic::transport::Endpoint::from(uri.clone())
-            .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(cfg.keepalive_interval)
             .keep_alive_timeout(cfg.keepalive_timeout)

@@ -166,7 +166,10 @@ async fn a_killed_server_back_on_its_address_gets_calls_again() {
     assert!(failures.is_empty() && by.get("a") == Some(&20), "{by:?} {failures:?}");
     let _b = mesh_testkit::TestServer::serve_at(
         b_addr,
-        mesh_proto::pb::greeter_server::GreeterServer::new(support::Named { name: "b".into(), delay: Duration::ZERO }),
+        mesh_proto::pb::greeter_server::GreeterServer::new(mesh_testkit::NamedGreeter {
+            name: "b".into(),
+            delay: Duration::ZERO,
+        }),
     )
     .await
     .expect("b again");

@@ -7,6 +7,7 @@
 //!   under test, so a test can write a value exactly as a Go program would.
 //! - [`TestServer`]: any tonic service served on `127.0.0.1:0`, with a graceful shutdown and
 //!   a [`TestServer::kill`] that drops every connection at once, as a crashed process would.
+//! - [`NamedGreeter`]: a greeter that says who it is, optionally slow, for client tests.
 //! - [`eventually`]: wait on a condition with a deadline instead of sleeping.
 //!
 //! ```no_run
@@ -23,10 +24,12 @@
 
 mod error;
 mod etcd;
+mod greeter;
 mod server;
 mod wait;
 
 pub use error::Error;
 pub use etcd::{Etcd, KeyValue};
+pub use greeter::NamedGreeter;
 pub use server::TestServer;
 pub use wait::eventually;

@@ -3,30 +3,15 @@
 use std::time::Duration;
 
 use mesh_proto::pb::greeter_client::GreeterClient;
-use mesh_proto::pb::greeter_server::{Greeter, GreeterServer};
-use mesh_proto::pb::{HelloReply, HelloRequest, HelloStreamRequest};
-use mesh_testkit::TestServer;
-use tonic::{Request, Response, Status};
+use mesh_proto::pb::greeter_server::GreeterServer;
+use mesh_proto::pb::{HelloReply, HelloRequest};
+use mesh_testkit::{NamedGreeter, TestServer};
 
 /// Answers after 300 ms, so a call is surely in flight when the test stops the server.
-struct Slow;
-
-#[tonic::async_trait]
-impl Greeter for Slow {
-    async fn say_hello(&self, r: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Ok(Response::new(HelloReply { message: r.into_inner().name, served_by: "slow".into() }))
-    }
-
-    type SayHelloStreamStream = tokio_stream::Empty<Result<HelloReply, Status>>;
-
-    async fn say_hello_stream(
-        &self,
-        _: Request<HelloStreamRequest>,
-    ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
-        Ok(Response::new(tokio_stream::empty()))
-    }
+fn slow() -> NamedGreeter {
+    NamedGreeter { name: "slow".into(), delay: Duration::from_millis(300) }
 }
+use tonic::{Response, Status};
 
 async fn in_flight(server: &TestServer) -> tokio::task::JoinHandle<Result<Response<HelloReply>, Status>> {
     let mut client = GreeterClient::connect(server.uri()).await.expect("connect");
@@ -38,7 +23,7 @@ async fn in_flight(server: &TestServer) -> tokio::task::JoinHandle<Result<Respon
 
 #[tokio::test]
 async fn shutdown_lets_the_in_flight_call_finish() {
-    let server = TestServer::serve(GreeterServer::new(Slow)).await.expect("serve");
+    let server = TestServer::serve(GreeterServer::new(slow())).await.expect("serve");
     let call = in_flight(&server).await;
     server.shutdown().await;
     let reply = call.await.expect("join").expect("an in-flight call survives a graceful stop");
@@ -47,7 +32,7 @@ async fn shutdown_lets_the_in_flight_call_finish() {
 
 #[tokio::test]
 async fn kill_fails_the_in_flight_call_and_refuses_new_connections() {
-    let server = TestServer::serve(GreeterServer::new(Slow)).await.expect("serve");
+    let server = TestServer::serve(GreeterServer::new(slow())).await.expect("serve");
     let uri = server.uri();
     let call = in_flight(&server).await;
     server.kill().await;
@@ -60,10 +45,10 @@ async fn kill_fails_the_in_flight_call_and_refuses_new_connections() {
 
 #[tokio::test]
 async fn serve_at_brings_a_server_back_on_its_old_address() {
-    let server = TestServer::serve(GreeterServer::new(Slow)).await.expect("serve");
+    let server = TestServer::serve(GreeterServer::new(slow())).await.expect("serve");
     let addr = server.addr();
     server.kill().await;
-    let again = TestServer::serve_at(addr, GreeterServer::new(Slow)).await.expect("same address");
+    let again = TestServer::serve_at(addr, GreeterServer::new(slow())).await.expect("same address");
     assert_eq!(again.addr(), addr);
     let mut client = GreeterClient::connect(again.uri()).await.expect("connect");
     client.say_hello(HelloRequest { name: "y".into() }).await.expect("served");

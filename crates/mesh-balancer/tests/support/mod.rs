@@ -5,44 +5,18 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mesh_balancer::{BalancedChannel, Endpoint, EndpointSet};
+use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
-use mesh_proto::pb::greeter_server::{Greeter, GreeterServer};
-use mesh_proto::pb::{HelloReply, HelloRequest, HelloStreamRequest};
-use mesh_testkit::TestServer;
+use mesh_testkit::{NamedGreeter, TestServer};
+use tonic::Status;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
-
-#[derive(Clone)]
-pub(crate) struct Named {
-    pub(crate) name: String,
-    pub(crate) delay: Duration,
-}
-
-#[tonic::async_trait]
-impl Greeter for Named {
-    async fn say_hello(&self, r: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
-        Ok(Response::new(HelloReply { message: r.into_inner().name, served_by: self.name.clone() }))
-    }
-
-    type SayHelloStreamStream = tokio_stream::Empty<Result<HelloReply, Status>>;
-
-    async fn say_hello_stream(
-        &self,
-        _: Request<HelloStreamRequest>,
-    ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
-        Ok(Response::new(tokio_stream::empty()))
-    }
-}
 
 pub(crate) async fn server(name: &str) -> TestServer {
     slow_server(name, Duration::ZERO).await
 }
 
 pub(crate) async fn slow_server(name: &str, delay: Duration) -> TestServer {
-    TestServer::serve(GreeterServer::new(Named { name: name.into(), delay })).await.expect("serve")
+    NamedGreeter::serve(name, delay).await.expect("serve")
 }
 
 /// An endpoint whose id is the server's name, so replies and ids match.
