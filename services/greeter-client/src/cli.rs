@@ -9,7 +9,7 @@ use mesh_proto::pb::greeter_client::GreeterClient;
 use tonic::transport::Channel;
 
 use crate::bench::{self, BenchConfig};
-use crate::connect::{balanced, connect};
+use crate::connect::{balanced, connect, discovered};
 
 /// `greeter-client`: greet, or `bench` to drive load.
 #[derive(Debug, Clone, Parser)]
@@ -35,9 +35,19 @@ pub enum Command {
 /// Where calls go and how they are spread.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TargetArgs {
-    /// Servers to call, comma-separated: host:port or http://host:port.
-    #[arg(long, env = "MESH_TARGET", value_delimiter = ',', default_value = "http://127.0.0.1:50051")]
+    /// Servers to call, comma-separated: host:port or http://host:port. Without it, the
+    /// servers of --service are discovered in etcd.
+    #[arg(long, env = "MESH_TARGET", value_delimiter = ',')]
     pub target: Vec<String>,
+    /// etcd endpoints to discover servers in, comma-separated (when no --target is given).
+    #[arg(long, env = "MESH_ETCD", default_value = "http://127.0.0.1:2379")]
+    pub etcd: String,
+    /// Root prefix of mesh's keys in etcd.
+    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh")]
+    pub etcd_prefix: String,
+    /// The service to discover.
+    #[arg(long, env = "MESH_SERVICE", default_value = "greeter")]
+    pub service: String,
     /// How calls are spread: round_robin, random, consistent_hash, weighted, p2c, p2c_ewma.
     #[arg(long, env = "MESH_STRATEGY", default_value = "round_robin", value_parser = parse_strategy)]
     pub strategy: Strategy,
@@ -67,6 +77,15 @@ pub struct GreetArgs {
     /// Print only the table at the end, not each reply.
     #[arg(long)]
     pub quiet: bool,
+    /// Keep calling for this long instead of --count calls, e.g. `30s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Pause between calls, e.g. `100ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub interval: Option<Duration>,
+    /// Also print the table this often while calling, e.g. `2s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub table_every: Option<Duration>,
 }
 
 /// Flags of `bench`.
@@ -109,7 +128,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn channel(t: &TargetArgs) -> anyhow::Result<BalancedChannel<Channel>> {
-    balanced(&t.target, &t.weights, t.strategy.clone()).await
+    if t.target.is_empty() {
+        discovered(&t.etcd, &t.etcd_prefix, &t.service, t.strategy.clone()).await
+    } else {
+        balanced(&t.target, &t.weights, t.strategy.clone()).await
+    }
 }
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {
@@ -117,7 +140,27 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     let mut client = GreeterClient::new(channel.clone());
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed = 0u64;
-    for i in 0..args.count {
+    let mut made = 0u64;
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut next_table = args.table_every.map(|every| tokio::time::Instant::now() + every);
+    for i in 0.. {
+        let more = match deadline {
+            Some(deadline) => tokio::time::Instant::now() < deadline,
+            None => i < args.count,
+        };
+        if !more {
+            break;
+        }
+        if let Some(pause) = args.interval.filter(|_| i > 0) {
+            tokio::time::sleep(pause).await;
+        }
+        if let (Some(at), Some(every)) = (next_table, args.table_every)
+            && tokio::time::Instant::now() >= at
+        {
+            print!("{}", table(&channel, &replies));
+            next_table = Some(at + every);
+        }
+        made += 1;
         let mut request = tonic::Request::new(HelloRequest { name: args.name.clone() });
         request.set_timeout(args.timeout);
         if let Some(key) = &args.targets.hash_key {
@@ -141,7 +184,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     }
     print!("{}", table(&channel, &replies));
     if failed > 0 {
-        anyhow::bail!("{failed} of {} calls failed", args.count);
+        anyhow::bail!("{failed} of {made} calls failed");
     }
     Ok(())
 }

@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use mesh_balancer::{BalancedChannel, Balancer, BalancerConfig, Endpoint, EndpointSet, Strategy};
+use mesh_discovery::EtcdResolver;
+use mesh_etcd::{Etcd, EtcdOptions};
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 /// How long connecting to a target may take before it counts as unreachable.
@@ -49,6 +51,39 @@ pub async fn balanced(
         .with_context(|| format!("cannot reach greeter at {}", targets.join(",")))?;
     Ok(channel)
 }
+
+/// A balanced channel over the servers of `service` registered in etcd; waits for the first
+/// listing and for one reachable server.
+pub async fn discovered(
+    etcd: &str,
+    root: &str,
+    service: &str,
+    strategy: Strategy,
+) -> anyhow::Result<BalancedChannel<Channel>> {
+    let options = EtcdOptions::parse_endpoints(etcd).with_context(|| format!("invalid --etcd {etcd:?}"))?;
+    let resolver = EtcdResolver::new(Etcd::new(options), root, service);
+    let prefix = resolver.prefix().to_string();
+    let resolution = resolver.spawn();
+    let listed = resolution.wait_listed(DISCOVERY_TIMEOUT).await.with_context(|| {
+        format!(
+            "cannot discover {service}: no answer from etcd at {etcd} within {DISCOVERY_TIMEOUT:?} \
+             (start a local one with `cargo xtask etcd-up`, or give --target)"
+        )
+    })?;
+    if listed.is_empty() {
+        bail!("no servers of {service} are registered in etcd at {etcd} (under {prefix})");
+    }
+    let config = BalancerConfig::new(service).with_strategy(strategy);
+    let channel = Balancer::spawn(config, resolution.updates());
+    channel
+        .wait_ready(CONNECT_TIMEOUT)
+        .await
+        .with_context(|| format!("cannot reach any of the {} servers of {service} registered in etcd", listed.len()))?;
+    Ok(channel)
+}
+
+/// How long the first listing from etcd may take.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `http://host:port` for `host:port` or a URL; anything else is a readable error.
 pub(crate) fn url_of(target: &str) -> anyhow::Result<String> {

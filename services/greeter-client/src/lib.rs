@@ -24,4 +24,4 @@ mod cli;
 mod connect;
 
 pub use cli::{Args, Command, run};
-pub use connect::{balanced, connect};
+pub use connect::{balanced, connect, discovered};

@@ -10,11 +10,18 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use mesh_etcd::{Etcd, EtcdOptions};
+use mesh_registry::{Instance, Registrar, RegistrarConfig};
+
 use crate::{Args, Greeter};
 
 /// Requests larger than this are refused by tonic before they reach the greeter: a name is
 /// at most 1 KiB, so anything near this size is a mistake or an attack.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How long deregistering may take on shutdown before the server goes on without it (the
+/// key then expires with its lease).
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What [`serve`] needs besides a listener.
 #[derive(Debug, Clone)]
@@ -23,18 +30,63 @@ pub struct ServeOptions {
     pub instance_id: String,
     /// How long in-flight calls get after the shutdown signal.
     pub drain_timeout: Duration,
+    /// How long to keep serving between deregistering and no longer accepting.
+    pub shutdown_grace: Duration,
+    /// Where and what to register; `None` to serve without etcd.
+    pub registry: Option<RegistryOptions>,
+}
+
+/// The registration of a server.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// The etcd to register in.
+    pub etcd: Etcd,
+    /// Root prefix and TTL.
+    pub config: RegistrarConfig,
+    /// What to register.
+    pub instance: Instance,
 }
 
 /// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Flags are checked before anything binds, so a typo costs no port.
+    let etcd = if args.no_register {
+        None
+    } else {
+        Some(Etcd::new(
+            EtcdOptions::parse_endpoints(&args.etcd).with_context(|| format!("invalid --etcd {:?}", args.etcd))?,
+        ))
+    };
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("listening on {} (--listen)", args.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
     info!(address = %local, "greeter-server listening on {local}");
-    let options = ServeOptions {
-        instance_id: args.instance_id.unwrap_or_else(|| local.to_string()),
-        drain_timeout: args.drain_timeout,
+    let advertise = match &args.advertise {
+        Some(a) => {
+            mesh_registry::check_addr(a).with_context(|| format!("invalid --advertise {a:?}"))?;
+            a.clone()
+        }
+        None if local.ip().is_unspecified() => anyhow::bail!(
+            "listening on {local}, which clients cannot dial; pass --advertise HOST:{} with this host's address",
+            local.port()
+        ),
+        None => local.to_string(),
     };
+    let instance_id = args.instance_id.unwrap_or_else(|| advertise.clone());
+    let registry = etcd.map(|etcd| RegistryOptions {
+        etcd,
+        config: RegistrarConfig { root: args.etcd_prefix.clone(), ttl: args.ttl },
+        instance: Instance {
+            service: args.service.clone(),
+            id: instance_id.clone(),
+            addr: advertise,
+            weight: args.weight,
+            zone: args.zone.clone(),
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        },
+    });
+    let options =
+        ServeOptions { instance_id, drain_timeout: args.drain_timeout, shutdown_grace: args.shutdown_grace, registry };
     serve(listener, options, shutdown_signal()).await
 }
 
@@ -76,6 +128,9 @@ pub async fn serve(
             }),
     );
     info!(instance = %options.instance_id, "serving greeter.v1 on {local}");
+    // Registered only now that it listens and reports SERVING.
+    let registration =
+        options.registry.as_ref().map(|r| Registrar::new(r.etcd.clone(), r.config.clone()).spawn(&r.instance));
 
     tokio::select! {
         result = &mut server => {
@@ -88,6 +143,14 @@ pub async fn serve(
     info!("shutting down: reporting NOT_SERVING");
     health.set_service_status("", ServingStatus::NotServing).await;
     health.set_not_serving::<GreeterServer<Greeter>>().await;
+    if let Some(registration) = registration {
+        if let Err(e) = registration.deregister(DEREGISTER_TIMEOUT).await {
+            warn!("{e:#}");
+        }
+        // Clients watching etcd drop this endpoint now; keep serving until they have.
+        info!(grace = ?options.shutdown_grace, "deregistered; serving out the grace period");
+        tokio::time::sleep(options.shutdown_grace).await;
+    }
     let _ = stop.send(());
     info!(timeout = ?options.drain_timeout, "draining in-flight calls");
     match tokio::time::timeout(options.drain_timeout, &mut server).await {

@@ -25,7 +25,12 @@ async fn start(instance: &str) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
-    let options = ServeOptions { instance_id: instance.into(), drain_timeout: Duration::from_secs(5) };
+    let options = ServeOptions {
+        instance_id: instance.into(),
+        drain_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::ZERO,
+        registry: None,
+    };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;
     }));

@@ -1,0 +1,241 @@
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::OnceCell;
+
+use crate::{ErrorKind, EtcdError, EtcdOptions};
+
+/// A handle to etcd: cheap to clone, connects lazily on first use (so creating one never
+/// fails because etcd is down), and bounds every request by the request timeout.
+#[derive(Clone)]
+pub struct Etcd {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: EtcdOptions,
+    client: OnceCell<Client>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd").field("endpoints", &self.inner.options.endpoints).finish_non_exhaustive()
+    }
+}
+
+/// One key and its value as etcd holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key (UTF-8, lossy).
+    pub key: String,
+    /// The raw value.
+    pub value: Vec<u8>,
+    /// The revision of the last change to the key.
+    pub mod_revision: i64,
+    /// The lease the key is attached to, 0 for none.
+    pub lease: i64,
+}
+
+/// Everything under a prefix at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The keys, in key order.
+    pub kvs: Vec<KeyValue>,
+    /// The store revision the listing was taken at.
+    pub revision: i64,
+    /// The id of the cluster that answered.
+    pub cluster_id: u64,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Its id.
+    pub id: i64,
+    /// The TTL etcd granted, in seconds.
+    pub ttl: i64,
+}
+
+impl KeyValue {
+    fn from_client(kv: &etcd_client::KeyValue) -> Self {
+        KeyValue {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
+        }
+    }
+}
+
+impl Etcd {
+    /// A handle for `options`. Does not connect.
+    pub fn new(options: EtcdOptions) -> Self {
+        Etcd { inner: Arc::new(Inner { options, client: OnceCell::new() }) }
+    }
+
+    /// The options it was made with.
+    pub fn options(&self) -> &EtcdOptions {
+        &self.inner.options
+    }
+
+    /// The endpoints, comma-separated, for messages.
+    pub fn endpoints(&self) -> String {
+        self.inner.options.endpoints.join(",")
+    }
+
+    async fn client(&self) -> Result<Client, EtcdError> {
+        let opts = &self.inner.options;
+        let client = self
+            .inner
+            .client
+            .get_or_try_init(|| async {
+                // Without auth this does not touch the network; with auth it logs in, and a
+                // failure leaves the cell empty so the next call tries again.
+                let connect = Client::connect(&opts.endpoints, Some(opts.client_options()));
+                match tokio::time::timeout(opts.request_timeout, connect).await {
+                    Ok(result) => result.map_err(|e| EtcdError::from_client("connect", e)),
+                    Err(_) => Err(EtcdError::timeout("connect", opts.request_timeout)),
+                }
+            })
+            .await?;
+        Ok(client.clone())
+    }
+
+    /// Runs `f` with a client, bounded by the request timeout.
+    async fn run<T, F, Fut>(&self, op: impl Fn() -> String, f: F) -> Result<T, EtcdError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let timeout = self.inner.options.request_timeout;
+        let client = self.client().await.map_err(|e| EtcdError::new(op(), e.kind().clone()))?;
+        match tokio::time::timeout(timeout, f(client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(EtcdError::from_client(op(), e)),
+            Err(_) => Err(EtcdError::timeout(op(), timeout)),
+        }
+    }
+
+    /// Every key under `prefix`, with the revision and cluster id of the answer.
+    pub async fn list(&self, prefix: &str) -> Result<Listing, EtcdError> {
+        let resp = self
+            .run(
+                || format!("list {prefix}"),
+                |mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await },
+            )
+            .await?;
+        let header = resp.header().ok_or_else(|| no_header(format!("list {prefix}")))?;
+        Ok(Listing {
+            kvs: resp.kvs().iter().map(KeyValue::from_client).collect(),
+            revision: header.revision(),
+            cluster_id: header.cluster_id(),
+        })
+    }
+
+    /// `key` alone, as a listing (empty if absent).
+    pub async fn list_key(&self, key: &str) -> Result<Listing, EtcdError> {
+        let resp = self.run(|| format!("get {key}"), |mut c| async move { c.get(key, None).await }).await?;
+        let header = resp.header().ok_or_else(|| no_header(format!("get {key}")))?;
+        Ok(Listing {
+            kvs: resp.kvs().iter().map(KeyValue::from_client).collect(),
+            revision: header.revision(),
+            cluster_id: header.cluster_id(),
+        })
+    }
+
+    /// The value of `key`, if any.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
+        let resp = self.run(|| format!("get {key}"), |mut c| async move { c.get(key, None).await }).await?;
+        Ok(resp.kvs().first().map(KeyValue::from_client))
+    }
+
+    /// Puts `key` = `value`, attached to `lease` if given; returns the new revision.
+    pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>, lease: Option<i64>) -> Result<i64, EtcdError> {
+        let value = value.into();
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let resp = self.run(|| format!("put {key}"), |mut c| async move { c.put(key, value, options).await }).await?;
+        resp.header().map(|h| h.revision()).ok_or_else(|| no_header(format!("put {key}")))
+    }
+
+    /// Deletes `key`; returns how many keys went.
+    pub async fn delete(&self, key: &str) -> Result<i64, EtcdError> {
+        let resp = self.run(|| format!("delete {key}"), |mut c| async move { c.delete(key, None).await }).await?;
+        Ok(resp.deleted())
+    }
+
+    /// Grants a lease of `ttl` (whole seconds, at least 1).
+    pub async fn grant(&self, ttl: Duration) -> Result<Lease, EtcdError> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let resp = self
+            .run(|| format!("grant a {secs}s lease"), |mut c| async move { c.lease_grant(secs, None).await })
+            .await?;
+        Ok(Lease { id: resp.id(), ttl: resp.ttl() })
+    }
+
+    /// Revokes lease `id`, deleting the keys attached to it.
+    pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
+        self.run(|| format!("revoke lease {id:x}"), |mut c| async move { c.lease_revoke(id).await }).await.map(drop)
+    }
+
+    /// Opens a keepalive stream for lease `id`.
+    pub async fn keep_alive(&self, id: i64) -> Result<crate::LeaseKeepAlive, EtcdError> {
+        let op = || format!("keep lease {id:x} alive");
+        let (keeper, stream) = self.run(op, |mut c| async move { c.lease_keep_alive(id).await }).await?;
+        Ok(crate::LeaseKeepAlive::new(id, keeper, stream, self.inner.options.request_timeout))
+    }
+
+    /// Compacts the history up to `revision` (physically, waiting for it).
+    pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
+        let op = || format!("compact to revision {revision}");
+        self.run(op, |mut c| async move {
+            c.compact(revision, Some(etcd_client::CompactionOptions::new().with_physical())).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Opens a watch on `key` (or every key under it, if `prefix`) from `start_revision`,
+    /// with progress notifications.
+    pub(crate) async fn watch(&self, key: &str, prefix: bool, start_revision: i64) -> Result<WatchStart, EtcdError> {
+        let mut options = WatchOptions::new().with_start_revision(start_revision).with_progress_notify();
+        if prefix {
+            options = options.with_prefix();
+        }
+        let mut stream = self
+            .run(
+                || format!("watch {key} from revision {start_revision}"),
+                |mut c| async move { c.watch(key, Some(options)).await },
+            )
+            .await?;
+        // The first message says whether the watch was created, or why not.
+        let timeout = self.inner.options.request_timeout;
+        let op = || format!("watch {key} from revision {start_revision}");
+        let first = match tokio::time::timeout(timeout, stream.message()).await {
+            Err(_) => return Err(EtcdError::timeout(op(), timeout)),
+            Ok(Err(e)) => return Err(EtcdError::from_client(op(), e)),
+            Ok(Ok(None)) => return Err(EtcdError::new(op(), ErrorKind::Unavailable("watch stream closed".into()))),
+            Ok(Ok(Some(first))) => first,
+        };
+        if first.compact_revision() > 0 {
+            return Err(EtcdError::new(op(), ErrorKind::Compacted(first.compact_revision())));
+        }
+        if first.canceled() {
+            return Err(EtcdError::new(op(), ErrorKind::Other(format!("watch canceled: {}", first.cancel_reason()))));
+        }
+        let header = first.header().ok_or_else(|| no_header(op()))?;
+        Ok(WatchStart { cluster_id: header.cluster_id(), revision: header.revision(), stream })
+    }
+}
+
+/// A watch just created: its stream and the header of the creation response.
+pub(crate) struct WatchStart {
+    pub(crate) stream: etcd_client::WatchStream,
+    pub(crate) cluster_id: u64,
+    pub(crate) revision: i64,
+}
+
+fn no_header(op: String) -> EtcdError {
+    EtcdError::new(op, ErrorKind::Other("response without a header".into()))
+}

@@ -1,0 +1,39 @@
+//! The one crate of mesh that talks to etcd (DESIGN §2, rule 2): [`EtcdOptions`] (endpoints,
+//! timeouts, HTTP/2 keepalive, require-leader, user and password), [`Etcd`] (a lazily
+//! connecting handle whose every request is bounded by a timeout), [`EtcdError`] (what
+//! failed, classified, with etcd-client's error as its source), [`LeaseKeepAlive`], and
+//! [`ListWatch`], the list-then-watch primitive that registry, discovery and config share.
+//!
+//! ```no_run
+//! use mesh_etcd::{Etcd, EtcdOptions, ListWatch, WatchEvent};
+//!
+//! # async fn run() -> Result<(), mesh_etcd::EtcdError> {
+//! let etcd = Etcd::new(EtcdOptions::parse_endpoints("http://127.0.0.1:2379")?);
+//! etcd.put("/mesh/hello", "world", None).await?;
+//! let mut watch = ListWatch::new(etcd.clone(), "/mesh/");
+//! loop {
+//!     match watch.next().await {
+//!         WatchEvent::Reset { kvs, revision } => println!("{} keys at {revision}", kvs.len()),
+//!         WatchEvent::Put(kv) => println!("put {}", kv.key),
+//!         WatchEvent::Delete { key, .. } => println!("deleted {key}"),
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! What it does not do: TLS (an `https://` endpoint is refused with a message), and any
+//! policy (what to register, what to do with events): that is the other crates' business.
+
+mod backoff;
+mod client;
+mod error;
+mod lease;
+mod options;
+mod watch;
+
+pub use backoff::Backoff;
+pub use client::{Etcd, KeyValue, Lease, Listing};
+pub use error::{ErrorKind, EtcdError};
+pub use lease::LeaseKeepAlive;
+pub use options::EtcdOptions;
+pub use watch::{ListWatch, ViewStatus, WatchEvent};

@@ -1,0 +1,142 @@
+use std::time::Duration;
+
+use crate::EtcdError;
+
+/// How to reach etcd. Built with [`EtcdOptions::new`] or [`EtcdOptions::parse_endpoints`];
+/// nothing here touches the network.
+#[derive(Clone)]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// How long opening a connection may take.
+    pub connect_timeout: Duration,
+    /// How long one request may take, including waiting for a connection.
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive ping interval (also while idle), so a dead member is noticed.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// Ask etcd to refuse requests when the member has no leader (a partitioned member),
+    /// so that watches move to a member that can serve them.
+    pub require_leader: bool,
+    /// User name and password, for an etcd with auth enabled.
+    pub user: Option<(String, String)>,
+    /// How often a quiet watch asks etcd for a progress notification, to prove it is alive.
+    pub watch_progress_interval: Duration,
+    /// The longest pause between attempts to reach etcd again (watches; the registry also
+    /// keeps it under a third of its lease TTL). Short enough that everything recovers
+    /// within seconds of etcd's return.
+    pub retry_backoff_max: Duration,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("require_leader", &self.require_leader)
+            // Never print the password.
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("watch_progress_interval", &self.watch_progress_interval)
+            .field("retry_backoff_max", &self.retry_backoff_max)
+            .finish()
+    }
+}
+
+impl EtcdOptions {
+    /// Options for `endpoints` (client URLs or `host:port`s) with the defaults: 2 s to
+    /// connect, 3 s per request, keepalive every 5 s with a 3 s timeout, leader required,
+    /// a progress check of quiet watches every 5 s, retries at most 3 s apart.
+    pub fn new<I, S>(endpoints: I) -> Result<Self, EtcdError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut urls = Vec::new();
+        for e in endpoints {
+            let e = e.as_ref().trim();
+            if e.is_empty() {
+                continue;
+            }
+            urls.push(normalize(e)?);
+        }
+        if urls.is_empty() {
+            return Err(EtcdError::invalid("no etcd endpoints given; e.g. --etcd http://127.0.0.1:2379"));
+        }
+        Ok(EtcdOptions {
+            endpoints: urls,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(3),
+            require_leader: true,
+            user: None,
+            watch_progress_interval: Duration::from_secs(5),
+            retry_backoff_max: Duration::from_secs(3),
+        })
+    }
+
+    /// Options from a comma-separated list, as `--etcd` and `MESH_ETCD` take it.
+    pub fn parse_endpoints(list: &str) -> Result<Self, EtcdError> {
+        Self::new(list.split(','))
+    }
+
+    /// Sets user and password.
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Sets the per-request timeout.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the connect timeout.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets how often a quiet watch checks that etcd is still there.
+    pub fn with_watch_progress_interval(mut self, interval: Duration) -> Self {
+        self.watch_progress_interval = interval;
+        self
+    }
+
+    pub(crate) fn client_options(&self) -> etcd_client::ConnectOptions {
+        let mut o = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_timeout(self.request_timeout)
+            .with_keep_alive(self.keepalive_interval, self.keepalive_timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(self.require_leader);
+        if let Some((user, password)) = &self.user {
+            o = o.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
+        }
+        o
+    }
+}
+
+/// `http://host:port` for `host:port` or a URL; a readable error for anything else.
+fn normalize(endpoint: &str) -> Result<String, EtcdError> {
+    let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let bad = |why: &str| EtcdError::invalid(format!("etcd endpoint {endpoint:?} {why}; expected http://host:port"));
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad("uses https, which this build does not support")),
+        _ => return Err(bad("has an unknown scheme")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    if uri.port_u16().is_none() {
+        return Err(bad("has no port"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}

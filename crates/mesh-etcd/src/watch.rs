@@ -1,0 +1,372 @@
+//! List-then-watch with resume: the primitive that discovery, the registry's self-watch and
+//! config share. It lists a prefix (revision R), watches from R+1 with progress
+//! notifications, and on anything that makes its view doubtful (a watch error or a stream
+//! that ends, as etcd-client's does when etcd dies; a compaction; a different cluster id; a
+//! revision that goes backwards; no answer to a progress request) it backs off and lists
+//! again, handing the consumer the full set (a [`WatchEvent::Reset`]) to diff against.
+//!
+//! It is pull-based: the consumer's own task calls [`ListWatch::next`], which returns only
+//! events and retries everything else forever, with jittered backoff. How stale the view
+//! is can be read at any time from [`ListWatch::status`].
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use etcd_client::EventType;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::client::WatchStart;
+use crate::{Backoff, ErrorKind, Etcd, EtcdError, KeyValue};
+
+/// A change under the watched prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The whole set under the prefix at `revision`, after a (re)list: replace the view
+    /// with it. An empty `kvs` means etcd holds nothing there.
+    Reset {
+        /// The keys, in key order.
+        kvs: Vec<KeyValue>,
+        /// The revision of the listing.
+        revision: i64,
+        /// Whether etcd was restored or rebuilt since the last listing (another cluster id,
+        /// or a revision behind the view's): what it holds may still be filling up again,
+        /// as servers re-register.
+        rebuilt: bool,
+    },
+    /// A key was created or changed.
+    Put(KeyValue),
+    /// A key was deleted (or its lease expired).
+    Delete {
+        /// The key.
+        key: String,
+        /// The revision of the deletion.
+        revision: i64,
+    },
+}
+
+/// How fresh a [`ListWatch`]'s view is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewStatus {
+    /// Whether the watch is established and etcd answered recently.
+    pub in_sync: bool,
+    /// The revision the view is at.
+    pub revision: i64,
+    /// When etcd last confirmed the view (an event, a progress notification, a listing);
+    /// `None` before the first listing.
+    pub confirmed_at: Option<Instant>,
+    /// How many times the set was listed (the first listing counts).
+    pub resets: u64,
+    /// The last error, while out of sync.
+    pub last_error: Option<String>,
+}
+
+impl ViewStatus {
+    /// How long since etcd last confirmed the view; `None` if it never did.
+    pub fn staleness(&self) -> Option<Duration> {
+        self.confirmed_at.map(|t| t.elapsed())
+    }
+}
+
+/// List-then-watch of one prefix (or one key). See the module docs.
+#[derive(Debug)]
+pub struct ListWatch {
+    etcd: Etcd,
+    prefix: String,
+    /// Whether `prefix` is a prefix, or one exact key.
+    is_prefix: bool,
+    state: State,
+    revision: i64,
+    cluster_id: Option<u64>,
+    /// A watch saw signs of a rebuilt etcd; the next listing reports it.
+    rebuild_seen: bool,
+    pending: VecDeque<WatchEvent>,
+    backoff: Backoff,
+    status: watch::Sender<ViewStatus>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// List after waiting `delay`.
+    List {
+        delay: Duration,
+    },
+    /// Watch from `from` after waiting `delay`.
+    Watch {
+        from: i64,
+        delay: Duration,
+    },
+    Watching(Box<Watching>),
+}
+
+#[derive(Debug)]
+struct Watching {
+    stream: etcd_client::WatchStream,
+    /// When the last message arrived, to decide when to ask for progress.
+    last_message: Instant,
+    /// A progress request is outstanding since then.
+    asked_at: Option<Instant>,
+}
+
+impl ListWatch {
+    /// Lists every key under `prefix` and then watches them.
+    pub fn new(etcd: Etcd, prefix: impl Into<String>) -> Self {
+        Self::start(etcd, prefix.into(), true, State::List { delay: Duration::ZERO }, 0)
+    }
+
+    /// Watches every key under `prefix` from `revision` (inclusive) without listing first,
+    /// for a consumer that already holds the view up to `revision - 1`. If that revision
+    /// has been compacted, it lists again (one Reset) and goes on from there.
+    pub fn resume(etcd: Etcd, prefix: impl Into<String>, revision: i64) -> Self {
+        let from = revision.max(1);
+        Self::start(etcd, prefix.into(), true, State::Watch { from, delay: Duration::ZERO }, from - 1)
+    }
+
+    /// Like [`ListWatch::resume`] for one exact key (a prefix watch of
+    /// `/s/10.0.0.5:5005` would also see `/s/10.0.0.5:50051`).
+    pub fn resume_key(etcd: Etcd, key: impl Into<String>, revision: i64) -> Self {
+        let from = revision.max(1);
+        Self::start(etcd, key.into(), false, State::Watch { from, delay: Duration::ZERO }, from - 1)
+    }
+
+    fn start(etcd: Etcd, prefix: String, is_prefix: bool, state: State, revision: i64) -> Self {
+        let status = watch::Sender::new(ViewStatus {
+            in_sync: false,
+            revision,
+            confirmed_at: None,
+            resets: 0,
+            last_error: None,
+        });
+        let backoff = Backoff::new(Duration::from_millis(100), etcd.options().retry_backoff_max);
+        ListWatch {
+            etcd,
+            prefix,
+            is_prefix,
+            state,
+            revision,
+            cluster_id: None,
+            rebuild_seen: false,
+            pending: VecDeque::new(),
+            backoff,
+            status,
+        }
+    }
+
+    /// The freshness of the view, updated as it changes.
+    pub fn status(&self) -> watch::Receiver<ViewStatus> {
+        self.status.subscribe()
+    }
+
+    /// The prefix watched.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The id of the etcd cluster the view comes from; `None` before the first answer. A
+    /// consumer that sees it change after a Reset knows etcd was restored or rebuilt.
+    pub fn cluster_id(&self) -> Option<u64> {
+        self.cluster_id
+    }
+
+    /// The next change. Never fails: errors are logged, retried with backoff and reflected
+    /// in [`ListWatch::status`]. Cancel-safe: all state lives in `self`.
+    pub async fn next(&mut self) -> WatchEvent {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return event;
+            }
+            match &mut self.state {
+                State::List { delay } => {
+                    let delay = *delay;
+                    tokio::time::sleep(delay).await;
+                    if let Some(reset) = self.list().await {
+                        return reset;
+                    }
+                }
+                State::Watch { from, delay } => {
+                    let (from, delay) = (*from, *delay);
+                    tokio::time::sleep(delay).await;
+                    self.open_watch(from).await;
+                }
+                State::Watching(w) => {
+                    let progress_every = self.etcd.options().watch_progress_interval;
+                    let answer_within = self.etcd.options().request_timeout;
+                    let deadline = match w.asked_at {
+                        Some(asked) => asked + answer_within,
+                        None => w.last_message + progress_every,
+                    };
+                    tokio::select! {
+                        message = w.stream.message() => self.on_message(message),
+                        () = tokio::time::sleep_until(deadline) => {
+                            if w.asked_at.is_some() {
+                                self.doubt(format!("no answer to a progress request within {answer_within:?}"));
+                            } else if let Err(e) = w.stream.request_progress().await {
+                                self.doubt(format!("asking for progress: {e}"));
+                            } else {
+                                w.asked_at = Some(Instant::now());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lists the prefix; on success switches to watching and returns the Reset.
+    async fn list(&mut self) -> Option<WatchEvent> {
+        let listed =
+            if self.is_prefix { self.etcd.list(&self.prefix).await } else { self.etcd.list_key(&self.prefix).await };
+        match listed {
+            Ok(listing) => {
+                let other_cluster = self.cluster_id.is_some_and(|old| old != listing.cluster_id);
+                let behind = listing.revision < self.revision;
+                let rebuilt = std::mem::take(&mut self.rebuild_seen) || other_cluster || behind;
+                if rebuilt {
+                    warn!(
+                        prefix = %self.prefix,
+                        cluster = %format!("{:x}", listing.cluster_id),
+                        revision = listing.revision,
+                        "etcd was restored or rebuilt (another cluster id, or an older revision); using what it holds now"
+                    );
+                }
+                self.cluster_id = Some(listing.cluster_id);
+                self.revision = listing.revision;
+                self.backoff.reset();
+                self.state = State::Watch { from: listing.revision + 1, delay: Duration::ZERO };
+                self.status.send_modify(|s| {
+                    s.revision = listing.revision;
+                    s.confirmed_at = Some(Instant::now());
+                    s.resets += 1;
+                });
+                debug!(prefix = %self.prefix, keys = listing.kvs.len(), revision = listing.revision, "listed");
+                Some(WatchEvent::Reset { kvs: listing.kvs, revision: listing.revision, rebuilt })
+            }
+            Err(e) => {
+                self.out_of_sync(&e);
+                self.state = State::List { delay: self.backoff.next_delay() };
+                None
+            }
+        }
+    }
+
+    async fn open_watch(&mut self, from: i64) {
+        match self.etcd.watch(&self.prefix, self.is_prefix, from).await {
+            Ok(WatchStart { stream, cluster_id, revision }) => {
+                if self.cluster_id.is_some_and(|id| id != cluster_id) || revision < self.revision {
+                    self.rebuild_seen = true;
+                    self.relist(format!(
+                        "etcd changed under us (cluster {cluster_id:x}, revision {revision}, ours {})",
+                        self.revision
+                    ));
+                    return;
+                }
+                self.cluster_id = Some(cluster_id);
+                self.backoff.reset();
+                let now = Instant::now();
+                self.state = State::Watching(Box::new(Watching { stream, last_message: now, asked_at: None }));
+                self.status.send_modify(|s| {
+                    s.in_sync = true;
+                    s.confirmed_at = Some(now);
+                    s.last_error = None;
+                });
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::Compacted(_)) => {
+                self.relist(format!("revision {from} has been compacted"));
+            }
+            Err(e) => {
+                self.out_of_sync(&e);
+                // A watch that cannot be opened may have missed changes: list again.
+                self.state = State::List { delay: self.backoff.next_delay() };
+            }
+        }
+    }
+
+    fn on_message(&mut self, message: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>) {
+        let resp = match message {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return self.doubt("the watch stream ended".into()),
+            Err(e) => return self.doubt(format!("the watch failed: {e}")),
+        };
+        if let State::Watching(w) = &mut self.state {
+            w.last_message = Instant::now();
+            w.asked_at = None;
+        }
+        if resp.compact_revision() > 0 {
+            return self.relist(format!("revision {} has been compacted", self.revision + 1));
+        }
+        if resp.canceled() {
+            return self.doubt(format!("etcd canceled the watch: {}", resp.cancel_reason()));
+        }
+        let (cluster_id, header_revision) = resp.header().map_or((None, 0), |h| (Some(h.cluster_id()), h.revision()));
+        if let (Some(ours), Some(theirs)) = (self.cluster_id, cluster_id)
+            && ours != theirs
+        {
+            self.rebuild_seen = true;
+            return self.relist(format!("the cluster id changed to {theirs:x}"));
+        }
+        if header_revision > 0 && header_revision < self.revision {
+            self.rebuild_seen = true;
+            return self.relist(format!("etcd's revision {header_revision} is behind ours {}", self.revision));
+        }
+        let events = resp.events();
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let kv = KeyValue {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
+            };
+            if kv.mod_revision <= self.revision {
+                continue; // already in the view
+            }
+            self.revision = kv.mod_revision;
+            self.pending.push_back(match event.event_type() {
+                EventType::Put => WatchEvent::Put(kv),
+                EventType::Delete => WatchEvent::Delete { key: kv.key, revision: kv.mod_revision },
+            });
+        }
+        // A progress notification (no events, not the creation) promises every event up to
+        // its revision has been sent.
+        if events.is_empty() && !resp.created() && header_revision > self.revision {
+            self.revision = header_revision;
+        }
+        let revision = self.revision;
+        self.status.send_modify(|s| {
+            s.in_sync = true;
+            s.revision = revision;
+            s.confirmed_at = Some(Instant::now());
+            s.last_error = None;
+        });
+    }
+
+    /// The view may be out of date: back off, then list again.
+    fn doubt(&mut self, why: String) {
+        warn!(prefix = %self.prefix, "{why}; listing again after a backoff");
+        self.status.send_modify(|s| {
+            s.in_sync = false;
+            s.last_error = Some(why);
+        });
+        self.state = State::List { delay: self.backoff.next_delay() };
+    }
+
+    /// The view is known to be wrong (compaction, another cluster): list again at once.
+    fn relist(&mut self, why: String) {
+        info!(prefix = %self.prefix, "{why}; listing again");
+        self.status.send_modify(|s| {
+            s.in_sync = false;
+            s.last_error = Some(why);
+        });
+        self.state = State::List { delay: Duration::ZERO };
+    }
+
+    fn out_of_sync(&self, e: &EtcdError) {
+        debug!(prefix = %self.prefix, "{e}");
+        let message = e.to_string();
+        self.status.send_modify(|s| {
+            s.in_sync = false;
+            s.last_error = Some(message);
+        });
+    }
+}

@@ -1,0 +1,163 @@
+//! The registrar against a real etcd from mesh-testkit, with short TTLs.
+
+use std::time::{Duration, Instant};
+
+use mesh_etcd::{Etcd, EtcdOptions};
+use mesh_registry::{Instance, Registrar, RegistrarConfig};
+use mesh_testkit::eventually;
+
+fn client(etcd: &mesh_testkit::Etcd) -> Etcd {
+    Etcd::new(
+        EtcdOptions::new(etcd.endpoints())
+            .expect("endpoints")
+            .with_request_timeout(Duration::from_millis(800))
+            .with_connect_timeout(Duration::from_millis(300))
+            .with_watch_progress_interval(Duration::from_millis(500)),
+    )
+}
+
+fn registrar(etcd: &mesh_testkit::Etcd, ttl_secs: u64) -> Registrar {
+    Registrar::new(client(etcd), RegistrarConfig { root: "/mesh".into(), ttl: Duration::from_secs(ttl_secs) })
+}
+
+fn instance(port: u16) -> Instance {
+    Instance {
+        service: "greeter".into(),
+        id: format!("127.0.0.1:{port}"),
+        addr: format!("127.0.0.1:{port}"),
+        weight: 100,
+        zone: Some("eu-1a".into()),
+        version: Some("0.3.0".into()),
+    }
+}
+
+async fn present(etcd: &mesh_testkit::Etcd, key: &str) -> bool {
+    etcd.get(key).await.ok().flatten().is_some()
+}
+
+#[tokio::test]
+async fn register_puts_exactly_the_documented_json_under_a_lease() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 2).spawn(&instance(50051));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await, "{:?}", reg.state().borrow());
+    assert_eq!(reg.key(), "/mesh/services/greeter/127.0.0.1:50051");
+    let kvs = etcd.get_prefix("/mesh/services/greeter/").await.expect("list");
+    assert_eq!(kvs.len(), 1);
+    assert_eq!(
+        kvs[0].value,
+        r#"{"Op":0,"Addr":"127.0.0.1:50051","Metadata":{"weight":100,"zone":"eu-1a","version":"0.3.0","instance":"127.0.0.1:50051"}}"#
+    );
+    assert_eq!(Some(kvs[0].lease), reg.state().borrow().lease, "attached to the registration's lease");
+}
+
+#[tokio::test]
+async fn graceful_deregister_removes_the_key_at_once_not_after_the_ttl() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 10).spawn(&instance(50052));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    let key = reg.key().to_string();
+    reg.deregister(Duration::from_secs(2)).await.expect("deregister");
+    assert!(!present(&etcd, &key).await, "the key must be gone right after deregister, TTL is 10 s");
+}
+
+#[tokio::test]
+async fn a_deleted_key_is_back_within_1s() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 10).spawn(&instance(50053));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    let lease = reg.state().borrow().lease;
+    assert_eq!(etcd.delete(reg.key()).await.expect("delete"), 1);
+    let deleted_at = Instant::now();
+    eventually("key back", Duration::from_secs(1), || async { present(&etcd, reg.key()).await.then_some(()) })
+        .await
+        .expect("back within 1 s");
+    println!("put back after {:?}", deleted_at.elapsed());
+    assert_eq!(reg.state().borrow().lease, lease, "same lease");
+}
+
+#[tokio::test]
+async fn dropped_without_deregistering_the_key_expires_within_ttl_plus_1s() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 2).spawn(&instance(50054));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    let key = reg.key().to_string();
+    drop(reg); // as kill -9: no delete, no revoke
+    assert!(present(&etcd, &key).await, "still there until the lease expires");
+    eventually("key expired", Duration::from_secs(3), || async { (!present(&etcd, &key).await).then_some(()) })
+        .await
+        .expect("gone within TTL + 1 s");
+}
+
+#[tokio::test]
+async fn etcd_down_at_start_then_registers_when_it_comes() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    etcd.kill(0).expect("kill");
+    let reg = registrar(&etcd, 2).spawn(&instance(50055));
+    eventually("an error reported", Duration::from_secs(5), || async { reg.state().borrow().last_error.clone() })
+        .await
+        .expect("it tried and failed");
+    assert!(!reg.state().borrow().registered);
+    etcd.restart(0).await.expect("etcd comes");
+    let back = Instant::now();
+    assert!(reg.wait_registered(Duration::from_secs(5)).await, "{:?}", reg.state().borrow());
+    assert!(present(&etcd, reg.key()).await);
+    println!("registered {:?} after etcd came", back.elapsed());
+}
+
+#[tokio::test]
+async fn a_short_etcd_restart_keeps_the_same_lease() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 3).spawn(&instance(50056));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    let lease = reg.state().borrow().lease;
+    etcd.restart(0).await.expect("restart on the same data dir");
+    eventually("registered after restart", Duration::from_secs(5), || async {
+        let s = reg.state().borrow().clone();
+        (s.registered && s.last_error.is_none()).then_some(())
+    })
+    .await
+    .expect("recovered");
+    assert!(present(&etcd, reg.key()).await);
+    assert_eq!(reg.state().borrow().lease, lease, "the lease survived: etcd renews leases on restart");
+}
+
+#[tokio::test]
+async fn a_fresh_etcd_gets_a_new_lease_and_the_key_within_ttl_over_3_plus_backoff() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 3).spawn(&instance(50057));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    let first = reg.state().borrow().lease;
+    etcd.restart_fresh().await.expect("fresh data dir");
+    let back = Instant::now();
+    // TTL/3 = 1 s until the next keepalive notices, plus a backoff of at most TTL/3.
+    eventually("re-registered on the fresh cluster", Duration::from_secs(3), || async {
+        present(&etcd, reg.key()).await.then_some(())
+    })
+    .await
+    .expect("re-registered");
+    println!("re-registered {:?} after the fresh etcd came", back.elapsed());
+    assert_ne!(reg.state().borrow().lease, first, "a new lease");
+    let kv = etcd.get_prefix(reg.key()).await.expect("get");
+    assert_eq!(Some(kv[0].lease), reg.state().borrow().lease);
+}
+
+#[tokio::test]
+async fn killing_the_leader_of_three_loses_no_lease() {
+    let mut etcd = mesh_testkit::Etcd::start_cluster(3).await.expect("cluster");
+    let reg = registrar(&etcd, 3).spawn(&instance(50058));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    let before = reg.state().borrow().clone();
+    let leader = etcd.leader().await.expect("leader");
+    etcd.kill(leader).expect("kill leader");
+    eventually("a new leader", Duration::from_secs(10), || async { etcd.leader().await.ok() }).await.expect("leader");
+    // Several keepalive rounds answered by the new leader.
+    eventually("keepalives after the election", Duration::from_secs(10), || async {
+        (reg.state().borrow().keepalives >= before.keepalives + 4).then_some(())
+    })
+    .await
+    .expect("keepalives go on");
+    let after = reg.state().borrow().clone();
+    assert_eq!(after.lease, before.lease, "same lease: {after:?}");
+    assert_eq!(after.leases_granted, 1, "no new lease was needed: {after:?}");
+    assert!(present(&etcd, reg.key()).await);
+}
