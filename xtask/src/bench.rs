@@ -66,6 +66,8 @@ struct Comparison {
 
 struct Bins {
     dir: PathBuf,
+    /// The etcd greeter-server registers in, as it does when deployed.
+    etcd: String,
 }
 
 fn comparisons() -> Vec<Comparison> {
@@ -116,7 +118,7 @@ fn server_command(kind: ServerKind, bins: &Bins, addr: &str) -> Command {
         }
         ServerKind::Greeter => {
             let mut cmd = pinned(0, bins.dir.join("greeter-server"));
-            cmd.args(["--listen", addr]).env("RUST_LOG", "warn");
+            cmd.args(["--listen", addr, "--etcd", &bins.etcd]).env("RUST_LOG", "warn");
             cmd
         }
     }
@@ -180,7 +182,19 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
         "--example",
         "bare-greeter",
     ]))?;
-    let bins = Bins { dir: util::root().join("target").join("release") };
+    let up = crate::etcd::up(1)?;
+    let bins = Bins { dir: util::root().join("target").join("release"), etcd: up.endpoints.join(",") };
+    let result = run_all(&opts, &bins);
+    if !up.started.is_empty() {
+        crate::etcd::down()?;
+        for mut child in up.started {
+            let _ = child.wait();
+        }
+    }
+    result
+}
+
+fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     let command = format!("cargo xtask bench --runs {} --duration {}", opts.runs, opts.duration);
     let mut md = String::new();
     let _ = writeln!(md, "# mesh benchmarks\n");
@@ -195,11 +209,11 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
     );
     for cmp in comparisons() {
         eprintln!("== {} ==", cmp.title);
-        let (_a_proc, a_target) = start(&cmp.a, &bins)?;
+        let (_a_proc, a_target) = start(&cmp.a, bins)?;
         let (_b_proc, b_target) = if cmp.b.server == cmp.a.server {
             (None, a_target.clone())
         } else {
-            let (p, t) = start(&cmp.b, &bins)?;
+            let (p, t) = start(&cmp.b, bins)?;
             (Some(p), t)
         };
         let _ = writeln!(md, "## {} (A = {}, B = {})\n", cmp.title, cmp.a.label, cmp.b.label);
@@ -215,7 +229,7 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
                 for is_a in order {
                     let (side, target, into) =
                         if is_a { (&cmp.a, &a_target, &mut a) } else { (&cmp.b, &b_target, &mut b) };
-                    let s = load(&bins, side, target, c, &opts)?;
+                    let s = load(bins, side, target, c, opts)?;
                     eprintln!(
                         "  c={c:<3} run {round} {:<16} {:>9.0} calls/s  p99 {:>6.0} µs",
                         side.label, s.throughput, s.p99_us
@@ -239,7 +253,8 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
         }
         md.push('\n');
     }
-    md.push_str(&pick_table(&opts)?);
+    md.push_str(&pick_table(opts)?);
+    md.push_str(&registry_table()?);
     println!("{md}");
     let dir = util::root().join("target").join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -293,6 +308,25 @@ fn pick_table(opts: &Opts) -> anyhow::Result<String> {
         }
         let _ = writeln!(row, " {target} |");
         md.push_str(&row);
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// Runs mesh-discovery's registry latency benchmark (its own etcd, 200 trials each).
+fn registry_table() -> anyhow::Result<String> {
+    eprintln!("== registry latency (200 trials each, real etcd on loopback) ==");
+    let out = util::output(util::cargo().args(["bench", "-q", "-p", "mesh-discovery", "--bench", "registry_latency"]))?;
+    let line = out.lines().rev().find(|l| l.starts_with('{')).context("no JSON line from registry_latency")?;
+    let v: Value = serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))?;
+    let mut md = String::from(
+        "## registry latency (etcd on loopback, 200 trials, ms)\n\n| path | p50 | p99 | max | target p99 |\n|---|---:|---:|---:|---|\n",
+    );
+    for (key, label) in
+        [("put_to_watch_event", "put → watch event"), ("register_to_routable", "register → routable at a client")]
+    {
+        let ms = |k: &str| v[key][k].as_f64().map_or(f64::NAN, |us| us / 1000.0);
+        let _ = writeln!(md, "| {label} | {:.2} | {:.2} | {:.2} | < 50 |", ms("p50_us"), ms("p99_us"), ms("max_us"));
     }
     md.push('\n');
     Ok(md)

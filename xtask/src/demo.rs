@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -52,13 +53,14 @@ pub(crate) fn run() -> anyhow::Result<()> {
 fn chapters(demo: &mut Demo) -> anyhow::Result<()> {
     chapter_three_greeters(demo)?;
     chapter_balancing(demo)?;
+    chapter_registry(demo)?;
     Ok(())
 }
 
 /// Chapter 1: three plain greeter-servers, each greeted directly.
 fn chapter_three_greeters(demo: &mut Demo) -> anyhow::Result<()> {
     println!("\n-- 1. three greeter-servers, one greeting each --");
-    println!("etcd runs at {} (used from the registry chapter on)", demo.etcd.join(","));
+    println!("etcd runs at {}; each server registers itself there once it serves", demo.etcd.join(","));
     for i in 1..=3 {
         demo.start_server(&format!("greeter-{i}"))?;
     }
@@ -129,6 +131,65 @@ fn chapter_balancing(demo: &mut Demo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Chapter 3: the client finds servers in etcd, and follows them as they join and leave.
+fn chapter_registry(demo: &mut Demo) -> anyhow::Result<()> {
+    println!("\n-- 3. registry and discovery: servers join and leave while the client runs --");
+    println!("  the registrations, as `etcdctl get --prefix /mesh/services/` shows them:");
+    demo.show_keys()?;
+    println!("  a client with no --target discovers greeter in etcd and calls every 20 ms for 10 s:");
+    let mut client = demo
+        .client()
+        .args(["--etcd", &demo.etcd.join(","), "--service", "greeter", "--name", "demo"])
+        .args(["--duration", "10s", "--interval", "20ms", "--quiet", "--table-every", "3s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting greeter-client")?;
+    let stdout = client.stdout.take().context("client stdout")?;
+    let echo = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !line.is_empty() {
+                println!("  │ {line}");
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    println!("  → greeter-4 joins");
+    demo.start_server("greeter-4")?;
+    std::thread::sleep(Duration::from_secs(3));
+    println!("  → greeter-1 leaves gracefully (SIGTERM: NOT_SERVING, deregister, 1 s grace, drain)");
+    let left = demo.servers.iter().find(|s| s.name == "greeter-1").map(|s| s.addr.clone()).context("greeter-1")?;
+    demo.stop_server("greeter-1")?;
+    let status = client.wait().context("waiting for the client")?;
+    let lines = echo.join().map_err(|_| anyhow::anyhow!("client output reader panicked"))?;
+    let mut stderr = String::new();
+    if let Some(mut e) = client.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    ensure!(status.success(), "the client failed calls while servers came and went: {}", stderr.trim());
+    let last_table = lines.join("\n");
+    let last_table = last_table.rsplit("strategy ").next().unwrap_or_default();
+    let by = served_by_counts(&format!("strategy {last_table}"));
+    ensure!(by.get("greeter-4").is_some_and(|&n| n > 0), "greeter-4 got no calls: {by:?}");
+    let endpoints: Vec<&str> = last_table
+        .lines()
+        .skip_while(|l| !l.starts_with("endpoint"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    ensure!(!endpoints.contains(&left.as_str()), "the client still lists greeter-1 ({left}): {endpoints:?}");
+    println!(
+        "  the client lost no call; greeter-4 answered {} calls and greeter-1 left its table, with no restart",
+        by.get("greeter-4").copied().unwrap_or(0)
+    );
+    println!("  the registrations now:");
+    demo.show_keys()?;
+    Ok(())
+}
+
 /// Replies per `served_by` from greeter-client's table.
 fn served_by_counts(out: &str) -> BTreeMap<String, usize> {
     out.lines()
@@ -173,7 +234,7 @@ impl Demo {
         let log_path = self.logs.join(format!("{name}.log"));
         let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(self.bin.join("greeter-server"))
-            .args(["--listen", &addr, "--instance-id", name])
+            .args(["--listen", &addr, "--instance-id", name, "--etcd", &self.etcd.join(",")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -185,6 +246,35 @@ impl Demo {
             bail!("{name} did not listen on {addr} within 15 s; see {}", log_path.display());
         }
         println!("  started {name} on {addr} (log: {})", log_path.display());
+        Ok(())
+    }
+
+    /// Stops one server with SIGTERM and checks that it exits 0.
+    fn stop_server(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.servers.iter().position(|s| s.name == name).with_context(|| format!("no server {name}"))?;
+        let mut s = self.servers.remove(i);
+        mesh_etcd_local::signal(s.child.id(), Signal::Term)?;
+        let status = s.child.wait().with_context(|| format!("waiting for {name}"))?;
+        ensure!(status.success(), "{name} exited with {status} after SIGTERM");
+        Ok(())
+    }
+
+    /// Prints the registrations as etcdctl shows them.
+    fn show_keys(&self) -> anyhow::Result<()> {
+        let Some(etcdctl) = mesh_etcd_local::find_etcdctl() else {
+            println!("  (no etcdctl found to show them; install etcd-client)");
+            return Ok(());
+        };
+        let out = util::output(Command::new(etcdctl).env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &self.etcd.join(","),
+            "get",
+            "--prefix",
+            "/mesh/services/",
+        ]))?;
+        for line in out.lines() {
+            println!("    {line}");
+        }
         Ok(())
     }
 

@@ -307,6 +307,12 @@ impl<S> BalancedChannel<S> {
         &self.shared.service
     }
 
+    /// A receiver that is marked changed each time an endpoint-set update or a strategy
+    /// switch has been applied; for waiting on the balancer instead of polling it.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.shared.version.subscribe()
+    }
+
     /// The endpoints now in the set, with their state and counters.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
         self.shared

@@ -144,3 +144,46 @@ async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(replies_by_served_by(&stdout).values().collect::<Vec<_>>(), [&12], "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_target_it_discovers_the_service_in_etcd() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("found"))).await.expect("serve");
+    let value = format!(r#"{{"Op":0,"Addr":"{}","Metadata":{{"weight":1,"instance":"found"}}}}"#, server.addr());
+    etcd.put("/mesh/services/greeter/found", value).await.expect("register");
+    let endpoints = etcd.endpoints().join(",");
+    let out = tokio::task::spawn_blocking(move || {
+        client().args(["--etcd", &endpoints, "--service", "greeter", "--count", "3"]).output().expect("run")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches("(served by found)").count(), 3, "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_errors_say_what_is_missing() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let endpoints = etcd.endpoints().join(",");
+    let out = tokio::task::spawn_blocking(move || {
+        client().args(["--etcd", &endpoints, "--service", "nobody"]).output().expect("run")
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("no servers of nobody are registered in etcd"), "{stderr}");
+
+    let port = mesh_etcd_local::free_port().expect("port");
+    let out = tokio::task::spawn_blocking(move || {
+        client().args(["--etcd", &format!("127.0.0.1:{port}")]).output().expect("run")
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("cannot discover greeter: no answer from etcd"), "{stderr}");
+    assert!(stderr.contains("cargo xtask etcd-up"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
