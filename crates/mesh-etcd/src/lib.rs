@@ -13,7 +13,7 @@
 //! let mut watch = ListWatch::new(etcd.clone(), "/mesh/");
 //! loop {
 //!     match watch.next().await {
-//!         WatchEvent::Reset { kvs, revision } => println!("{} keys at {revision}", kvs.len()),
+//!         WatchEvent::Reset { kvs, revision, .. } => println!("{} keys at {revision}", kvs.len()),
 //!         WatchEvent::Put(kv) => println!("put {}", kv.key),
 //!         WatchEvent::Delete { key, .. } => println!("deleted {key}"),
 //!     }
