@@ -397,3 +397,23 @@ async fn an_endpoint_whose_layer_is_not_ready_is_skipped() {
         assert_eq!(r.get_ref().served_by, "b");
     }
 }
+
+#[tokio::test]
+async fn a_hash_key_extension_wins_over_the_header() {
+    let (a, b, c) = (server("a").await, server("b").await, server("c").await);
+    let channel = Balancer::spawn(
+        config().with_strategy(Strategy::consistent_hash()),
+        tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])),
+    );
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
+    let mut client = GreeterClient::new(channel.clone());
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+        request.extensions_mut().insert(mesh_balancer::HashKey("tenant-9".into()));
+        // A different header on every call: the extension decides.
+        request.metadata_mut().insert("x-mesh-hash-key", format!("header-{i}").parse().expect("ascii"));
+        owners.insert(client.say_hello(request).await.expect("call").into_inner().served_by);
+    }
+    assert_eq!(owners.len(), 1, "one extension key, one server: {owners:?}");
+}

@@ -280,9 +280,23 @@ async fn etcd_outages_shorter_and_longer_than_the_ttl_fail_no_call_and_recover()
         etcd.restart(0).await.expect("etcd back");
         let back = Instant::now();
         registered(&etcd, &servers.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
-        view_matches_etcd(&load, &etcd, Duration::from_secs(5)).await;
-        println!("outage {outage:?}: registrations and view back {:?} after etcd", back.elapsed());
+        let status = load.resolution.status();
+        eventually(
+            "the client's watch in sync again",
+            Duration::from_secs(5).saturating_sub(back.elapsed()),
+            || async { status.borrow().view.as_ref().is_some_and(|v| v.in_sync).then_some(()) },
+        )
+        .await
+        .expect("watch recovered within 5 s of etcd's return");
+        view_matches_etcd(&load, &etcd, Duration::from_secs(2)).await;
+        println!("outage {outage:?}: registrations, watch and view back {:?} after etcd", back.elapsed());
         load.routes_to(&["s1", "s2", "s3"], Duration::from_secs(2)).await;
+        // Keepalives resumed: a TTL later every key is still there, under the same lease.
+        let held = |kvs: Vec<mesh_testkit::KeyValue>| kvs.into_iter().map(|kv| (kv.key, kv.lease)).collect::<Vec<_>>();
+        let leases = held(etcd.get_prefix(PREFIX).await.expect("list"));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let later = held(etcd.get_prefix(PREFIX).await.expect("list"));
+        assert_eq!(later, leases, "registrations kept alive after the outage");
         load.progress(100).await;
     }
     let (ok, failures) = load.finish().await;
