@@ -120,8 +120,16 @@ impl Registration {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        let lease = self.state.borrow().lease;
+        let (lease, puts) = {
+            let state = self.state.borrow();
+            (state.lease, state.puts)
+        };
         let key = self.key.clone();
+        if lease.is_none() && puts == 0 {
+            // Never got as far as a lease (etcd unreachable all along): nothing to remove.
+            info!(key = %key, "never registered; nothing to deregister");
+            return Ok(());
+        }
         let work = async {
             self.etcd.delete(&key).await?;
             if let Some(lease) = lease {

@@ -161,3 +161,23 @@ async fn killing_the_leader_of_three_loses_no_lease() {
     assert_eq!(after.leases_granted, 1, "no new lease was needed: {after:?}");
     assert!(present(&etcd, reg.key()).await);
 }
+
+#[tokio::test]
+async fn deregistering_what_never_registered_returns_at_once() {
+    let port = mesh_etcd_local::free_port().expect("port");
+    let etcd = Etcd::new(
+        EtcdOptions::new([format!("127.0.0.1:{port}")])
+            .expect("endpoints")
+            .with_request_timeout(Duration::from_millis(300))
+            .with_connect_timeout(Duration::from_millis(100)),
+    );
+    let reg = Registrar::new(etcd, RegistrarConfig::default()).spawn(&instance(50059));
+    eventually("a failed attempt", Duration::from_secs(5), || async { reg.state().borrow().last_error.clone() })
+        .await
+        .expect("tried");
+    // With a 30 s deregister timeout, only skipping etcd altogether returns within 5 s.
+    tokio::time::timeout(Duration::from_secs(5), reg.deregister(Duration::from_secs(30)))
+        .await
+        .expect("no wait for an etcd that never answered")
+        .expect("nothing to do is fine");
+}
