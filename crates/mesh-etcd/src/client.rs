@@ -59,7 +59,7 @@ pub struct Lease {
 }
 
 impl KeyValue {
-    fn from_client(kv: &etcd_client::KeyValue) -> Self {
+    pub(crate) fn from_client(kv: &etcd_client::KeyValue) -> Self {
         KeyValue {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
             value: kv.value().to_vec(),
@@ -120,35 +120,29 @@ impl Etcd {
 
     /// Every key under `prefix`, with the revision and cluster id of the answer.
     pub async fn list(&self, prefix: &str) -> Result<Listing, EtcdError> {
-        let resp = self
-            .run(
-                || format!("list {prefix}"),
-                |mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await },
-            )
-            .await?;
-        let header = resp.header().ok_or_else(|| no_header(format!("list {prefix}")))?;
-        Ok(Listing {
-            kvs: resp.kvs().iter().map(KeyValue::from_client).collect(),
-            revision: header.revision(),
-            cluster_id: header.cluster_id(),
-        })
+        self.range(prefix, true).await
     }
 
     /// `key` alone, as a listing (empty if absent).
     pub async fn list_key(&self, key: &str) -> Result<Listing, EtcdError> {
-        let resp = self.run(|| format!("get {key}"), |mut c| async move { c.get(key, None).await }).await?;
-        let header = resp.header().ok_or_else(|| no_header(format!("get {key}")))?;
+        self.range(key, false).await
+    }
+
+    /// The value of `key`, if any.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
+        Ok(self.list_key(key).await?.kvs.into_iter().next())
+    }
+
+    async fn range(&self, key: &str, prefix: bool) -> Result<Listing, EtcdError> {
+        let op = || if prefix { format!("list {key}") } else { format!("get {key}") };
+        let options = prefix.then(|| GetOptions::new().with_prefix());
+        let resp = self.run(op, |mut c| async move { c.get(key, options).await }).await?;
+        let header = resp.header().ok_or_else(|| no_header(op()))?;
         Ok(Listing {
             kvs: resp.kvs().iter().map(KeyValue::from_client).collect(),
             revision: header.revision(),
             cluster_id: header.cluster_id(),
         })
-    }
-
-    /// The value of `key`, if any.
-    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
-        let resp = self.run(|| format!("get {key}"), |mut c| async move { c.get(key, None).await }).await?;
-        Ok(resp.kvs().first().map(KeyValue::from_client))
     }
 
     /// Puts `key` = `value`, attached to `lease` if given; returns the new revision.

@@ -312,12 +312,7 @@ impl ListWatch {
         let events = resp.events();
         for event in events {
             let Some(kv) = event.kv() else { continue };
-            let kv = KeyValue {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-                mod_revision: kv.mod_revision(),
-                lease: kv.lease(),
-            };
+            let kv = KeyValue::from_client(kv);
             if kv.mod_revision <= self.revision {
                 continue; // already in the view
             }
@@ -344,29 +339,26 @@ impl ListWatch {
     /// The view may be out of date: back off, then list again.
     fn doubt(&mut self, why: String) {
         warn!(prefix = %self.prefix, "{why}; listing again after a backoff");
-        self.status.send_modify(|s| {
-            s.in_sync = false;
-            s.last_error = Some(why);
-        });
+        self.lost_sync(why);
         self.state = State::List { delay: self.backoff.next_delay() };
     }
 
     /// The view is known to be wrong (compaction, another cluster): list again at once.
     fn relist(&mut self, why: String) {
         info!(prefix = %self.prefix, "{why}; listing again");
-        self.status.send_modify(|s| {
-            s.in_sync = false;
-            s.last_error = Some(why);
-        });
+        self.lost_sync(why);
         self.state = State::List { delay: Duration::ZERO };
     }
 
     fn out_of_sync(&self, e: &EtcdError) {
         debug!(prefix = %self.prefix, "{e}");
-        let message = e.to_string();
+        self.lost_sync(e.to_string());
+    }
+
+    fn lost_sync(&self, why: String) {
         self.status.send_modify(|s| {
             s.in_sync = false;
-            s.last_error = Some(message);
+            s.last_error = Some(why);
         });
     }
 }
