@@ -70,11 +70,8 @@ fn chapter_three_greeters(demo: &mut Demo) -> anyhow::Result<()> {
         let out = util::output(demo.client().args(["--target", target, "--name", "demo"]))?;
         let out = out.lines().next().unwrap_or_default();
         println!("  {target} → {out}");
-        let served_by = out
-            .rsplit_once("(served by ")
-            .and_then(|(_, rest)| rest.split(')').next())
-            .context("the reply names no instance")?;
-        answered.insert(served_by.to_string());
+        let served_by = per_call_owners(out).pop().context("the reply names no instance")?;
+        answered.insert(served_by);
     }
     ensure!(answered.len() == 3, "expected three different instances, got {answered:?}");
     println!("three greetings from three different instances: {answered:?}");

@@ -156,6 +156,12 @@ impl Load {
         self.served.lock().expect("lock").get(name).copied().unwrap_or(0)
     }
 
+    /// Stops the load and asserts that not one call failed.
+    async fn finish_with_no_failed_call(self) {
+        let (ok, failures) = self.finish().await;
+        assert!(failures.is_empty(), "{} failed of {}: {failures:?}", failures.len(), ok + failures.len() as u64);
+    }
+
     async fn finish(mut self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for w in self.workers.drain(..) {
@@ -232,8 +238,7 @@ async fn a_rolling_restart_of_three_servers_loses_no_call() {
         load.routes_to(&names.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(5)).await;
         load.progress(50).await;
     }
-    let (ok, failures) = load.finish().await;
-    assert!(failures.is_empty(), "{} failed of {}: {failures:?}", failures.len(), ok + failures.len() as u64);
+    load.finish_with_no_failed_call().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,8 +304,7 @@ async fn etcd_outages_shorter_and_longer_than_the_ttl_fail_no_call_and_recover()
         assert_eq!(later, leases, "registrations kept alive after the outage");
         load.progress(100).await;
     }
-    let (ok, failures) = load.finish().await;
-    assert!(failures.is_empty(), "{} failed of {}: {failures:?}", failures.len(), ok + failures.len() as u64);
+    load.finish_with_no_failed_call().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,8 +322,7 @@ async fn a_fresh_etcd_gets_every_server_back_and_clients_converge_with_no_failed
     view_matches_etcd(&load, &etcd, Duration::from_secs(5)).await;
     load.routes_to(&["s1", "s2", "s3"], Duration::from_secs(6)).await;
     load.progress(100).await;
-    let (ok, failures) = load.finish().await;
-    assert!(failures.is_empty(), "{} failed of {}: {failures:?}", failures.len(), ok + failures.len() as u64);
+    load.finish_with_no_failed_call().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,6 +348,5 @@ async fn killing_the_etcd_leader_of_three_under_load_fails_no_call_and_loses_no_
     let s4 = Server::start("s4", &etcd);
     registered(&etcd, &[&s4], Duration::from_secs(10)).await;
     load.routes_to(&["s1", "s2", "s3", "s4"], Duration::from_secs(5)).await;
-    let (ok, failures) = load.finish().await;
-    assert!(failures.is_empty(), "{} failed of {}: {failures:?}", failures.len(), ok + failures.len() as u64);
+    load.finish_with_no_failed_call().await;
 }
