@@ -2,7 +2,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::OnceCell;
 
 use crate::{ErrorKind, EtcdError, EtcdOptions};
@@ -151,6 +151,30 @@ impl Etcd {
         let options = lease.map(|l| PutOptions::new().with_lease(l));
         let resp = self.run(|| format!("put {key}"), |mut c| async move { c.put(key, value, options).await }).await?;
         resp.header().map(|h| h.revision()).ok_or_else(|| no_header(format!("put {key}")))
+    }
+
+    /// Puts `key` = `value` (attached to `lease` if given) only if the key's last change is
+    /// still at `mod_revision`, where 0 means "the key does not exist": a compare-and-swap
+    /// in one transaction, so two writers of one key cannot both win. Returns the new
+    /// revision, or `None` when the key had changed (read it again, or watch it, to see how).
+    pub async fn put_if(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: Option<i64>,
+        mod_revision: i64,
+    ) -> Result<Option<i64>, EtcdError> {
+        let value = value.into();
+        let op = || format!("put {key} if at revision {mod_revision}");
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::put(key, value, options)]);
+        let resp = self.run(op, |mut c| async move { c.txn(txn).await }).await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        resp.header().map(|h| Some(h.revision())).ok_or_else(|| no_header(op()))
     }
 
     /// Deletes `key`; returns how many keys went.

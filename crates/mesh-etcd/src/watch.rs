@@ -8,6 +8,17 @@
 //! It is pull-based: the consumer's own task calls [`ListWatch::next`], which returns only
 //! events and retries everything else forever, with jittered backoff. How stale the view
 //! is can be read at any time from [`ListWatch::status`].
+//!
+//! Every event of a watch response is delivered, in order: the events of one transaction
+//! (several puts, a `del --prefix`, a lease revoke that takes several keys) share one
+//! revision, so the view's revision moves once per response, after all of them. A progress
+//! notification only confirms that the view is alive; it never moves the revision, because
+//! some etcd releases answer a progress request with a revision ahead of the events still
+//! on their way, and skipping those would lose them.
+//!
+//! [`ListWatch::next`] is cancel-safe: a backoff is a deadline kept in `self`, so a consumer
+//! that polls `next` in a `select!` beside a faster timer still lists once the deadline
+//! passes, instead of restarting the wait on every call.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -88,14 +99,14 @@ pub struct ListWatch {
 
 #[derive(Debug)]
 enum State {
-    /// List after waiting `delay`.
+    /// List once `at` has passed.
     List {
-        delay: Duration,
+        at: Instant,
     },
-    /// Watch from `from` after waiting `delay`.
+    /// Watch from `from` once `at` has passed.
     Watch {
         from: i64,
-        delay: Duration,
+        at: Instant,
     },
     Watching(Box<Watching>),
 }
@@ -112,7 +123,13 @@ struct Watching {
 impl ListWatch {
     /// Lists every key under `prefix` and then watches them.
     pub fn new(etcd: Etcd, prefix: impl Into<String>) -> Self {
-        Self::start(etcd, prefix.into(), true, State::List { delay: Duration::ZERO }, 0)
+        Self::start(etcd, prefix.into(), true, State::List { at: Instant::now() }, 0)
+    }
+
+    /// Lists one exact key (a Reset with zero or one key) and then watches it; a prefix
+    /// watch of `/s/10.0.0.5:5005` would also see `/s/10.0.0.5:50051`.
+    pub fn key(etcd: Etcd, key: impl Into<String>) -> Self {
+        Self::start(etcd, key.into(), false, State::List { at: Instant::now() }, 0)
     }
 
     /// Watches every key under `prefix` from `revision` (inclusive) without listing first,
@@ -120,14 +137,15 @@ impl ListWatch {
     /// has been compacted, it lists again (one Reset) and goes on from there.
     pub fn resume(etcd: Etcd, prefix: impl Into<String>, revision: i64) -> Self {
         let from = revision.max(1);
-        Self::start(etcd, prefix.into(), true, State::Watch { from, delay: Duration::ZERO }, from - 1)
+        Self::start(etcd, prefix.into(), true, State::Watch { from, at: Instant::now() }, from - 1)
     }
 
-    /// Like [`ListWatch::resume`] for one exact key (a prefix watch of
-    /// `/s/10.0.0.5:5005` would also see `/s/10.0.0.5:50051`).
-    pub fn resume_key(etcd: Etcd, key: impl Into<String>, revision: i64) -> Self {
-        let from = revision.max(1);
-        Self::start(etcd, key.into(), false, State::Watch { from, delay: Duration::ZERO }, from - 1)
+    /// Caps the pause between attempts at `max` (default: the options'
+    /// `retry_backoff_max`), for a consumer that must notice changes sooner, such as a
+    /// registration with a short lease.
+    pub fn with_backoff_max(mut self, max: Duration) -> Self {
+        self.backoff = Backoff::new(Duration::from_millis(100), max);
+        self
     }
 
     fn start(etcd: Etcd, prefix: String, is_prefix: bool, state: State, revision: i64) -> Self {
@@ -177,16 +195,15 @@ impl ListWatch {
                 return event;
             }
             match &mut self.state {
-                State::List { delay } => {
-                    let delay = *delay;
-                    tokio::time::sleep(delay).await;
+                State::List { at } => {
+                    tokio::time::sleep_until(*at).await;
                     if let Some(reset) = self.list().await {
                         return reset;
                     }
                 }
-                State::Watch { from, delay } => {
-                    let (from, delay) = (*from, *delay);
-                    tokio::time::sleep(delay).await;
+                State::Watch { from, at } => {
+                    let from = *from;
+                    tokio::time::sleep_until(*at).await;
                     self.open_watch(from).await;
                 }
                 State::Watching(w) => {
@@ -233,7 +250,7 @@ impl ListWatch {
                 self.cluster_id = Some(listing.cluster_id);
                 self.revision = listing.revision;
                 self.backoff.reset();
-                self.state = State::Watch { from: listing.revision + 1, delay: Duration::ZERO };
+                self.state = State::Watch { from: listing.revision + 1, at: Instant::now() };
                 self.status.send_modify(|s| {
                     s.revision = listing.revision;
                     s.confirmed_at = Some(Instant::now());
@@ -244,7 +261,7 @@ impl ListWatch {
             }
             Err(e) => {
                 self.out_of_sync(&e);
-                self.state = State::List { delay: self.backoff.next_delay() };
+                self.list_after_backoff();
                 None
             }
         }
@@ -277,7 +294,7 @@ impl ListWatch {
             Err(e) => {
                 self.out_of_sync(&e);
                 // A watch that cannot be opened may have missed changes: list again.
-                self.state = State::List { delay: self.backoff.next_delay() };
+                self.list_after_backoff();
             }
         }
     }
@@ -309,23 +326,21 @@ impl ListWatch {
             self.rebuild_seen = true;
             return self.relist(format!("etcd's revision {header_revision} is behind ours {}", self.revision));
         }
-        let events = resp.events();
-        for event in events {
+        // The events of one response may share a revision (one transaction), so they are
+        // compared with the revision the view had before this response, and the view moves
+        // once, after all of them. A progress notification (no events) moves nothing.
+        let seen = self.revision;
+        for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             let kv = KeyValue::from_client(kv);
-            if kv.mod_revision <= self.revision {
-                continue; // already in the view
+            if kv.mod_revision <= seen {
+                continue; // already in the view (a watch resumed at an older revision)
             }
-            self.revision = kv.mod_revision;
+            self.revision = self.revision.max(kv.mod_revision);
             self.pending.push_back(match event.event_type() {
                 EventType::Put => WatchEvent::Put(kv),
                 EventType::Delete => WatchEvent::Delete { key: kv.key, revision: kv.mod_revision },
             });
-        }
-        // A progress notification (no events, not the creation) promises every event up to
-        // its revision has been sent.
-        if events.is_empty() && !resp.created() && header_revision > self.revision {
-            self.revision = header_revision;
         }
         let revision = self.revision;
         self.status.send_modify(|s| {
@@ -340,14 +355,20 @@ impl ListWatch {
     fn doubt(&mut self, why: String) {
         warn!(prefix = %self.prefix, "{why}; listing again after a backoff");
         self.lost_sync(why);
-        self.state = State::List { delay: self.backoff.next_delay() };
+        self.list_after_backoff();
     }
 
     /// The view is known to be wrong (compaction, another cluster): list again at once.
     fn relist(&mut self, why: String) {
         info!(prefix = %self.prefix, "{why}; listing again");
         self.lost_sync(why);
-        self.state = State::List { delay: Duration::ZERO };
+        self.state = State::List { at: Instant::now() };
+    }
+
+    /// Lists again once the next backoff has passed: a deadline, so that a `next` that is
+    /// cancelled and called again waits out the rest of it, not all of it anew.
+    fn list_after_backoff(&mut self) {
+        self.state = State::List { at: Instant::now() + self.backoff.next_delay() };
     }
 
     fn out_of_sync(&self, e: &EtcdError) {

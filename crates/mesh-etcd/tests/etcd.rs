@@ -217,3 +217,115 @@ async fn a_hung_etcd_makes_the_view_stale_and_it_recovers() {
     server.put("/h/after", "v").await.expect("put");
     tokio::time::timeout(Duration::from_secs(15), driver).await.expect("recovers and sees /h/after").expect("join");
 }
+
+/// Reads events until `done` holds for the view they build; fails after 10 s.
+async fn view_until(
+    watch: &mut ListWatch,
+    view: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    what: &str,
+    done: impl Fn(&std::collections::BTreeMap<String, Vec<u8>>) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(view) {
+        let event = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the view stopped at {view:?}"));
+        match event {
+            WatchEvent::Reset { kvs, .. } => *view = kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+            WatchEvent::Put(kv) => {
+                view.insert(kv.key, kv.value);
+            }
+            WatchEvent::Delete { key, .. } => {
+                view.remove(&key);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_event_of_a_transaction_a_prefix_delete_and_a_lease_revoke_is_delivered() {
+    let server = mesh_testkit::Etcd::start().await.expect("etcd");
+    let etcd = Etcd::new(options(&server));
+    let mut watch = ListWatch::new(etcd.clone(), "/tx/");
+    let mut view = std::collections::BTreeMap::new();
+    assert!(matches!(next(&mut watch, "reset").await, WatchEvent::Reset { kvs, .. } if kvs.is_empty()));
+
+    // Three puts in one transaction: one response, one revision, three events.
+    let rev = server.put_all(&[("/tx/a", "1"), ("/tx/b", "2"), ("/tx/c", "3")]).await.expect("txn");
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        events.push(next(&mut watch, "a put of the transaction").await);
+    }
+    let keys: Vec<&str> = events
+        .iter()
+        .map(|e| match e {
+            WatchEvent::Put(kv) if kv.mod_revision == rev => kv.key.as_str(),
+            other => panic!("expected three puts at revision {rev}, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(keys, ["/tx/a", "/tx/b", "/tx/c"]);
+    assert_eq!(watch.status().borrow().revision, rev);
+
+    // `etcdctl del --prefix` over the three: three deletes at one revision.
+    assert_eq!(server.delete_prefix("/tx/").await.expect("del --prefix"), 3);
+    for key in ["/tx/a", "/tx/b", "/tx/c"] {
+        assert!(
+            matches!(next(&mut watch, "a delete").await, WatchEvent::Delete { key: k, .. } if k == key),
+            "the delete of {key}"
+        );
+    }
+
+    // A revoked lease takes its three keys in one revision.
+    let lease = server.grant(30).await.expect("grant");
+    for key in ["/tx/x", "/tx/y", "/tx/z"] {
+        server.put_leased(key, "v", lease).await.expect("put with lease");
+    }
+    view_until(&mut watch, &mut view, "three leased keys", |v| v.len() == 3).await;
+    server.revoke(lease).await.expect("revoke");
+    view_until(&mut watch, &mut view, "every leased key gone", |v| v.is_empty()).await;
+    let left = server.get_prefix("/tx/").await.expect("get --prefix");
+    assert!(left.is_empty() && view.is_empty(), "etcd holds {left:?}, the view {view:?}");
+}
+
+#[tokio::test]
+async fn a_next_cancelled_every_200ms_still_lists_when_its_backoff_deadline_passes() {
+    let mut server = mesh_testkit::Etcd::start().await.expect("etcd");
+    let etcd = Etcd::new(options(&server));
+    let mut watch = ListWatch::new(etcd.clone(), "/b/").with_backoff_max(Duration::from_secs(3));
+    assert!(matches!(next(&mut watch, "reset").await, WatchEvent::Reset { .. }));
+    server.kill(0).expect("kill");
+    // The watch fails, and each failed listing doubles the backoff towards 3 s; a consumer
+    // that races `next` against a 200 ms timer (as the registrar does with its keepalive)
+    // cancels it over and over meanwhile.
+    let down = tokio::time::Instant::now();
+    while down.elapsed() < Duration::from_secs(6) {
+        let _ = tokio::time::timeout(Duration::from_millis(200), watch.next()).await;
+    }
+    server.restart(0).await.expect("restart");
+    server.put("/b/after", "v").await.expect("put");
+    let back = tokio::time::Instant::now();
+    loop {
+        // At most the longest backoff (3 s), plus a listing, after etcd's return.
+        assert!(back.elapsed() < Duration::from_secs(5), "no listing within 5 s of etcd's return");
+        if let Ok(event) = tokio::time::timeout(Duration::from_millis(200), watch.next()).await
+            && shows(&event, "/b/after")
+        {
+            break;
+        }
+    }
+    println!("listed {:?} after etcd came back", back.elapsed());
+}
+
+#[tokio::test]
+async fn put_if_lets_exactly_one_of_two_writers_of_a_key_win() {
+    let server = mesh_testkit::Etcd::start().await.expect("etcd");
+    let etcd = Etcd::new(options(&server));
+    let (a, b) = tokio::join!(etcd.put_if("/cas/k", "a", None, 0), etcd.put_if("/cas/k", "b", None, 0));
+    let (a, b) = (a.expect("a"), b.expect("b"));
+    assert!(a.is_some() != b.is_some(), "exactly one creates the key: {a:?} {b:?}");
+    let held = etcd.get("/cas/k").await.expect("get").expect("present");
+    assert_eq!(held.value, if a.is_some() { b"a".to_vec() } else { b"b".to_vec() });
+    assert_eq!(etcd.put_if("/cas/k", "c", None, held.mod_revision - 1).await.expect("stale"), None);
+    let rev = etcd.put_if("/cas/k", "c", None, held.mod_revision).await.expect("current");
+    assert!(rev.is_some_and(|r| r > held.mod_revision));
+}

@@ -222,6 +222,42 @@ impl Etcd {
         self.range(body, prefix).await
     }
 
+    /// Puts every pair in one transaction, so that a watcher gets all of them in one response
+    /// at one revision, as a Go program's `Txn().Then(OpPut(…), OpPut(…))` does. Returns that
+    /// revision.
+    pub async fn put_all(&self, pairs: &[(&str, &str)]) -> Result<i64, Error> {
+        let success: Vec<Value> =
+            pairs.iter().map(|(k, v)| json!({"request_put": {"key": B64.encode(k), "value": B64.encode(v)}})).collect();
+        let resp = self.call("/v3/kv/txn", json!({"success": success})).await?;
+        revision(&resp, "txn")
+    }
+
+    /// Puts `key` = `value` attached to `lease` (see [`Etcd::grant`]).
+    pub async fn put_leased(&self, key: &str, value: impl AsRef<[u8]>, lease: i64) -> Result<i64, Error> {
+        let body = json!({"key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string()});
+        let resp = self.call("/v3/kv/put", body).await?;
+        revision(&resp, &format!("put {key}"))
+    }
+
+    /// Grants a lease of `ttl_secs`; returns its id.
+    pub async fn grant(&self, ttl_secs: i64) -> Result<i64, Error> {
+        let resp = self.call("/v3/lease/grant", json!({"TTL": ttl_secs.to_string()})).await?;
+        number(&resp["ID"]).ok_or_else(|| gateway_err("grant", format!("no ID in {resp}")))
+    }
+
+    /// Revokes `lease`, deleting every key attached to it in one revision.
+    pub async fn revoke(&self, lease: i64) -> Result<(), Error> {
+        self.call("/v3/lease/revoke", json!({"ID": lease.to_string()})).await.map(drop)
+    }
+
+    /// Deletes every key under `prefix` in one revision (`etcdctl del --prefix`); returns
+    /// how many went.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<i64, Error> {
+        let body = json!({"key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix))});
+        let resp = self.call("/v3/kv/deleterange", body).await?;
+        Ok(number(&resp["deleted"]).unwrap_or(0))
+    }
+
     /// Deletes `key`; returns how many keys were deleted.
     pub async fn delete(&self, key: &str) -> Result<i64, Error> {
         let resp = self.call("/v3/kv/deleterange", json!({"key": B64.encode(key)})).await?;
