@@ -102,6 +102,8 @@ fn classify(e: &etcd_client::Error) -> ErrorKind {
         E::IoError(io) => ErrorKind::Unavailable(io.to_string()),
         E::InvalidArgs(m) | E::EndpointError(m) => ErrorKind::Invalid(m.clone()),
         E::InvalidUri(u) => ErrorKind::Invalid(u.to_string()),
+        // A keepalive stream reports a lease that is gone as a stream error.
+        E::WatchError(m) | E::LeaseKeepAliveError(m) if m.contains("lease not found") => ErrorKind::LeaseNotFound,
         E::WatchError(m) | E::LeaseKeepAliveError(m) => ErrorKind::Unavailable(m.clone()),
         other => ErrorKind::Other(other.to_string()),
     }

@@ -181,3 +181,98 @@ async fn deregistering_what_never_registered_returns_at_once() {
         .expect("no wait for an etcd that never answered")
         .expect("nothing to do is fine");
 }
+
+/// An instance with a fixed id at `port`, as two servers started with one `--instance-id`.
+fn named(id: &str, port: u16) -> Instance {
+    Instance { id: id.into(), ..instance(port) }
+}
+
+async fn holder(etcd: &mesh_testkit::Etcd, key: &str) -> Option<mesh_testkit::KeyValue> {
+    etcd.get_prefix(key).await.ok()?.into_iter().find(|kv| kv.key == key)
+}
+
+#[tokio::test]
+async fn two_live_instances_with_one_id_do_not_fight_and_the_second_takes_over_when_the_first_leaves() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let first = registrar(&etcd, 2).spawn(&named("dup", 50060));
+    assert!(first.wait_registered(Duration::from_secs(5)).await);
+    let key = first.key().to_string();
+    let start = etcd.revision().await.expect("revision");
+    let second = registrar(&etcd, 2).spawn(&named("dup", 50061));
+    eventually("the second sees the conflict", Duration::from_secs(5), || async {
+        second.state().borrow().conflict.clone()
+    })
+    .await
+    .expect("conflict reported");
+    // Several TTLs of both running: the key stays with the first, and etcd's history grows
+    // by keepalives only (which write no revision), not by puts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let grown = etcd.revision().await.expect("revision") - start;
+    assert!(grown < 50, "etcd's revision grew by {grown} in 5 s: the two are fighting");
+    let kv = holder(&etcd, &key).await.expect("the key is held");
+    assert_eq!(Some(kv.lease), first.state().borrow().lease, "the first keeps it");
+    assert!(kv.value.contains("127.0.0.1:50060"), "{}", kv.value);
+    let second_state = second.state().borrow().clone();
+    assert!(!second_state.registered, "{second_state:?}");
+    assert_eq!(second_state.conflict.as_deref(), Some("127.0.0.1:50060"), "names the other address");
+    assert_eq!(first.state().borrow().puts, 1, "the first never had to put its key back");
+
+    // A graceful exit frees the key at once, and the second takes it within a second.
+    first.deregister(Duration::from_secs(2)).await.expect("deregister");
+    let freed = Instant::now();
+    assert!(second.wait_registered(Duration::from_secs(2)).await, "{:?}", second.state().borrow());
+    println!("the second took the key {:?} after the first deregistered", freed.elapsed());
+    let kv = holder(&etcd, &key).await.expect("held");
+    assert!(kv.value.contains("127.0.0.1:50061") && Some(kv.lease) == second.state().borrow().lease, "{kv:?}");
+    assert_eq!(second.state().borrow().conflict, None);
+
+    // A crash leaves the key until its lease expires; a third instance waiting on it
+    // takes it within the TTL (2 s) plus a backoff.
+    let third = registrar(&etcd, 2).spawn(&named("dup", 50062));
+    eventually("the third sees the conflict", Duration::from_secs(5), || async {
+        third.state().borrow().conflict.clone()
+    })
+    .await
+    .expect("conflict");
+    drop(second);
+    let crashed = Instant::now();
+    assert!(third.wait_registered(Duration::from_secs(4)).await, "{:?}", third.state().borrow());
+    println!("the third took the key {:?} after the second crashed", crashed.elapsed());
+}
+
+#[tokio::test]
+async fn a_restart_at_the_same_address_replaces_the_previous_runs_key_at_once() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let before = registrar(&etcd, 10).spawn(&instance(50063));
+    assert!(before.wait_registered(Duration::from_secs(5)).await);
+    let old_lease = before.state().borrow().lease;
+    drop(before); // kill -9: the key stays until its 10 s lease expires
+    let again = registrar(&etcd, 10).spawn(&instance(50063));
+    assert!(again.wait_registered(Duration::from_secs(2)).await, "{:?}", again.state().borrow());
+    let kv = holder(&etcd, again.key()).await.expect("held");
+    assert_ne!(Some(kv.lease), old_lease);
+    assert_eq!(Some(kv.lease), again.state().borrow().lease);
+}
+
+#[tokio::test]
+async fn after_an_outage_that_grew_every_backoff_a_deleted_key_is_back_within_1s() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 3).spawn(&instance(50064));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    // Longer than the TTL: the lease expires, and the key's watch backs off to its cap.
+    etcd.kill(0).expect("kill");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    etcd.restart(0).await.expect("restart");
+    eventually("registered again", Duration::from_secs(5), || async {
+        let s = reg.state().borrow().clone();
+        (s.registered && present(&etcd, reg.key()).await).then_some(())
+    })
+    .await
+    .expect("re-registered");
+    assert_eq!(etcd.delete(reg.key()).await.expect("delete"), 1);
+    let deleted_at = Instant::now();
+    eventually("key back", Duration::from_secs(1), || async { present(&etcd, reg.key()).await.then_some(()) })
+        .await
+        .expect("back within 1 s");
+    println!("put back after {:?}", deleted_at.elapsed());
+}

@@ -49,6 +49,11 @@ impl Server {
         format!("{PREFIX}{}", self.name)
     }
 
+    /// What it logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._logs.path()).unwrap_or_default()
+    }
+
     /// SIGTERM, then the exit status.
     fn stop(mut self) -> std::process::ExitStatus {
         mesh_etcd_local::signal(self.child.id(), Signal::Term).expect("SIGTERM");
@@ -349,4 +354,40 @@ async fn killing_the_etcd_leader_of_three_under_load_fails_no_call_and_loses_no_
     registered(&etcd, &[&s4], Duration::from_secs(10)).await;
     load.routes_to(&["s1", "s2", "s3", "s4"], Duration::from_secs(5)).await;
     load.finish_with_no_failed_call().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_with_one_instance_id_do_not_fight_and_the_second_takes_over_when_the_first_exits() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let first = Server::start("dup", &etcd);
+    registered(&etcd, &[&first], Duration::from_secs(10)).await;
+    let start = etcd.revision().await.expect("revision");
+    let second = Server::start("dup", &etcd);
+    let started = Instant::now();
+    eventually("the second logs the conflict", Duration::from_secs(10), || async {
+        second.log().contains("not registering").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; its log: {}", second.log()));
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(started.elapsed())).await;
+    let grown = etcd.revision().await.expect("revision") - start;
+    assert!(grown < 50, "etcd's revision grew by {grown} in 10 s: the two servers are fighting over the key");
+    let held = etcd.get(&first.key()).await.expect("get").expect("held");
+    assert!(held.contains(&first.addr), "the first keeps the key: {held}");
+    let log = second.log();
+    let conflicts: Vec<&str> = log.lines().filter(|l| l.contains("not registering")).collect();
+    assert_eq!(conflicts.len(), 1, "the conflict is logged once: {conflicts:?}");
+    assert!(conflicts[0].contains(&first.key()) && conflicts[0].contains(&first.addr), "{}", conflicts[0]);
+    assert!(conflicts[0].contains("ERROR"), "{}", conflicts[0]);
+
+    let status = first.stop();
+    assert!(status.success(), "{status}");
+    let exited = Instant::now();
+    // The first deregisters on the way out, so the second takes the key well within a TTL.
+    eventually("the second holds the key", Duration::from_secs(3), || async {
+        etcd.get(&second.key()).await.ok().flatten().filter(|v| v.contains(&second.addr)).map(drop)
+    })
+    .await
+    .expect("taken over");
+    println!("the second server took the key {:?} after the first exited", exited.elapsed());
 }
