@@ -1,55 +1,118 @@
 //! The balanced channel: a `tower::Service` over the current endpoint set that picks an
-//! endpoint per call, skips endpoints that are not usable, and turns every failure into a
-//! gRPC status that names the service or endpoint.
+//! endpoint per call and keeps tower's contract with the per-endpoint services under it.
+//!
+//! Each clone of the channel owns its own instance of each endpoint's service, cloned
+//! from the endpoint's prototype the first time the clone calls it and kept for the next
+//! calls, as each clone of a tonic `Channel` owns its own slot in the channel's buffer.
+//! A call polls that instance's `poll_ready` with the caller's waker (the one its
+//! `poll_ready` received) and calls the same instance once it is ready. So a layer that
+//! reserves capacity in `poll_ready` and spends it in `call` (a concurrency limit, a
+//! breaker letting one probe through) works as it does under tower's own balancer, and
+//! state a layer keeps outside an `Arc` lives as long as the clone.
+//!
+//! The endpoint is chosen per call, in `call` (consistent hashing needs the request), among
+//! endpoints whose connection is up. When none can take the call at once, the call waits,
+//! bounded by its deadline (its `grpc-timeout`): for the first endpoint set before
+//! discovery has produced one (also bounded by [`crate::BalancerConfig::first_resolution_timeout`]),
+//! for a connection to come up, for a layer's backpressure to ease. It fails at once only
+//! when every endpoint is unreachable or refuses (its `poll_ready` fails), and with "no
+//! endpoints" only once a set has been applied and is empty.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use pin_project_lite::pin_project;
-use tokio::sync::{Notify, watch};
-use tokio::task::AbortHandle;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
-use tower_layer::Layer;
 use tower_service::Service;
-use tracing::{debug, info, warn};
 
-use crate::connector::{Liveness, TrackingConnector};
-use crate::pick::ewma::PeakEwma;
-use crate::pick::{PickEndpoint, PickInput, Picker, ring};
+use crate::conn::EndpointState;
+use crate::pick::{PickInput, ring};
+use crate::snapshot::{Entry, Shared, Snapshot, Stats, now_nanos};
+use crate::status::{self, BoxError};
 use crate::strategy::{HashKey, MissingKey, P2cLoad, Strategy};
-use crate::{BalancerConfig, Endpoint, EndpointSet};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A client channel that spreads calls over a live set of endpoints. Cheap to clone; all
-/// clones share the endpoints, their connections and the strategy. Generated clients take
-/// it as they take a tonic `Channel`: `GreeterClient::new(balanced)`.
+/// clones share the endpoints, their connections and the strategy, and each clone keeps
+/// its own instance of each endpoint's service stack (see the module docs of the crate).
+/// Generated clients take it as they take a tonic `Channel`:
+/// `GreeterClient::new(balanced)`.
 ///
-/// It never returns an error itself: no endpoint, no usable endpoint, or a transport failure
-/// comes back as a gRPC status (UNAVAILABLE, or INVALID_ARGUMENT for a missing hash key).
+/// It never returns an error itself: every failure comes back as a gRPC status, the
+/// endpoint's own when it gave one, UNAVAILABLE naming the service when no endpoint can
+/// take the call, DEADLINE_EXCEEDED when the call's deadline passed first, and
+/// INVALID_ARGUMENT for a call without the key consistent hashing was told to require.
 /// Built by [`crate::Balancer::spawn`]; the background task that applies updates stops when
 /// the last clone is dropped.
-#[derive(Debug)]
 pub struct BalancedChannel<S> {
     shared: Arc<Shared<S>>,
+    local: Local<S>,
+}
+
+/// What one clone keeps for itself.
+struct Local<S> {
+    /// The snapshot this clone last used, and its own service instances, by entry index.
+    snap: Arc<Snapshot<S>>,
+    services: Vec<Option<S>>,
+    /// Round robin's and weighted round robin's turn.
+    ticket: usize,
+    /// State of a xorshift generator: random picks without touching shared state.
+    rng: u64,
+    /// The waker of the task that polled this clone ready, to poll endpoint services with.
+    waker: Option<Waker>,
+    /// Where a call that had to wait leaves the instance it used, for this clone to keep.
+    returned: Arc<Returned<S>>,
+}
+
+/// An instance a waiting call hands back to the clone that made the call.
+struct Returned<S> {
+    full: AtomicBool,
+    slot: Mutex<Option<(Arc<Entry<S>>, S)>>,
+}
+
+impl<S> Returned<S> {
+    fn put(&self, entry: Arc<Entry<S>>, service: S) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((entry, service));
+        self.full.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<(Arc<Entry<S>>, S)> {
+        if !self.full.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl<S> std::fmt::Debug for BalancedChannel<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalancedChannel")
+            .field("service", &self.shared.service)
+            .field("endpoints", &self.local.snap.entries.len())
+            .field("strategy", &self.local.snap.strategy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> Clone for BalancedChannel<S> {
+    /// A new handle on the same endpoints. It keeps no service instance or readiness of the
+    /// original: those belong to the clone that polled them.
     fn clone(&self) -> Self {
-        BalancedChannel { shared: self.shared.clone() }
+        BalancedChannel::from_shared(self.shared.clone())
     }
 }
 
 /// What the balancer knows of one endpoint, for tables and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EndpointStatus {
     /// The endpoint's id.
     pub id: String,
@@ -57,21 +120,25 @@ pub struct EndpointStatus {
     pub address: String,
     /// Its weight.
     pub weight: u32,
-    /// Whether calls may go there (not known to be down).
+    /// Its connection's state.
+    pub state: EndpointState,
+    /// Whether calls may go there (it is not unreachable).
     pub usable: bool,
     /// Whether a connection is open.
     pub connected: bool,
     /// Calls in flight now.
-    pub in_flight: usize,
+    pub in_flight: u64,
     /// Calls sent there since it was added.
     pub requests: u64,
-    /// Of those, calls that failed (transport error or a non-OK status in the headers).
+    /// Of those, calls that failed there: a transport error, or a non-OK status other than
+    /// DEADLINE_EXCEEDED and CANCELLED (the caller's, not the endpoint's).
     pub failures: u64,
 }
 
 /// Why [`BalancedChannel::wait_ready`] gave up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("no endpoint of service {service} became reachable within {waited:?} ({endpoints} known)")]
+#[non_exhaustive]
 pub struct NotReady {
     /// The service name.
     pub service: String,
@@ -81,220 +148,24 @@ pub struct NotReady {
     pub endpoints: usize,
 }
 
-// === shared state ===
-
-pub(crate) struct Shared<S> {
-    pub(crate) service: Arc<str>,
-    snapshot: ArcSwap<Snapshot<S>>,
-    ticket: AtomicUsize,
-    pub(crate) went_down: Arc<Notify>,
-    control: Mutex<Control<S>>,
-    /// Counts applied updates, so waiters can wake on change.
-    pub(crate) version: watch::Sender<u64>,
-    pub(crate) task: OnceLock<AbortHandle>,
-}
-
-impl<S> std::fmt::Debug for Shared<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("service", &self.service)
-            .field("endpoints", &self.snapshot.load().entries.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> Drop for Shared<S> {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.get() {
-            task.abort();
-        }
-    }
-}
-
-type MakeService<S> = Box<dyn Fn(tonic::transport::Channel) -> S + Send + Sync>;
-
-struct Control<S> {
-    strategy: Strategy,
-    entries: Vec<Arc<Entry<S>>>,
-    make: MakeService<S>,
-    config: BalancerConfig,
-}
-
-pub(crate) struct Snapshot<S> {
-    pub(crate) entries: Vec<Arc<Entry<S>>>,
-    picker: Picker,
-    strategy: Strategy,
-}
-
-/// One endpoint as the balancer holds it. A weight or metadata change makes a new `Entry`
-/// around the same `Core`, so the connection and counters survive it.
-pub(crate) struct Entry<S> {
-    pub(crate) endpoint: Endpoint,
-    pub(crate) core: Arc<Core<S>>,
-}
-
-pub(crate) struct Core<S> {
-    service: S,
-    pub(crate) live: Arc<Liveness>,
-    pub(crate) url: http::Uri,
-    stats: Arc<Stats>,
-}
-
-/// Counters of one endpoint; held by in-flight calls too, so they outlive its removal.
-#[derive(Debug)]
-struct Stats {
-    label: String,
-    in_flight: AtomicUsize,
-    requests: AtomicU64,
-    failures: AtomicU64,
-    ewma: Mutex<PeakEwma>,
-}
-
-impl<S> Shared<S> {
-    pub(crate) fn new(config: BalancerConfig, make: MakeService<S>) -> Self {
-        let strategy = config.strategy.clone();
-        Shared {
-            service: config.service.as_str().into(),
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                entries: Vec::new(),
-                picker: Picker::new(&strategy, &[]),
-                strategy: strategy.clone(),
-            }),
-            ticket: AtomicUsize::new(0),
-            went_down: Arc::new(Notify::new()),
-            control: Mutex::new(Control { strategy, entries: Vec::new(), make, config }),
-            version: watch::Sender::new(0),
-            task: OnceLock::new(),
-        }
-    }
-
-    fn control(&self) -> std::sync::MutexGuard<'_, Control<S>> {
-        // Poisoning means a panic while applying an update; the data is still consistent
-        // (each field is replaced whole), so keep serving.
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot<S>>> {
-        self.snapshot.load()
-    }
-
-    /// Replaces the endpoint set with `set`, keeping the connections of endpoints that stay.
-    pub(crate) fn apply(&self, set: EndpointSet)
-    where
-        S: Clone,
-    {
-        let mut control = self.control();
-        let mut old: HashMap<&str, &Arc<Entry<S>>> =
-            control.entries.iter().map(|e| (e.endpoint.id.as_str(), e)).collect();
-        let mut next: Vec<Arc<Entry<S>>> = Vec::with_capacity(set.endpoints.len());
-        let mut index: HashMap<String, usize> = HashMap::new();
-        let (mut added, mut kept) = (0usize, 0usize);
-        for endpoint in set.endpoints {
-            let entry = match old.remove(endpoint.id.as_str()) {
-                Some(existing) if existing.endpoint == endpoint => {
-                    kept += 1;
-                    existing.clone()
-                }
-                Some(existing) if existing.endpoint.address == endpoint.address => {
-                    kept += 1;
-                    Arc::new(Entry { endpoint, core: existing.core.clone() })
-                }
-                _ => match self.connect(&control, &endpoint) {
-                    Ok(core) => {
-                        added += 1;
-                        Arc::new(Entry { endpoint, core: Arc::new(core) })
-                    }
-                    Err(reason) => {
-                        warn!(
-                            service = %self.service,
-                            id = %endpoint.id,
-                            address = %endpoint.address,
-                            "skipping endpoint with a malformed address: {reason}"
-                        );
-                        continue;
-                    }
-                },
-            };
-            // A later duplicate id replaces the earlier one.
-            match index.get(&entry.endpoint.id) {
-                Some(&i) => next[i] = entry,
-                None => {
-                    index.insert(entry.endpoint.id.clone(), next.len());
-                    next.push(entry);
-                }
-            }
-        }
-        let removed = old.len();
-        control.entries = next;
-        self.publish(&control);
-        info!(
-            service = %self.service,
-            endpoints = control.entries.len(),
-            added,
-            kept,
-            removed,
-            "endpoint set updated"
-        );
-    }
-
-    pub(crate) fn set_strategy(&self, strategy: Strategy) {
-        let mut control = self.control();
-        info!(service = %self.service, from = %control.strategy, to = %strategy, "strategy switched");
-        control.strategy = strategy;
-        self.publish(&control);
-    }
-
-    fn publish(&self, control: &Control<S>) {
-        let picks: Vec<PickEndpoint<'_>> =
-            control.entries.iter().map(|e| PickEndpoint { id: &e.endpoint.id, weight: e.endpoint.weight }).collect();
-        let picker = Picker::new(&control.strategy, &picks);
-        self.snapshot.store(Arc::new(Snapshot {
-            entries: control.entries.clone(),
-            picker,
-            strategy: control.strategy.clone(),
-        }));
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    fn connect(&self, control: &Control<S>, endpoint: &Endpoint) -> Result<Core<S>, String> {
-        let url = endpoint.url();
-        let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(format!("{url:?} has no host"));
-        }
-        let cfg = &control.config;
-        // No tonic connect_timeout: with a custom connector tonic would wrap every
-        // connection in hyper-timeout's stream; the connector bounds the connect itself.
-        let tonic_endpoint = tonic::transport::Endpoint::from(uri.clone())
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(cfg.keepalive_interval)
-            .keep_alive_timeout(cfg.keepalive_timeout)
-            .keep_alive_while_idle(true);
-        let live = Arc::new(Liveness::new(self.went_down.clone()));
-        let connector = TrackingConnector { live: live.clone(), timeout: cfg.connect_timeout };
-        let channel = tonic_endpoint.connect_with_connector_lazy(connector);
-        let stats = Arc::new(Stats {
-            label: format!("endpoint {} ({}) of service {}", endpoint.id, endpoint.address, self.service),
-            in_flight: AtomicUsize::new(0),
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            ewma: Mutex::new(PeakEwma::default()),
-        });
-        Ok(Core { service: (control.make)(channel), live, url: uri, stats })
-    }
-}
-
 // === impl BalancedChannel ===
 
 impl<S> BalancedChannel<S> {
     pub(crate) fn from_shared(shared: Arc<Shared<S>>) -> Self {
-        BalancedChannel { shared }
+        let snap = shared.snapshot();
+        let ticket = shared.clones.fetch_add(1, Ordering::Relaxed);
+        let rng = rand::random::<u64>() | 1;
+        let returned = Arc::new(Returned { full: AtomicBool::new(false), slot: Mutex::new(None) });
+        BalancedChannel { shared, local: Local { snap, services: Vec::new(), ticket, rng, waker: None, returned } }
     }
 
-    /// Switches the strategy for every clone, from the next call on; in-flight calls are
-    /// not affected.
-    pub fn set_strategy(&self, strategy: Strategy) {
-        self.shared.set_strategy(strategy);
+    /// Switches the strategy for every clone; returns once calls use it. In-flight calls
+    /// are not affected.
+    pub async fn set_strategy(&self, strategy: Strategy) {
+        let (ack, applied) = tokio::sync::oneshot::channel();
+        if self.shared.switches.send((strategy, ack)).is_ok() {
+            let _ = applied.await;
+        }
     }
 
     /// The strategy in use.
@@ -307,10 +178,27 @@ impl<S> BalancedChannel<S> {
         &self.shared.service
     }
 
-    /// A receiver that is marked changed each time an endpoint-set update or a strategy
-    /// switch has been applied; for waiting on the balancer instead of polling it.
+    /// How many endpoint sets and strategy switches have been applied so far. A count, not
+    /// an event: `applied().wait_for(|&n| n > seen)` also sees one applied before it
+    /// subscribed.
     pub fn applied(&self) -> watch::Receiver<u64> {
-        self.shared.version.subscribe()
+        self.shared.published.subscribe()
+    }
+
+    /// Waits until the first endpoint set has been applied (at once if it has), at most
+    /// `timeout`; returns whether it has. Calls do this themselves; this is for callers
+    /// that want to know, say, to report that discovery found nothing.
+    pub async fn resolved(&self, timeout: Duration) -> bool {
+        let mut changes = self.shared.changes.subscribe();
+        let wait = async {
+            while !self.shared.snapshot().resolved {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = timeout_at(deadline_after(timeout), wait).await;
+        self.shared.snapshot().resolved
     }
 
     /// The endpoints now in the set, with their state and counters.
@@ -319,50 +207,142 @@ impl<S> BalancedChannel<S> {
             .snapshot()
             .entries
             .iter()
-            .map(|e| EndpointStatus {
-                id: e.endpoint.id.clone(),
-                address: e.endpoint.address.clone(),
-                weight: e.endpoint.weight,
-                usable: e.core.live.usable(),
-                connected: e.core.live.is_up(),
-                in_flight: e.core.stats.in_flight.load(Ordering::Relaxed),
-                requests: e.core.stats.requests.load(Ordering::Relaxed),
-                failures: e.core.stats.failures.load(Ordering::Relaxed),
+            .map(|e| {
+                let state = e.core.conn.state();
+                let stats = &e.core.stats;
+                EndpointStatus {
+                    id: e.endpoint.id.clone(),
+                    address: e.endpoint.address.clone(),
+                    weight: e.endpoint.weight,
+                    state,
+                    usable: state != EndpointState::Unreachable,
+                    connected: e.core.conn.is_connected(),
+                    in_flight: stats.in_flight(),
+                    requests: stats.requests(),
+                    failures: stats.failures(),
+                }
             })
             .collect()
     }
 
-    /// Waits until every endpoint has been probed once and at least one is reachable, so
-    /// that the first calls of a short-lived client do not race the probes. Returns how many
-    /// endpoints are usable.
+    /// Waits until a set has been applied, no endpoint is still connecting and at least one
+    /// is connected, so that a short-lived client can tell "cannot reach any server" before
+    /// its first call. Returns how many endpoints are connected.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<usize, NotReady> {
-        let mut changes = self.shared.version.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.shared.changes.subscribe();
+        let deadline = deadline_after(timeout);
         loop {
+            changes.borrow_and_update();
             let snap = self.shared.snapshot();
-            let pending = snap.entries.iter().any(|e| e.core.live.is_new());
-            let usable = snap.entries.iter().filter(|e| e.core.live.usable()).count();
-            if !pending && usable > 0 {
-                return Ok(usable);
+            let count = |s: EndpointState| snap.entries.iter().filter(|e| e.core.conn.state() == s).count();
+            let (ready, connecting) = (count(EndpointState::Ready), count(EndpointState::Connecting));
+            if snap.resolved && connecting == 0 && ready > 0 {
+                return Ok(ready);
             }
             let endpoints = snap.entries.len();
             drop(snap);
-            let wait = tokio::time::timeout_at(deadline, async {
-                tokio::select! {
-                    _ = changes.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
-                }
-            });
-            if wait.await.is_err() {
+            if timeout_at(deadline, changes.changed()).await.is_err() {
                 return Err(NotReady { service: self.shared.service.to_string(), waited: timeout, endpoints });
             }
         }
+    }
+
+    /// Takes the newest snapshot if one was published since this clone last looked,
+    /// keeping its instances of the endpoints that stay, and an instance a waiting call
+    /// handed back.
+    fn refresh(&mut self) {
+        self.take_snapshot();
+        if let Some((entry, service)) = self.local.returned.take() {
+            self.keep(entry, service);
+        }
+    }
+
+    fn take_snapshot(&mut self) {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation == self.local.snap.generation {
+            return;
+        }
+        let snap = self.shared.snapshot();
+        let local = &mut self.local;
+        let mut kept: HashMap<*const crate::snapshot::Core<S>, S> = HashMap::new();
+        for (entry, service) in local.snap.entries.iter().zip(local.services.drain(..)) {
+            if let Some(service) = service {
+                kept.insert(Arc::as_ptr(&entry.core), service);
+            }
+        }
+        if !kept.is_empty() {
+            local.services = snap.entries.iter().map(|e| kept.remove(&Arc::as_ptr(&e.core))).collect();
+        }
+        local.snap = snap;
+    }
+}
+
+impl<S> BalancedChannel<S> {
+    /// Keeps `service`, an instance of `entry`'s stack a waiting call used, unless this
+    /// clone has one already or the endpoint left the snapshot it uses.
+    fn keep(&mut self, entry: Arc<Entry<S>>, service: S) {
+        let local = &mut self.local;
+        if let Some(i) = local.snap.entries.iter().position(|e| Arc::ptr_eq(&e.core, &entry.core)) {
+            if local.services.len() != local.snap.entries.len() {
+                local.services.resize_with(local.snap.entries.len(), || None);
+            }
+            local.services[i].get_or_insert(service);
+        }
+    }
+}
+
+/// `timeout` from now, or never if it does not fit in an `Instant`.
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+/// `future`, or `Err(())` once `deadline` (if any) has passed.
+async fn timeout_at<F: Future>(deadline: Option<Instant>, future: F) -> Result<F::Output, ()> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at, future).await.map_err(drop),
+        None => Ok(future.await),
+    }
+}
+
+/// xorshift64*: a fresh random number from a clone's own state, without the shared or
+/// thread-local state of a general-purpose generator.
+fn next_random(rng: &mut u64) -> u64 {
+    let mut x = *rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *rng = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// Why no endpoint took a call at once.
+#[derive(Default)]
+struct Skipped {
+    connecting: usize,
+    unreachable: usize,
+    refused: usize,
+    last_refusal: Option<BoxError>,
+}
+
+impl Skipped {
+    /// UNAVAILABLE saying why none of `n` endpoints can take the call.
+    fn status(&self, n: usize, service: &str) -> Status {
+        let why = match (self.unreachable, self.refused) {
+            (u, 0) if u == n => "are unreachable".to_string(),
+            (0, r) if r == n => "are ejected".to_string(),
+            (u, r) => format!("are unavailable ({u} unreachable, {r} ejected)"),
+        };
+        let mut message = format!("all {n} endpoints of service {service} {why}");
+        if let Some(e) = &self.last_refusal {
+            message.push_str(&format!("; the last said: {}", mesh_util::error_chain(&**e)));
+        }
+        Status::unavailable(message)
     }
 }
 
 impl<S> Service<http::Request<Body>> for BalancedChannel<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
@@ -370,139 +350,188 @@ where
     type Error = Infallible;
     type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The endpoint is chosen per call (consistent hashing needs the request), so
-        // readiness is checked in `call`, where unready endpoints are skipped.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The endpoint is chosen in `call`, where the request is known; its service is
+        // polled there with this waker, and the call waits in its future when none is
+        // ready, bounded by its deadline, which only the request carries.
+        match &self.local.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => self.local.waker = Some(cx.waker().clone()),
+        }
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        self.refresh();
         let shared = &self.shared;
-        let snap = shared.snapshot();
+        let Local { snap, services, ticket, rng, waker, returned } = &mut self.local;
+        let Some(waker) = waker.as_ref() else {
+            // Called without `poll_ready`: nothing to poll with here, so the future does it.
+            return ResponseFuture::waiting(shared.clone(), request, Vec::new(), returned.clone());
+        };
+        if !snap.resolved {
+            return ResponseFuture::waiting(shared.clone(), request, Vec::new(), returned.clone());
+        }
         let n = snap.entries.len();
         if n == 0 {
             return ResponseFuture::failed(Status::unavailable(format!("no endpoints for service {}", shared.service)));
         }
-        let key = match &snap.strategy {
-            Strategy::ConsistentHash(cfg) => match hash_key_of(&request, &cfg.header) {
-                Some(key) => Some(key),
-                None if cfg.on_missing_key == MissingKey::Reject => {
-                    return ResponseFuture::failed(Status::invalid_argument(format!(
-                        "service {} balances by consistent hash and the call has no key: set the {} header",
-                        shared.service, cfg.header
-                    )));
-                }
-                None => None,
-            },
-            _ => None,
+        if services.len() != n {
+            services.resize_with(n, || None);
+        }
+        let key = match hash_key(&snap.strategy, &request, &shared.service) {
+            Ok(key) => key,
+            Err(status) => return ResponseFuture::failed(status),
         };
         let needs_random = matches!(snap.strategy, Strategy::Random | Strategy::P2c(_)) || key.is_none();
-        let input = PickInput {
-            ticket: shared.ticket.fetch_add(1, Ordering::Relaxed),
-            random: if needs_random { rand::random() } else { 0 },
-            key,
-        };
+        let input = PickInput { ticket: *ticket, random: if needs_random { next_random(rng) } else { 0 }, key };
         let now = match snap.strategy {
             Strategy::P2c(P2cLoad::PeakEwma { .. }) => now_nanos(),
             _ => 0,
         };
-        let load = |i: usize| load_of(&snap.entries[i], &snap.strategy, now);
-        let Some(first) = snap.picker.first(&input, load) else {
+        let Some(first) = snap.picker.first(&input, |i| load(&snap.entries[i], &snap.strategy, now)) else {
             return ResponseFuture::failed(Status::unavailable(format!("no endpoints for service {}", shared.service)));
         };
-        if let Some(svc) = ready(&snap.entries[first]) {
-            return call(&snap.entries[first], svc, request, &snap.strategy);
-        }
-        let mut tried = 1;
-        for i in snap.picker.fallbacks(first, &input) {
-            tried += 1;
-            if let Some(svc) = ready(&snap.entries[i]) {
-                return call(&snap.entries[i], svc, request, &snap.strategy);
+        let mut cx = Context::from_waker(waker);
+        let mut skipped = Skipped::default();
+        let mut pending = Vec::new();
+        // Fallbacks are only worked out when the first choice cannot take the call.
+        let mut fallbacks = None;
+        for tried in 1..=n {
+            let i = if tried == 1 {
+                first
+            } else {
+                match fallbacks.get_or_insert_with(|| snap.picker.fallbacks(first, &input)).next() {
+                    Some(i) => i,
+                    None => break,
+                }
+            };
+            let entry = &snap.entries[i];
+            match entry.core.conn.state() {
+                EndpointState::Ready => {}
+                EndpointState::Connecting => {
+                    skipped.connecting += 1;
+                    continue;
+                }
+                EndpointState::Unreachable => {
+                    skipped.unreachable += 1;
+                    continue;
+                }
+            }
+            let mut svc = services[i].take().unwrap_or_else(|| entry.core.service.clone());
+            match svc.poll_ready(&mut cx) {
+                Poll::Ready(Ok(())) => {
+                    // Round robin goes on after the endpoint it used, so that skipping one
+                    // does not send the next one two turns.
+                    *ticket = match snap.strategy {
+                        Strategy::RoundRobin => ticket.wrapping_add(tried),
+                        _ => ticket.wrapping_add(1),
+                    };
+                    let future = start(entry, &mut svc, request, &snap.strategy, now);
+                    services[i] = Some(svc);
+                    return future;
+                }
+                Poll::Ready(Err(e)) => {
+                    // A layer refused (a breaker open, say): skip it for this call. The
+                    // instance is dropped; the next call clones a fresh one.
+                    skipped.refused += 1;
+                    skipped.last_refusal = Some(e.into());
+                }
+                // Backpressure: the instance keeps the caller's waker and goes with the
+                // call, which waits for it (or another) to become ready.
+                Poll::Pending => pending.push((entry.clone(), svc)),
             }
         }
-        ResponseFuture::failed(Status::unavailable(format!(
-            "all {n} endpoints of service {} are unavailable (tried {tried})",
-            shared.service
-        )))
+        if pending.is_empty() && skipped.connecting == 0 {
+            return ResponseFuture::failed(skipped.status(n, &shared.service));
+        }
+        ResponseFuture::waiting(shared.clone(), request, pending, returned.clone())
     }
 }
 
-fn hash_key_of(request: &http::Request<Body>, header: &http::HeaderName) -> Option<u64> {
+/// The hashed key of a call under consistent hashing: the [`HashKey`] extension, else the
+/// configured header; an error when it is required and missing.
+fn hash_key(strategy: &Strategy, request: &http::Request<Body>, service: &str) -> Result<Option<u64>, Status> {
+    let Strategy::ConsistentHash(cfg) = strategy else { return Ok(None) };
     if let Some(HashKey(key)) = request.extensions().get::<HashKey>() {
-        return Some(ring::hash_key(key.as_bytes()));
+        return Ok(Some(ring::hash_key(key.as_bytes())));
     }
-    request.headers().get(header).map(|v| ring::hash_key(v.as_bytes()))
+    match request.headers().get(&cfg.header) {
+        Some(v) => Ok(Some(ring::hash_key(v.as_bytes()))),
+        None if cfg.on_missing_key == MissingKey::Reject => Err(Status::invalid_argument(format!(
+            "service {service} balances by consistent hash and the call has no key: set the {} header",
+            cfg.header
+        ))),
+        None => Ok(None),
+    }
 }
 
-fn load_of<S>(entry: &Entry<S>, strategy: &Strategy, now: u64) -> u64 {
+fn load<S>(entry: &Entry<S>, strategy: &Strategy, now: u64) -> u64 {
     let stats = &entry.core.stats;
-    let in_flight = stats.in_flight.load(Ordering::Relaxed);
+    let in_flight = stats.in_flight();
     match strategy {
         Strategy::P2c(P2cLoad::PeakEwma { decay }) => {
             let decay = u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX);
-            let ewma = *stats.ewma.lock().unwrap_or_else(|p| p.into_inner());
-            ewma.cost(now, decay, in_flight)
+            stats.ewma().cost(now, decay, usize::try_from(in_flight).unwrap_or(usize::MAX))
         }
-        _ => in_flight as u64,
+        _ => in_flight,
     }
 }
 
-/// A clone of the endpoint's service that is ready now, or `None` to skip the endpoint.
-fn ready<S>(entry: &Entry<S>) -> Option<S>
-where
-    S: Service<http::Request<Body>> + Clone,
-    S::Error: Into<BoxError>,
-{
-    if !entry.core.live.usable() {
-        return None;
-    }
-    let mut svc = entry.core.service.clone();
-    // Readiness is a snapshot: an endpoint that is not ready at once is skipped, not
-    // waited for, so no waker is needed.
-    match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(Ok(())) => Some(svc),
-        Poll::Ready(Err(e)) => {
-            debug!(endpoint = %entry.core.stats.label, "not ready: {}", e.into());
-            None
-        }
-        Poll::Pending => None,
-    }
-}
-
-fn call<S>(entry: &Entry<S>, mut svc: S, request: http::Request<Body>, strategy: &Strategy) -> ResponseFuture<S::Future>
+/// Calls `svc`, which has just been polled ready, and counts the call against `entry`.
+fn start<S>(
+    entry: &Entry<S>,
+    svc: &mut S,
+    request: http::Request<Body>,
+    strategy: &Strategy,
+    now: u64,
+) -> ResponseFuture<S::Future>
 where
     S: Service<http::Request<Body>>,
 {
     let stats = entry.core.stats.clone();
-    stats.requests.fetch_add(1, Ordering::Relaxed);
-    stats.in_flight.fetch_add(1, Ordering::Relaxed);
-    let started = matches!(strategy, Strategy::P2c(P2cLoad::PeakEwma { .. })).then(Instant::now);
-    let decay = match strategy {
-        Strategy::P2c(P2cLoad::PeakEwma { decay }) => *decay,
-        _ => Duration::ZERO,
+    stats.started();
+    let ewma = match strategy {
+        Strategy::P2c(P2cLoad::PeakEwma { decay }) => {
+            Some((if now == 0 { now_nanos() } else { now }, u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX)))
+        }
+        _ => None,
     };
-    ResponseFuture { kind: Kind::Called { inner: svc.call(request), guard: CallGuard { stats, started, decay } } }
+    ResponseFuture { kind: Kind::Called { inner: svc.call(request), guard: Guard { stats, ewma, done: false } } }
 }
 
 // === impl ResponseFuture ===
 
 pin_project! {
     /// The response of a [`BalancedChannel`] call.
-    #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,
     }
 }
 
+type Waiting = Pin<Box<dyn Future<Output = http::Response<Body>> + Send>>;
+
 pin_project! {
     #[project = Proj]
-    #[derive(Debug)]
     enum Kind<F> {
         // Failed before any endpoint was called.
         Failed { status: Option<Status> },
         // Sent to an endpoint.
-        Called { #[pin] inner: F, guard: CallGuard },
+        Called { #[pin] inner: F, guard: Guard },
+        // Waiting for an endpoint to take it.
+        Waiting { future: Waiting },
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.kind {
+            Kind::Failed { .. } => "failed",
+            Kind::Called { .. } => "called",
+            Kind::Waiting { .. } => "waiting for an endpoint",
+        };
+        f.debug_struct("ResponseFuture").field("state", &state).finish()
     }
 }
 
@@ -512,39 +541,48 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-/// Keeps an endpoint's in-flight count right even when a call is dropped unfinished.
-#[derive(Debug)]
-pub struct CallGuard {
+impl<F: Send + 'static> ResponseFuture<F> {
+    fn waiting<S>(
+        shared: Arc<Shared<S>>,
+        request: http::Request<Body>,
+        pending: Vec<(Arc<Entry<S>>, S)>,
+        returned: Arc<Returned<S>>,
+    ) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Future = F> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+    {
+        let future = wait_for_endpoint(shared, request, pending, returned);
+        ResponseFuture { kind: Kind::Waiting { future: Box::pin(future) } }
+    }
+}
+
+/// Keeps an endpoint's counters right, also when a call is dropped unfinished.
+struct Guard {
     stats: Arc<Stats>,
-    started: Option<Instant>,
-    decay: Duration,
+    /// For peak EWMA: when the call started, and the decay (ns).
+    ewma: Option<(u64, u64)>,
+    done: bool,
 }
 
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl CallGuard {
-    fn finish(&self, failed: bool) {
-        if failed {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+impl Guard {
+    fn finish(&mut self, failed: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
         }
-        if let Some(started) = self.started {
-            let rtt = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let decay = u64::try_from(self.decay.as_nanos()).unwrap_or(u64::MAX);
+        self.stats.finished(failed);
+        if let Some((started, decay)) = self.ewma {
             let now = now_nanos();
-            let mut ewma = self.stats.ewma.lock().unwrap_or_else(|p| p.into_inner());
-            ewma.observe(now, rtt, decay);
+            self.stats.observe(now, now.saturating_sub(started), decay);
         }
     }
 }
 
-/// Nanoseconds on one process-wide monotonic clock, for peak EWMA.
-fn now_nanos() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Dropped unfinished: the caller gave up (a cancellation), not the endpoint's fault.
+        self.finish(false);
+    }
 }
 
 impl<F, E> Future for ResponseFuture<F>
@@ -560,17 +598,17 @@ where
                 let status = status.take().unwrap_or_else(|| Status::internal("response polled after completion"));
                 Poll::Ready(Ok(status.into_http()))
             }
+            Proj::Waiting { future } => future.as_mut().poll(cx).map(Ok),
             Proj::Called { inner, guard } => match inner.poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(response)) => {
-                    let failed = response.headers().get("grpc-status").is_some_and(|code| code.as_bytes() != b"0");
-                    guard.finish(failed);
+                    let code = status::code_in_headers(response.headers());
+                    guard.finish(code.is_some_and(status::counts_against_endpoint));
                     Poll::Ready(Ok(response))
                 }
                 Poll::Ready(Err(e)) => {
-                    guard.finish(true);
-                    let e: BoxError = e.into();
-                    let status = Status::unavailable(format!("{}: {}", guard.stats.label, error_chain(&*e)));
+                    let status = status::of_error(e.into(), &guard.stats.label);
+                    guard.finish(status::counts_against_endpoint(status.code()));
                     Poll::Ready(Ok(status.into_http()))
                 }
             },
@@ -578,25 +616,143 @@ where
     }
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !out.contains(&s_text) {
-            out.push_str(": ");
-            out.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    out
-}
+// === waiting for an endpoint ===
 
-// === construction ===
-
-pub(crate) fn make_with<L>(layer: L) -> MakeService<L::Service>
+/// A call that no endpoint could take at once: waits for the first set, for a connection,
+/// or for backpressure to ease, bounded by the call's deadline, then calls the first
+/// endpoint service to become ready. `pending` are instances already polled (with the
+/// caller's waker) that were not ready; the one that takes the call goes back to the
+/// caller's clone through `returned`.
+async fn wait_for_endpoint<S>(
+    shared: Arc<Shared<S>>,
+    request: http::Request<Body>,
+    mut pending: Vec<(Arc<Entry<S>>, S)>,
+    returned: Arc<Returned<S>>,
+) -> http::Response<Body>
 where
-    L: Layer<tonic::transport::Channel> + Send + Sync + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
 {
-    Box::new(move |channel| layer.layer(channel))
+    let started = Instant::now();
+    let timeout = status::grpc_timeout(request.headers());
+    let deadline = timeout.and_then(|t| started.checked_add(t));
+    let service = shared.service.clone();
+    let past_deadline = || {
+        Status::deadline_exceeded(format!(
+            "the call's deadline ({:?}) passed while waiting for an endpoint of service {service}",
+            timeout.unwrap_or_default()
+        ))
+        .into_http()
+    };
+    let mut changes = shared.changes.subscribe();
+
+    // gRPC's wait for the first resolver result: bounded by the deadline and by the
+    // balancer's first-resolution timeout, whichever comes first.
+    if !shared.snapshot().resolved {
+        let limit = started + shared.first_resolution_timeout;
+        let until = deadline.map_or(limit, |d| d.min(limit));
+        let resolved = async {
+            while !shared.snapshot().resolved {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout_at(until, resolved).await.is_err() {
+            if deadline.is_some_and(|d| d <= limit) {
+                return past_deadline();
+            }
+            return Status::unavailable(format!(
+                "no endpoints for service {service}: none were resolved within {:?}",
+                shared.first_resolution_timeout
+            ))
+            .into_http();
+        }
+    }
+
+    let mut rng = rand::random::<u64>() | 1;
+    loop {
+        changes.borrow_and_update();
+        let snap = shared.snapshot();
+        let n = snap.entries.len();
+        if n == 0 {
+            return Status::unavailable(format!("no endpoints for service {service}")).into_http();
+        }
+        let key = match hash_key(&snap.strategy, &request, &service) {
+            Ok(key) => key,
+            Err(status) => return status.into_http(),
+        };
+        // Instances of endpoints that left the set are dropped; every ready endpoint not
+        // yet waited on is added, in the strategy's order.
+        pending.retain(|(entry, _)| snap.entries.iter().any(|e| Arc::ptr_eq(&e.core, &entry.core)));
+        let input = PickInput { ticket: next_random(&mut rng) as usize, random: next_random(&mut rng), key };
+        let mut skipped = Skipped::default();
+        if let Some(first) = snap.picker.first(&input, |i| load(&snap.entries[i], &snap.strategy, now_nanos())) {
+            for i in std::iter::once(first).chain(snap.picker.fallbacks(first, &input).take(n)) {
+                let entry = &snap.entries[i];
+                match entry.core.conn.state() {
+                    EndpointState::Ready => {
+                        if !pending.iter().any(|(e, _)| Arc::ptr_eq(&e.core, &entry.core)) {
+                            pending.push((entry.clone(), entry.core.service.clone()));
+                        }
+                    }
+                    EndpointState::Connecting => skipped.connecting += 1,
+                    EndpointState::Unreachable => skipped.unreachable += 1,
+                }
+            }
+        }
+        // Poll every candidate with this task's waker; the first ready one takes the call.
+        let ready = std::future::poll_fn(|cx| {
+            let mut i = 0;
+            while i < pending.len() {
+                match pending[i].1.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Some(i)),
+                    Poll::Ready(Err(e)) => {
+                        skipped.refused += 1;
+                        skipped.last_refusal = Some(e.into());
+                        pending.swap_remove(i);
+                    }
+                    Poll::Pending => i += 1,
+                }
+            }
+            if pending.is_empty() { Poll::Ready(None) } else { Poll::Pending }
+        });
+        let deadline_passed = || async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            chosen = ready => match chosen {
+                Some(i) => {
+                    let (entry, mut svc) = pending.swap_remove(i);
+                    // The others' reservations go with them.
+                    pending.clear();
+                    let future = start(&entry, &mut svc, request, &snap.strategy, 0);
+                    returned.put(entry, svc);
+                    return match future.await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    };
+                }
+                None if skipped.connecting == 0 => return skipped.status(n, &service).into_http(),
+                // Only connecting endpoints are left: wait for one below.
+                None => {
+                    tokio::select! {
+                        changed = changes.changed() => if changed.is_err() {
+                            return Status::unavailable(format!("the balancer of service {service} stopped")).into_http();
+                        },
+                        () = deadline_passed() => return past_deadline(),
+                    }
+                }
+            },
+            changed = changes.changed() => if changed.is_err() {
+                return Status::unavailable(format!("the balancer of service {service} stopped")).into_http();
+            },
+            () = deadline_passed() => return past_deadline(),
+        }
+    }
 }

@@ -2,22 +2,38 @@
 //!
 //! [`Balancer::spawn`] turns a stream of [`EndpointSet`]s (a static list, or a resolver such
 //! as mesh-discovery's) into a [`BalancedChannel`]: a `tower::Service` + `Clone` that
-//! generated clients take as they take a tonic `Channel`. Each endpoint gets one lazily
-//! connected tonic `Channel` (connect timeout, HTTP/2 keepalive), kept across updates that
-//! do not remove it; a removed endpoint's in-flight calls finish on its old connection.
+//! generated clients take as they take a tonic `Channel`. Each endpoint gets one tonic
+//! `Channel` (connect timeout, HTTP/2 keepalive), kept across updates that do not remove it;
+//! a removed endpoint's in-flight calls finish on its old connection. Updates are applied by
+//! a background task whether or not calls flow.
 //!
 //! Strategies ([`Strategy`], switchable at runtime with [`BalancedChannel::set_strategy`]):
 //! round robin (default), random, consistent hash (a ring of virtual nodes on the `hashring`
-//! crate, keyed by a header or a [`HashKey`] extension), smooth weighted round robin (nginx),
-//! and power of two choices on calls in flight or peak EWMA latency. The pickers are pure
-//! functions in [`pick`].
+//! crate, keyed by a header or a [`HashKey`] extension), weighted round robin from a
+//! precomputed earliest-deadline-first schedule, and power of two choices on calls in
+//! flight or peak EWMA latency. The pickers are pure functions in [`pick`].
 //!
-//! An endpoint is skipped when it is not usable: its connection failed or died (it is probed
-//! in the background and comes back when it accepts connections), or the per-endpoint stack
-//! a caller supplies with [`Balancer::spawn_with_layer`] (say, a circuit breaker) is not
-//! ready. Consistent hashing then walks the ring to the next endpoint; the others try the
-//! next ones in order. With no endpoint at all a call fails at once with UNAVAILABLE "no
-//! endpoints for service greeter"; with none usable, UNAVAILABLE saying how many were tried.
+//! A call goes to an endpoint whose connection is up. A new endpoint, or one whose server
+//! closed the connection (as servers with a maximum connection age do), is connected again
+//! in the background and gets calls once it is up; only an endpoint whose connect fails is
+//! unreachable, logged once with its address and probed with backoff until it answers.
+//! Consistent hashing walks the ring past endpoints that cannot take the call; the other
+//! strategies try the next ones.
+//!
+//! The per-endpoint stack (say, a circuit breaker, given to [`Balancer::spawn_with_layer`])
+//! is used as tower means: each clone of the channel polls its own instance with the
+//! caller's waker and calls the instance it polled. An endpoint whose stack refuses
+//! (`poll_ready` fails) is skipped for the call; one that pushes back (`poll_ready` pending)
+//! makes the call wait for it or for another.
+//!
+//! A call that no endpoint can take at once waits, bounded by its deadline: for the first
+//! endpoint set (at most [`BalancerConfig::first_resolution_timeout`], as gRPC waits for its
+//! first resolver result, so that a call made right after [`Balancer::spawn`] is not failed),
+//! for a connection, or for backpressure to ease. It fails at once with UNAVAILABLE when
+//! every endpoint is unreachable or refuses, and with "no endpoints for service greeter"
+//! once a set has been applied and is empty. Errors keep their meaning: an endpoint's own
+//! status passes through, a deadline that passed is DEADLINE_EXCEEDED, a transport error is
+//! mapped as tonic maps it.
 //!
 //! ```no_run
 //! use mesh_balancer::{Balancer, BalancerConfig, EndpointSet, Strategy};
@@ -35,12 +51,14 @@
 //! ```
 //!
 //! What it does not do: retries (a call goes to one endpoint; retrying is a layer above),
-//! health checking over gRPC (liveness is the TCP connection's), or discovery itself.
+//! health checking over gRPC (readiness is the TCP connection's), or discovery itself.
 
 mod balanced;
-mod connector;
+mod conn;
 mod endpoint;
 pub mod pick;
+mod snapshot;
+mod status;
 mod strategy;
 mod worker;
 
@@ -50,7 +68,8 @@ use std::time::Duration;
 use futures_util::Stream;
 use tower_layer::{Identity, Layer};
 
-pub use balanced::{BalancedChannel, CallGuard, EndpointStatus, NotReady, ResponseFuture};
+pub use balanced::{BalancedChannel, EndpointStatus, NotReady, ResponseFuture};
+pub use conn::EndpointState;
 pub use endpoint::{Endpoint, EndpointSet};
 pub use strategy::{
     DEFAULT_HASH_HEADER, DEFAULT_VIRTUAL_NODES, HashConfig, HashKey, InvalidStrategy, MissingKey, P2cLoad, Strategy,
@@ -58,6 +77,7 @@ pub use strategy::{
 
 /// Settings of a balancer.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BalancerConfig {
     /// The service name, used in errors and logs ("no endpoints for service greeter").
     pub service: String,
@@ -73,11 +93,14 @@ pub struct BalancerConfig {
     pub probe_backoff_min: Duration,
     /// Longest delay between probes of an unreachable endpoint.
     pub probe_backoff_max: Duration,
+    /// How long a call made before the first endpoint set arrived waits for it (unless its
+    /// deadline is sooner) before it fails with UNAVAILABLE.
+    pub first_resolution_timeout: Duration,
 }
 
 impl BalancerConfig {
     /// Defaults for `service`: round robin, 1 s connect timeout, keepalive every 10 s with a
-    /// 5 s timeout, probes from 100 ms to 5 s apart.
+    /// 5 s timeout, probes from 100 ms to 5 s apart, 5 s to wait for the first set.
     pub fn new(service: impl Into<String>) -> Self {
         BalancerConfig {
             service: service.into(),
@@ -87,6 +110,7 @@ impl BalancerConfig {
             keepalive_timeout: Duration::from_secs(5),
             probe_backoff_min: Duration::from_millis(100),
             probe_backoff_max: Duration::from_secs(5),
+            first_resolution_timeout: Duration::from_secs(5),
         }
     }
 
@@ -111,21 +135,24 @@ impl Balancer {
         Self::spawn_with_layer(config, Identity::new(), updates)
     }
 
-    /// Like [`Balancer::spawn`], with `layer` wrapped around each endpoint's channel: an
-    /// endpoint whose stack is not ready (`poll_ready` pending or failing) is skipped.
+    /// Like [`Balancer::spawn`], with `layer` wrapped around each endpoint's channel (once
+    /// per endpoint; each clone of the channel clones that stack). An endpoint whose stack
+    /// refuses (`poll_ready` fails) is skipped; one that pushes back makes calls wait.
     pub fn spawn_with_layer<L, U>(config: BalancerConfig, layer: L, updates: U) -> BalancedChannel<L::Service>
     where
         L: Layer<tonic::transport::Channel> + Send + Sync + 'static,
         L::Service: Clone + Send + Sync + 'static,
         U: Stream<Item = EndpointSet> + Send + 'static,
     {
-        let backoff = worker::ProbeBackoff {
-            min: config.probe_backoff_min,
-            max: config.probe_backoff_max,
-            timeout: config.connect_timeout,
-        };
-        let shared = Arc::new(balanced::Shared::new(config, balanced::make_with(layer)));
-        let task = tokio::spawn(worker::run(Arc::downgrade(&shared), updates, backoff));
+        let (switch_tx, switches) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Arc::new(snapshot::Shared::new(&config, switch_tx));
+        let builder = Arc::new(snapshot::Builder {
+            service: shared.service.clone(),
+            config,
+            make: Arc::new(move |channel| layer.layer(channel)),
+            changes: shared.changes.clone(),
+        });
+        let task = tokio::spawn(worker::run(Arc::downgrade(&shared), updates, switches, builder));
         let _ = shared.task.set(task.abort_handle());
         BalancedChannel::from_shared(shared)
     }

@@ -1,145 +1,213 @@
-//! The balancer's background task: applies endpoint-set updates as they arrive, whether or
-//! not calls flow (tonic's `balance_channel` only applies them when polled by a call), and
-//! probes endpoints that are new or went down with a TCP connect, with jittered exponential
-//! backoff, so that a dead endpoint is skipped until it accepts connections again.
+//! The balancer's background task. It applies endpoint-set updates as they arrive, whether
+//! or not calls flow (tonic's `balance_channel` only applies them when polled by a call),
+//! and switches strategies; each new snapshot is built on tokio's blocking pool, and only
+//! the newest pending set is built, so a burst of updates costs one build. It also keeps
+//! every endpoint connected: a new endpoint, or one whose connection closed, is connected
+//! at once; one whose connect failed is probed with jittered exponential backoff until it
+//! accepts connections again.
+//!
+//! Connects are keyed by the endpoint's connection state itself, not by its id: when an
+//! id moves to another address it gets a new connection, and a late result for the old
+//! address cannot mark the new one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use futures_util::{Stream, StreamExt as _};
-use rand::Rng as _;
-use tokio::task::JoinSet;
+use mesh_util::Backoff;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::EndpointSet;
-use crate::balanced::Shared;
-use crate::connector::{self, Liveness};
+use crate::conn::{self, Conn, EndpointState};
+use crate::snapshot::{Builder, Entry, Shared, Snapshot, Switch};
+use crate::{EndpointSet, Strategy};
 
-/// Backoff of the probes of one endpoint.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ProbeBackoff {
-    pub(crate) min: Duration,
-    pub(crate) max: Duration,
-    pub(crate) timeout: Duration,
-}
+/// A snapshot built off the runtime, with who waits for it.
+type Built<S> = (Vec<Arc<Entry<S>>>, crate::pick::Picker, Strategy, bool, Vec<oneshot::Sender<()>>);
 
-struct Probe {
-    live: Arc<Liveness>,
+/// Connecting one endpoint.
+struct Attempt {
+    conn: Arc<Conn>,
     uri: http::Uri,
     next_at: Instant,
-    backoff: Duration,
+    backoff: Backoff,
     running: bool,
 }
 
-pub(crate) async fn run<S, U>(shared: Weak<Shared<S>>, updates: U, backoff: ProbeBackoff)
-where
+pub(crate) async fn run<S, U>(
+    shared: Weak<Shared<S>>,
+    updates: U,
+    mut switches: mpsc::UnboundedReceiver<Switch>,
+    builder: Arc<Builder<S>>,
+) where
     S: Clone + Send + Sync + 'static,
     U: Stream<Item = EndpointSet> + Send + 'static,
 {
-    let Some(went_down) = shared.upgrade().map(|s| s.went_down.clone()) else {
-        return;
-    };
+    let Some(mut changes) = shared.upgrade().map(|s| s.changes.subscribe()) else { return };
     let mut updates = Box::pin(updates);
     let mut updates_open = true;
-    let mut probes: HashMap<String, Probe> = HashMap::new();
-    let mut running: JoinSet<(String, std::io::Result<()>)> = JoinSet::new();
+    let (mut entries, mut strategy) = match shared.upgrade() {
+        Some(s) => {
+            let snap = s.snapshot();
+            (snap.entries.clone(), snap.strategy.clone())
+        }
+        None => return,
+    };
+    let mut generation = 0u64;
+    // Whether a set has been applied: until then a strategy switch publishes no endpoints
+    // as if discovery had found none.
+    let mut resolved = false;
+    let mut pending_set: Option<EndpointSet> = None;
+    let mut pending_switch: Option<Strategy> = None;
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut building: Option<JoinHandle<Built<S>>> = None;
+    let mut attempts: HashMap<usize, Attempt> = HashMap::new();
+    let mut running: JoinSet<(usize, std::io::Result<tokio::net::TcpStream>)> = JoinSet::new();
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
     loop {
-        let next_probe = probes.values().filter(|p| !p.running).map(|p| p.next_at).min();
+        // Start a build when one is due and none runs.
+        if building.is_none() && (pending_set.is_some() || pending_switch.is_some()) {
+            let set = pending_set.take();
+            let next = pending_switch.take().unwrap_or_else(|| strategy.clone());
+            let previous = entries.clone();
+            let acks = std::mem::take(&mut waiting);
+            let builder = builder.clone();
+            building = Some(tokio::task::spawn_blocking(move || {
+                let applied = set.is_some();
+                let entries = match set {
+                    Some(set) => builder.entries(&previous, set),
+                    None => previous,
+                };
+                let picker = Builder::picker(&next, &entries);
+                (entries, picker, next, applied, acks)
+            }));
+        }
+        let next_attempt = attempts.values().filter(|a| !a.running).map(|a| a.next_at).min();
+        if let Some(at) = next_attempt {
+            timer.as_mut().reset(at);
+        }
         tokio::select! {
             update = updates.next(), if updates_open => match update {
-                Some(set) => match shared.upgrade() {
-                    Some(shared) => shared.apply(set),
-                    None => return,
-                },
+                Some(set) => pending_set = Some(set),
                 None => {
                     updates_open = false;
                     debug!("endpoint updates ended; keeping the last set");
                 }
             },
-            () = went_down.notified() => {}
-            () = sleep_until(next_probe) => {
+            switch = switches.recv() => match switch {
+                Some((next, ack)) => {
+                    pending_switch = Some(next);
+                    waiting.push(ack);
+                }
+                // Every channel is gone.
+                None => return,
+            },
+            built = async {
+                match building.as_mut() {
+                    Some(build) => build.await,
+                    None => std::future::pending().await,
+                }
+            }, if building.is_some() => {
+                building = None;
+                let Ok((next_entries, picker, next, applied, acks)) = built else { continue };
+                let Some(shared) = shared.upgrade() else { return };
+                if next != strategy {
+                    info!(service = %shared.service, from = %strategy, to = %next, "strategy switched");
+                }
+                log_update(&shared.service, &entries, &next_entries);
+                generation += 1;
+                resolved |= applied;
+                entries = next_entries;
+                strategy = next;
+                shared.publish(Snapshot {
+                    generation,
+                    resolved,
+                    entries: entries.clone(),
+                    picker,
+                    strategy: strategy.clone(),
+                });
+                for ack in acks {
+                    let _ = ack.send(());
+                }
+            }
+            changed = changes.changed() => if changed.is_err() { return },
+            () = &mut timer, if next_attempt.is_some() => {
                 let now = Instant::now();
-                for (id, p) in probes.iter_mut().filter(|(_, p)| !p.running && p.next_at <= now) {
-                    p.running = true;
-                    let (id, uri, timeout) = (id.clone(), p.uri.clone(), backoff.timeout);
-                    running.spawn(async move {
-                        let result = connector::connect(&uri, timeout).await.map(drop);
-                        (id, result)
-                    });
+                for (key, a) in attempts.iter_mut().filter(|(_, a)| !a.running && a.next_at <= now) {
+                    a.running = true;
+                    let (key, uri, timeout) = (*key, a.uri.clone(), builder.config.connect_timeout);
+                    running.spawn(async move { (key, conn::connect(&uri, timeout).await) });
                 }
             }
             Some(done) = running.join_next(), if !running.is_empty() => {
-                if let Ok((id, result)) = done {
-                    finish_probe(&mut probes, &id, result, backoff);
+                if let Ok((key, result)) = done
+                    && let Some(a) = attempts.get_mut(&key)
+                {
+                    a.running = false;
+                    match result {
+                        Ok(stream) => {
+                            a.conn.connected(Some(stream));
+                            attempts.remove(&key);
+                        }
+                        Err(e) => {
+                            a.conn.failed(&e);
+                            a.next_at = Instant::now() + a.backoff.next_delay();
+                        }
+                    }
                 }
             }
         }
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        schedule(&shared, &mut probes, backoff);
+        reconcile(&entries, &mut attempts, &builder);
     }
 }
 
-fn finish_probe(probes: &mut HashMap<String, Probe>, id: &str, result: std::io::Result<()>, backoff: ProbeBackoff) {
-    let Some(p) = probes.get_mut(id) else { return };
-    p.running = false;
-    match result {
-        Ok(()) => {
-            if p.live.is_down() {
-                info!(endpoint = %id, "endpoint reachable again");
+/// Starts connecting endpoints that need it; forgets attempts of endpoints that left or
+/// connected by other means (tonic's own connect).
+fn reconcile<S>(entries: &[Arc<Entry<S>>], attempts: &mut HashMap<usize, Attempt>, builder: &Builder<S>) {
+    let cfg = &builder.config;
+    let mut wanted = std::collections::HashSet::with_capacity(attempts.len());
+    for e in entries {
+        let conn = &e.core.conn;
+        let key = Arc::as_ptr(conn) as usize;
+        match conn.state() {
+            EndpointState::Ready => continue,
+            state => {
+                wanted.insert(key);
+                attempts.entry(key).or_insert_with(|| {
+                    let mut backoff = Backoff::new(cfg.probe_backoff_min, cfg.probe_backoff_max);
+                    // A connection that closed is connected again at once; an endpoint that
+                    // tonic just failed to reach is most likely still gone.
+                    let wait =
+                        if state == EndpointState::Unreachable { backoff.next_delay() } else { Default::default() };
+                    Attempt {
+                        conn: conn.clone(),
+                        uri: e.core.url.clone(),
+                        next_at: Instant::now() + wait,
+                        backoff,
+                        running: false,
+                    }
+                });
             }
-            p.live.set_idle();
-            probes.remove(id);
-        }
-        Err(e) => {
-            if !p.live.is_down() {
-                info!(endpoint = %id, "endpoint unreachable, skipping it: {e}");
-            }
-            p.live.set_down();
-            p.backoff = (p.backoff * 2).min(backoff.max);
-            p.next_at = Instant::now() + jitter(p.backoff);
         }
     }
+    // A running attempt is kept until it reports, so that its result lands on its own
+    // connection state; one of an endpoint that left is dropped then.
+    attempts.retain(|key, a| a.running || wanted.contains(key));
 }
 
-/// Adds a probe for each endpoint that is new or down and has none; drops probes of
-/// endpoints that left the set.
-fn schedule<S>(shared: &Shared<S>, probes: &mut HashMap<String, Probe>, backoff: ProbeBackoff) {
-    let snap = shared.snapshot();
-    let now = Instant::now();
-    for e in &snap.entries {
-        let live = &e.core.live;
-        if (live.is_new() || live.is_down()) && !probes.contains_key(&e.endpoint.id) {
-            // A new endpoint is probed at once; one that just died after a short pause, as
-            // its server is most likely still gone.
-            let first = if live.is_new() { Duration::ZERO } else { backoff.min };
-            probes.insert(
-                e.endpoint.id.clone(),
-                Probe {
-                    live: live.clone(),
-                    uri: e.core.url.clone(),
-                    next_at: now + first,
-                    backoff: backoff.min,
-                    running: false,
-                },
-            );
-        }
-    }
-    probes.retain(|id, p| snap.entries.iter().any(|e| &e.endpoint.id == id && Arc::ptr_eq(&e.core.live, &p.live)));
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Full jitter between half and all of `d`, so that many clients do not probe in step.
-fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
+fn log_update<S>(service: &str, before: &[Arc<Entry<S>>], after: &[Arc<Entry<S>>]) {
+    let old: std::collections::HashSet<*const crate::snapshot::Core<S>> =
+        before.iter().map(|e| Arc::as_ptr(&e.core)).collect();
+    let kept = after.iter().filter(|e| old.contains(&Arc::as_ptr(&e.core))).count();
+    info!(
+        service = %service,
+        endpoints = after.len(),
+        added = after.len() - kept,
+        kept,
+        removed = before.len() - kept,
+        "endpoint set updated"
+    );
 }

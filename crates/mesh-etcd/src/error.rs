@@ -98,7 +98,7 @@ fn classify(e: &etcd_client::Error) -> ErrorKind {
                 }
             }
         }
-        E::TransportError(t) => ErrorKind::Unavailable(chain(t)),
+        E::TransportError(t) => ErrorKind::Unavailable(mesh_util::error_chain(t)),
         E::IoError(io) => ErrorKind::Unavailable(io.to_string()),
         E::InvalidArgs(m) | E::EndpointError(m) => ErrorKind::Invalid(m.clone()),
         E::InvalidUri(u) => ErrorKind::Invalid(u.to_string()),
@@ -107,18 +107,4 @@ fn classify(e: &etcd_client::Error) -> ErrorKind {
         E::WatchError(m) | E::LeaseKeepAliveError(m) => ErrorKind::Unavailable(m.clone()),
         other => ErrorKind::Other(other.to_string()),
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }

@@ -24,16 +24,15 @@
 //! What it does not do: TLS (an `https://` endpoint is refused with a message), and any
 //! policy (what to register, what to do with events): that is the other crates' business.
 
-mod backoff;
 mod client;
 mod error;
 mod lease;
 mod options;
 mod watch;
 
-pub use backoff::Backoff;
 pub use client::{Etcd, KeyValue, Lease, Listing};
 pub use error::{ErrorKind, EtcdError};
 pub use lease::LeaseKeepAlive;
+pub use mesh_util::Backoff;
 pub use options::EtcdOptions;
 pub use watch::{ListWatch, ViewStatus, WatchEvent};

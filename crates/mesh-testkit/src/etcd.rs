@@ -365,7 +365,7 @@ impl Etcd {
         })
         .await
         .map_err(|e| gateway_err(path, e.to_string()))?
-        .map_err(|e| gateway_err(path, chain(&e)))?;
+        .map_err(|e| gateway_err(path, mesh_util::error_chain(&e)))?;
         serde_json::from_str(&text).map_err(|e| gateway_err(path, format!("{e}: {text}")))
     }
 }
@@ -383,17 +383,6 @@ impl Drop for Etcd {
 
 fn gateway_err(call: &str, detail: String) -> Error {
     Error::Gateway { call: call.to_string(), detail }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn number(v: &Value) -> Option<i64> {

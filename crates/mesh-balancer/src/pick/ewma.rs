@@ -11,6 +11,16 @@ pub struct PeakEwma {
 }
 
 impl PeakEwma {
+    /// An estimate of `estimate_ns` observed at `stamp_ns`, as [`PeakEwma::parts`] gave it.
+    pub fn from_parts(estimate_ns: f64, stamp_ns: u64) -> Self {
+        PeakEwma { estimate_ns, stamp_ns }
+    }
+
+    /// The estimate and when it was last updated, for storing it outside a lock.
+    pub fn parts(&self) -> (f64, u64) {
+        (self.estimate_ns, self.stamp_ns)
+    }
+
     /// Folds in a response that took `rtt_ns`, observed at `now_ns`.
     pub fn observe(&mut self, now_ns: u64, rtt_ns: u64, decay_ns: u64) {
         let rtt = rtt_ns as f64;

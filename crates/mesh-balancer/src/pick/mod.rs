@@ -5,9 +5,10 @@
 //!
 //! Algorithms: round robin and random (first choice, then the next ones in order);
 //! consistent hashing on a ring of virtual nodes ([`ring`], Karger et al. 1997, as in
-//! Envoy's ring hash) walking the ring to the next distinct endpoint; smooth weighted round
-//! robin ([`wrr`], nginx's `ngx_http_upstream_get_peer`); power of two choices (Mitzenmacher
-//! 2001) on a load the caller measures.
+//! Envoy's ring hash) walking the ring to the next distinct endpoint; weighted round robin
+//! from a precomputed earliest-deadline-first schedule ([`wrr`], as grpc-go's); power of two
+//! choices (Mitzenmacher 2001) on a load the caller measures. Every pick is O(1) but the
+//! ring's, which is a binary search; fallbacks allocate nothing, but for the ring walk.
 
 pub mod ewma;
 pub mod ring;
@@ -47,7 +48,7 @@ enum Kind {
     RoundRobin,
     Random,
     Hash(ring::Ring),
-    Weighted(wrr::SmoothWeighted),
+    Weighted(wrr::Schedule),
     P2c,
 }
 
@@ -58,7 +59,7 @@ impl Picker {
             Strategy::RoundRobin => Kind::RoundRobin,
             Strategy::Random => Kind::Random,
             Strategy::ConsistentHash(cfg) => Kind::Hash(ring::Ring::new(endpoints, cfg.virtual_nodes)),
-            Strategy::Weighted => Kind::Weighted(wrr::SmoothWeighted::new(endpoints.iter().map(|e| e.weight))),
+            Strategy::Weighted => Kind::Weighted(wrr::Schedule::new(endpoints.iter().map(|e| e.weight))),
             Strategy::P2c(_) => Kind::P2c,
         };
         Picker { n: endpoints.len(), kind }
@@ -88,7 +89,7 @@ impl Picker {
                 Some(key) => ring.get(key),
                 None => uniform(input.random, n),
             },
-            Kind::Weighted(wrr) => wrr.next(),
+            Kind::Weighted(schedule) => schedule.get(input.ticket),
             Kind::P2c => {
                 if n == 1 {
                     return Some(0);
@@ -105,11 +106,45 @@ impl Picker {
     }
 
     /// Every endpoint other than `first`, once each, in the order to try them when `first`
-    /// is not usable: the ring order for consistent hashing, the next ones otherwise.
-    pub fn fallbacks(&self, first: usize, input: &PickInput) -> Vec<usize> {
-        match (&self.kind, input.key) {
-            (Kind::Hash(ring), Some(key)) => ring.walk(key).filter(|&i| i != first).collect(),
-            _ => (1..self.n).map(|step| (first + step) % self.n).collect(),
+    /// is not usable: the ring order for consistent hashing, the next ones otherwise (so
+    /// that round robin, advancing past what it skipped, stays even over the rest).
+    pub fn fallbacks(&self, first: usize, input: &PickInput) -> Fallbacks<'_> {
+        let kind = match (&self.kind, input.key) {
+            (Kind::Hash(ring), Some(key)) => FallbackKind::Ring(Box::new(ring.walk(key))),
+            _ => FallbackKind::Next { step: 1 },
+        };
+        Fallbacks { first, n: self.n, kind }
+    }
+}
+
+/// The endpoints to try after the first choice; see [`Picker::fallbacks`].
+#[derive(Debug)]
+pub struct Fallbacks<'a> {
+    first: usize,
+    n: usize,
+    kind: FallbackKind<'a>,
+}
+
+#[derive(Debug)]
+enum FallbackKind<'a> {
+    Next { step: usize },
+    Ring(Box<ring::Walk<'a>>),
+}
+
+impl Iterator for Fallbacks<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match &mut self.kind {
+            FallbackKind::Next { step } => {
+                if *step >= self.n {
+                    return None;
+                }
+                let i = (self.first + *step) % self.n;
+                *step += 1;
+                Some(i)
+            }
+            FallbackKind::Ring(walk) => walk.find(|&i| i != self.first),
         }
     }
 }

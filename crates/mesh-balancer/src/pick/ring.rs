@@ -98,24 +98,41 @@ impl Ring {
     }
 
     /// Endpoints in ring order from `key`'s owner on, each once.
-    pub fn walk(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
-        let mut seen = vec![false; self.endpoints];
-        let mut at = self.ring.get(&key).map(|v| v.point);
-        let mut left = self.endpoints;
-        let mut steps = self.ring.len();
-        std::iter::from_fn(move || {
-            while left > 0 && steps > 0 {
-                let p = at?;
-                let v = self.ring.get(&p)?;
-                steps -= 1;
-                at = Some(v.point.wrapping_add(1));
-                if !seen[v.endpoint] {
-                    seen[v.endpoint] = true;
-                    left -= 1;
-                    return Some(v.endpoint);
-                }
+    pub fn walk(&self, key: u64) -> Walk<'_> {
+        Walk {
+            ring: self,
+            seen: vec![false; self.endpoints],
+            at: self.ring.get(&key).map(|v| v.point),
+            left: self.endpoints,
+            steps: self.ring.len(),
+        }
+    }
+}
+
+/// The endpoints of a [`Ring`] in ring order from a key's owner on, each once.
+#[derive(Debug)]
+pub struct Walk<'a> {
+    ring: &'a Ring,
+    seen: Vec<bool>,
+    at: Option<u64>,
+    left: usize,
+    steps: usize,
+}
+
+impl Iterator for Walk<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        while self.left > 0 && self.steps > 0 {
+            let v = self.ring.ring.get(&self.at?)?;
+            self.steps -= 1;
+            self.at = Some(v.point.wrapping_add(1));
+            if !self.seen[v.endpoint] {
+                self.seen[v.endpoint] = true;
+                self.left -= 1;
+                return Some(v.endpoint);
             }
-            None
-        })
+        }
+        None
     }
 }

@@ -50,7 +50,7 @@ proptest! {
             let p = Picker::new(&s, &endpoints(&ids));
             let inp = input(random as usize, random, Some(key));
             let first = p.first(&inp, |_| 0).expect("non-empty");
-            let mut all = p.fallbacks(first, &inp);
+            let mut all: Vec<usize> = p.fallbacks(first, &inp).collect();
             all.push(first);
             all.sort_unstable();
             prop_assert_eq!(all, (0..n).collect::<Vec<_>>(), "{}", s);
@@ -125,13 +125,46 @@ fn weighted_1_2_3_is_within_2_percent() {
 }
 
 #[test]
-fn weighted_is_smooth_like_nginx() {
+fn weighted_spreads_a_light_endpoint_inside_the_cycle() {
     let ids = ids(3);
     let eps: Vec<PickEndpoint<'_>> =
         ids.iter().zip([5, 1, 1]).map(|(id, weight)| PickEndpoint { id, weight }).collect();
     let p = Picker::new(&Strategy::Weighted, &eps);
     let seq: Vec<usize> = (0..7).map(|t| p.first(&input(t, 0, None), |_| 0).expect("non-empty")).collect();
-    assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0], "nginx's example: a a b a c a a");
+    assert_eq!(seq, [0, 0, 0, 1, 2, 0, 0], "a a a b c a a, not a a a a a b c");
+}
+
+proptest! {
+    #[test]
+    fn every_weighted_cycle_gives_exactly_the_weights_and_no_long_gaps(weights in prop::collection::vec(1u32..40, 1..12), start in 0usize..1000) {
+        let schedule = wrr::Schedule::new(weights.iter().copied());
+        let g = weights.iter().copied().reduce(|a, b| { let (mut a, mut b) = (a, b); while b != 0 { (a, b) = (b, a % b); } a }).unwrap_or(1);
+        let cycle: usize = weights.iter().map(|w| (w / g) as usize).sum();
+        prop_assert_eq!(schedule.cycle(), cycle);
+        let picks: Vec<usize> = (start..start + 2 * cycle).map(|t| schedule.get(t)).collect();
+        for (i, w) in weights.iter().enumerate() {
+            let share = (w / g) as usize;
+            prop_assert_eq!(picks[..cycle].iter().filter(|&&p| p == i).count(), share);
+            // Earliest-deadline-first keeps each endpoint's picks about cycle/share apart: at
+            // most twice that, where a schedule in blocks (a a a … b b b …) is far worse.
+            let at: Vec<usize> = picks.iter().enumerate().filter(|(_, p)| **p == i).map(|(k, _)| k).collect();
+            let widest = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+            prop_assert!(widest <= 2 * cycle.div_ceil(share) + 1, "endpoint {} of {:?}: a gap of {}", i, weights, widest);
+        }
+    }
+}
+
+#[test]
+fn a_huge_weight_sum_is_scaled_to_the_cycle_cap_and_keeps_its_proportions() {
+    let schedule = wrr::Schedule::new([1_000_000, 3_000_000, 1]);
+    assert!(schedule.cycle() as u64 <= wrr::MAX_CYCLE + 3, "{}", schedule.cycle());
+    let mut counts = [0usize; 3];
+    for t in 0..schedule.cycle() {
+        counts[schedule.get(t)] += 1;
+    }
+    assert_eq!(counts[2], 1, "a tiny weight still gets a pick per cycle");
+    let ratio = counts[1] as f64 / counts[0] as f64;
+    assert!((ratio - 3.0).abs() < 0.01, "{counts:?}");
 }
 
 #[test]
@@ -194,7 +227,7 @@ fn ring_walk_after_the_owner_follows_the_ring() {
     let key = ring::hash_key(b"walk");
     let inp = input(0, 0, Some(key));
     let first = p.first(&inp, |_| 0).expect("non-empty");
-    let fallbacks = p.fallbacks(first, &inp);
+    let fallbacks: Vec<usize> = p.fallbacks(first, &inp).collect();
     // With one point each, the walk visits points in increasing order (wrapping).
     let points: Vec<u64> = std::iter::once(first).chain(fallbacks).map(|i| ring_point(&ids[i])).collect();
     let rotation = points.iter().position(|&p| p == *points.iter().min().expect("some")).expect("some");

@@ -1,44 +1,91 @@
-//! Smooth weighted round robin, as nginx does it (`ngx_http_upstream_get_peer`): every pick
-//! adds each endpoint's weight to its current weight, takes the largest, and subtracts the
-//! total from the winner. Weights 5:1:1 give `a a b a c a a`, not `a a a a a b c`, and every
-//! window of `total` picks matches the weights exactly. O(n) per pick, under a short lock.
+//! Weighted round robin from a precomputed schedule, so that a pick is one array read.
+//!
+//! The schedule is one cycle of earliest-deadline-first picks (the scheduler grpc-go's
+//! weighted round robin used, and the proportional-share scheduling of Stoica et al.):
+//! the k-th pick of an endpoint of weight w is due at (k + ½) / w, and the cycle takes
+//! the endpoint whose next pick is due first, ties going to the lower index. Each cycle
+//! of `sum(weights)` picks (weights divided by their greatest common divisor) gives every
+//! endpoint exactly its weight, spread out: weights 5:1:1 give `a a a b c a a`, not
+//! `a a a a a b c`. Building it takes O(L log n) for a cycle of L picks over n endpoints;
+//! L is capped at [`MAX_CYCLE`] by scaling the weights down, keeping each at least 1.
 
-use std::sync::Mutex;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 
-/// The state of smooth weighted round robin over a fixed set of weights.
-#[derive(Debug)]
-pub struct SmoothWeighted {
-    weights: Vec<i64>,
-    total: i64,
-    current: Mutex<Vec<i64>>,
+/// The longest cycle a schedule holds; larger weight sums are scaled down to fit.
+pub const MAX_CYCLE: u64 = 1 << 16;
+
+/// One cycle of weighted round robin over a fixed set of weights.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    order: Box<[u32]>,
 }
 
-impl SmoothWeighted {
-    /// Over these weights, in endpoint order; 0 counts as 1.
+impl Schedule {
+    /// A schedule over these weights, in endpoint order; 0 counts as 1.
     pub fn new(weights: impl IntoIterator<Item = u32>) -> Self {
-        let weights: Vec<i64> = weights.into_iter().map(|w| i64::from(w.max(1))).collect();
-        let total = weights.iter().sum();
-        let current = Mutex::new(vec![0; weights.len()]);
-        SmoothWeighted { weights, total, current }
+        let mut weights: Vec<u64> = weights.into_iter().map(|w| u64::from(w.max(1))).collect();
+        let gcd = weights.iter().copied().reduce(gcd).unwrap_or(1);
+        weights.iter_mut().for_each(|w| *w /= gcd);
+        let sum: u64 = weights.iter().sum();
+        if sum > MAX_CYCLE {
+            // Keep the proportions as closely as whole numbers allow.
+            weights
+                .iter_mut()
+                .for_each(|w| *w = (u128::from(*w) * u128::from(MAX_CYCLE) / u128::from(sum)).max(1) as u64);
+        }
+        let cycle: u64 = weights.iter().sum();
+        let mut heap: BinaryHeap<Due> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Due { twice_picks_plus_one: 1, twice_weight: 2 * w, index: i as u32 })
+            .collect();
+        let mut order = Vec::with_capacity(cycle as usize);
+        while let Some(mut next) = heap.pop() {
+            order.push(next.index);
+            if order.len() as u64 == cycle {
+                break;
+            }
+            next.twice_picks_plus_one += 2;
+            heap.push(next);
+        }
+        Schedule { order: order.into_boxed_slice() }
     }
 
-    /// The next endpoint. There must be at least one.
-    pub fn next(&self) -> usize {
-        // A poisoned lock only means another pick panicked mid-update; the weights are
-        // still numbers, so carry on with them.
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let mut best: Option<(usize, i64)> = None;
-        for (i, (c, w)) in current.iter_mut().zip(&self.weights).enumerate() {
-            *c += w;
-            // Strictly greater: the first endpoint wins ties, as in nginx.
-            if best.is_none_or(|(_, b)| *c > b) {
-                best = Some((i, *c));
-            }
-        }
-        let winner = best.map_or(0, |(i, _)| i);
-        if let Some(c) = current.get_mut(winner) {
-            *c -= self.total;
-        }
-        winner
+    /// The endpoint of pick number `ticket`. The schedule must not be empty.
+    pub fn get(&self, ticket: usize) -> usize {
+        self.order.get(ticket % self.order.len().max(1)).map_or(0, |&i| i as usize)
     }
+
+    /// How many picks one cycle holds.
+    pub fn cycle(&self) -> usize {
+        self.order.len()
+    }
+}
+
+/// When an endpoint's next pick is due: (2k + 1) / 2w after its k-th pick.
+#[derive(Debug, PartialEq, Eq)]
+struct Due {
+    twice_picks_plus_one: u64,
+    twice_weight: u64,
+    index: u32,
+}
+
+impl Ord for Due {
+    /// The heap is a max-heap: "greater" is due sooner, then the lower index.
+    fn cmp(&self, other: &Self) -> Ordering {
+        let mine = u128::from(self.twice_picks_plus_one) * u128::from(other.twice_weight);
+        let theirs = u128::from(other.twice_picks_plus_one) * u128::from(self.twice_weight);
+        theirs.cmp(&mine).then_with(|| other.index.cmp(&self.index))
+    }
+}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }

@@ -13,7 +13,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// From `min` to `max` (DESIGN: 100 ms to 10 s for etcd recovery loops).
+    /// From `min` to `max`.
     pub fn new(min: Duration, max: Duration) -> Self {
         let min = min.max(Duration::from_millis(1));
         Backoff { min, max: max.max(min), next: min }

@@ -1,0 +1,256 @@
+//! The state of an endpoint's connection, as the TCP connections under its tonic `Channel`
+//! tell it, and the connector that feeds them.
+//!
+//! An endpoint is `Connecting` when it is new or its connection closed, `Ready` while a
+//! connection is open (or a connected socket waits for tonic to take it), and `Down` when a
+//! connect failed. A close by the peer is not a failure: servers close connections all the
+//! time (grpc-go's `MaxConnectionAge`, a proxy's idle timeout, a graceful stop), so a closed
+//! connection makes the endpoint `Connecting` and the balancer's worker connects again at
+//! once. Only a connect that fails (refused, timed out, no such host) makes it `Down`; the
+//! worker then probes it with backoff. The worker's connect hands its socket to tonic
+//! through the connector (the "stash"), so the connection that proved the endpoint ready is
+//! the one calls use, not a second one.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// How an endpoint's connection stands, as [`crate::EndpointStatus`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndpointState {
+    /// New, or its connection closed: a connect is under way. Calls go elsewhere while
+    /// another endpoint is ready, and wait for it otherwise.
+    Connecting,
+    /// Connected: calls go here.
+    Ready,
+    /// The last connect failed: skipped, and probed with backoff until one succeeds.
+    Unreachable,
+}
+
+const CONNECTING: u8 = 0;
+const READY: u8 = 1;
+const DOWN: u8 = 2;
+
+/// One endpoint's connection state, shared by its connector, its streams and the worker.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    state: AtomicU8,
+    /// Streams tonic holds open.
+    open: AtomicUsize,
+    /// A socket the worker connected, waiting for tonic's next connect.
+    stash: Mutex<Option<TcpStream>>,
+    /// For log lines: "endpoint a (127.0.0.1:50051) of service greeter".
+    pub(crate) label: Arc<str>,
+    /// Bumped on every change of state, so that waiting calls and the worker look again.
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl Conn {
+    pub(crate) fn new(label: Arc<str>, changes: Arc<watch::Sender<u64>>) -> Self {
+        Conn { state: AtomicU8::new(CONNECTING), open: AtomicUsize::new(0), stash: Mutex::new(None), label, changes }
+    }
+
+    pub(crate) fn state(&self) -> EndpointState {
+        match self.state.load(Ordering::Relaxed) {
+            READY => EndpointState::Ready,
+            DOWN => EndpointState::Unreachable,
+            _ => EndpointState::Connecting,
+        }
+    }
+
+    /// Whether a connection is open, or connected and waiting for tonic.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.open.load(Ordering::Relaxed) > 0 || self.stash().is_some()
+    }
+
+    fn stash(&self) -> std::sync::MutexGuard<'_, Option<TcpStream>> {
+        // A panic while holding this lock leaves an Option behind; it is still valid.
+        self.stash.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, to: u8) -> u8 {
+        let from = self.state.swap(to, Ordering::Relaxed);
+        if from != to {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        from
+    }
+
+    /// A connect succeeded: `stream` waits for tonic (when given, and tonic has no open
+    /// connection meanwhile), and calls come.
+    pub(crate) fn connected(&self, stream: Option<TcpStream>) {
+        if let Some(stream) = stream
+            && self.open.load(Ordering::Relaxed) == 0
+        {
+            *self.stash() = Some(stream);
+        }
+        if self.set(READY) == DOWN {
+            info!("{} is reachable again", self.label);
+        }
+    }
+
+    /// A connect failed: skip the endpoint until a probe connects. Logged once per outage.
+    pub(crate) fn failed(&self, error: &io::Error) {
+        if self.set(DOWN) != DOWN {
+            warn!("{} is unreachable: {error}; skipping it until it accepts connections", self.label);
+        }
+    }
+
+    /// A connection closed: connect again (the worker does, at once).
+    fn closed(&self) {
+        let left = self.open.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        if left == 0
+            && self.stash().is_none()
+            && self.state.compare_exchange(READY, CONNECTING, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The stashed socket, if it is still open.
+    async fn take_stash(&self) -> Option<TcpStream> {
+        let stream = self.stash().take()?;
+        // A socket the peer closed while it waited reads end-of-file at once; one with
+        // nothing to read yet is fine (a server may send its settings first, which stay).
+        let mut probe = [0u8; 1];
+        match tokio::time::timeout(Duration::ZERO, stream.peek(&mut probe)).await {
+            Ok(Ok(0) | Err(_)) => None,
+            Ok(Ok(_)) | Err(_) => Some(stream),
+        }
+    }
+}
+
+/// A TCP connect to the authority of `uri` within `timeout`, with Nagle off.
+pub(crate) async fn connect(uri: &Uri, timeout: Duration) -> io::Result<TcpStream> {
+    let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no host")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port))).await.map_err(|_| {
+        io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {host}:{port} timed out after {timeout:?}"))
+    })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+// === impl Connector ===
+
+/// tonic's connector for one endpoint: takes the worker's socket when there is one,
+/// connects otherwise, and tracks what becomes of the connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Connector {
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) timeout: Duration,
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TokioIo<TrackedStream>>> + Send>>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TrackedStream>;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let conn = self.conn.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let stream = match conn.take_stash().await {
+                Some(stream) => stream,
+                None => match connect(&uri, timeout).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        conn.failed(&e);
+                        return Err(e);
+                    }
+                },
+            };
+            conn.open.fetch_add(1, Ordering::Relaxed);
+            conn.connected(None);
+            Ok(TokioIo::new(TrackedStream { inner: stream, conn, closed: false }))
+        })
+    }
+}
+
+/// A TCP stream that tells its endpoint when it closes, by the peer or by us.
+#[derive(Debug)]
+pub(crate) struct TrackedStream {
+    inner: TcpStream,
+    conn: Arc<Conn>,
+    closed: bool,
+}
+
+impl TrackedStream {
+    fn close(&mut self) {
+        if !std::mem::replace(&mut self.closed, true) {
+            self.conn.closed();
+        }
+    }
+}
+
+impl AsyncRead for TrackedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &poll {
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => self.close(),
+            Poll::Ready(Err(_)) => self.close(),
+            _ => {}
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for TrackedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Err(_)) = &poll {
+            self.close();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Err(_)) = &poll {
+            self.close();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl Drop for TrackedStream {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,54 @@
+use super::*;
+
+#[test]
+fn grpc_timeouts_parse_in_every_unit_and_junk_is_ignored() {
+    let parse = |v: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-timeout", v.parse().expect("header"));
+        grpc_timeout(&h)
+    };
+    assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+    assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+    assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
+    assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+    assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
+    assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
+    for junk in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
+        assert_eq!(parse(junk), None, "{junk:?}");
+    }
+    assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+}
+
+#[test]
+fn an_inner_status_passes_through_as_it_is() {
+    let inner = Status::resource_exhausted("rate limit exceeded");
+    let status = of_error(Box::new(inner), "endpoint a");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(status.message(), "rate limit exceeded");
+}
+
+#[test]
+fn a_timeout_is_deadline_exceeded_and_a_connect_error_unavailable() {
+    let status = of_error(Box::new(tonic::TimeoutExpired(())), "endpoint a");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    let refused = tonic::ConnectError(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
+    let status = of_error(Box::new(refused), "endpoint a (127.0.0.1:1)");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().starts_with("endpoint a (127.0.0.1:1): "), "{}", status.message());
+}
+
+#[test]
+fn an_unknown_error_is_unknown_with_its_chain() {
+    let status = of_error(Box::new(std::io::Error::other("boom")), "endpoint a");
+    assert_eq!(status.code(), Code::Unknown);
+    assert_eq!(status.message(), "endpoint a: boom");
+}
+
+#[test]
+fn only_the_endpoints_own_failures_count_against_it() {
+    assert!(counts_against_endpoint(Code::Unavailable));
+    assert!(counts_against_endpoint(Code::Internal));
+    assert!(!counts_against_endpoint(Code::DeadlineExceeded));
+    assert!(!counts_against_endpoint(Code::Cancelled));
+    assert!(!counts_against_endpoint(Code::Ok));
+}
