@@ -37,8 +37,8 @@ use mesh_balancer::{Endpoint, EndpointSet};
 use mesh_etcd::{Etcd, KeyValue, ListWatch, ViewStatus, WatchEvent};
 use mesh_registry::Instance;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::WatchStream;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
 /// Resolves a service's endpoints from its registrations in etcd.
@@ -56,11 +56,12 @@ pub struct EtcdResolver {
 pub struct Resolution {
     set: watch::Receiver<Option<EndpointSet>>,
     status: watch::Receiver<ResolverStatus>,
-    _task: Arc<AbortOnDrop>,
+    task: Arc<AbortOnDropHandle<()>>,
 }
 
 /// How a resolution is doing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ResolverStatus {
     /// The watch's view: in sync or not, the revision, when etcd last confirmed it.
     pub view: Option<ViewStatus>,
@@ -68,15 +69,6 @@ pub struct ResolverStatus {
     pub endpoints: usize,
     /// Values skipped because they did not parse, since the start.
     pub malformed: u64,
-}
-
-#[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl EtcdResolver {
@@ -106,24 +98,26 @@ impl EtcdResolver {
     pub fn spawn(self) -> Resolution {
         let (set_tx, set) = watch::channel(None);
         let (status_tx, status) = watch::channel(ResolverStatus::default());
-        let task = tokio::spawn(self.run(set_tx, status_tx));
-        Resolution { set, status, _task: Arc::new(AbortOnDrop(task)) }
+        let task = AbortOnDropHandle::new(tokio::spawn(self.run(set_tx, status_tx)));
+        Resolution { set, status, task: Arc::new(task) }
     }
 
     async fn run(self, set_tx: watch::Sender<Option<EndpointSet>>, status_tx: watch::Sender<ResolverStatus>) {
         let mut list_watch = ListWatch::new(self.etcd.clone(), self.prefix.clone());
         let mut view_status = list_watch.status();
         let mut view: BTreeMap<String, Instance> = BTreeMap::new();
-        // Endpoints known before etcd was rebuilt, kept until `settled_at`.
+        // Endpoints known before etcd was rebuilt, kept until the settle timer fires.
         let mut kept: BTreeMap<String, Instance> = BTreeMap::new();
-        let mut settled_at: Option<tokio::time::Instant> = None;
+        let settle = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(settle);
+        let mut settling = false;
         let mut malformed = 0u64;
         loop {
             tokio::select! {
-                () = sleep_until(settled_at) => {
+                () = &mut settle, if settling => {
                     info!(service = %self.service, "settled after the etcd rebuild; now only what etcd holds");
                     kept.clear();
-                    settled_at = None;
+                    settling = false;
                 }
                 event = list_watch.next() => match event {
                     WatchEvent::Reset { kvs, rebuilt, .. } => {
@@ -135,7 +129,8 @@ impl EtcdResolver {
                         }
                         if rebuilt {
                             kept.extend(std::mem::take(&mut view));
-                            settled_at = Some(tokio::time::Instant::now() + self.settle);
+                            settle.as_mut().reset(tokio::time::Instant::now() + self.settle);
+                            settling = true;
                             info!(
                                 service = %self.service,
                                 kept = kept.len(),
@@ -208,13 +203,6 @@ fn published(view: &BTreeMap<String, Instance>, kept: &BTreeMap<String, Instance
     EndpointSet::new(endpoints)
 }
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// How long endpoints from before an etcd rebuild are kept by default.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(10);
 
@@ -226,7 +214,7 @@ impl Resolution {
     /// Every new set, starting with the current one once etcd has been listed; what
     /// [`mesh_balancer::Balancer::spawn`] takes. Keeps the resolution running.
     pub fn updates(&self) -> impl Stream<Item = EndpointSet> + Send + 'static {
-        let guard = self._task.clone();
+        let guard = self.task.clone();
         WatchStream::new(self.set.clone()).filter_map(move |set| {
             let _keep_running = &guard;
             std::future::ready(set)

@@ -127,3 +127,102 @@ async fn the_static_resolver_yields_its_set_and_stays_open() {
     assert_eq!(updates.next().await, Some(set));
     assert!(tokio::time::timeout(Duration::from_millis(50), updates.next()).await.is_err(), "stays open");
 }
+
+/// A registration value for `server` as mesh-registry writes it.
+fn value(server: &mesh_testkit::TestServer) -> String {
+    mesh_registry::Instance::new("greeter", server.addr().to_string()).encode()
+}
+
+/// Waits until the client's view holds exactly what etcd holds under the prefix, and a
+/// round of calls reaches exactly `names`.
+async fn converged(
+    etcd: &mesh_testkit::Etcd,
+    resolution: &Resolution,
+    client: &mut GreeterClient<mesh_balancer::BalancedChannel<tonic::transport::Channel>>,
+    names: &[&str],
+) {
+    let held = || async {
+        let mut keys: Vec<String> =
+            etcd.get_prefix(PREFIX).await.ok()?.into_iter().map(|kv| kv.key[PREFIX.len()..].to_string()).collect();
+        keys.sort();
+        Some(keys)
+    };
+    eventually("the view equals get --prefix", Duration::from_secs(5), || async {
+        let mut seen = ids(resolution);
+        seen.sort();
+        (Some(seen) == held().await).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the client sees {:?}", ids(resolution)));
+    let mut reached = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    for _ in 0..(3 * names.len()).max(1) {
+        match client.say_hello(HelloRequest { name: "t".into() }).await {
+            Ok(r) => {
+                reached.insert(r.into_inner().served_by);
+            }
+            Err(s) => failures.push(s.message().to_string()),
+        }
+    }
+    let want: std::collections::BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+    assert_eq!(reached, want, "calls reach exactly the registered servers; failures: {failures:?}");
+    if names.is_empty() {
+        assert!(failures.iter().all(|f| f == "no endpoints for service greeter"), "{failures:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_a_prefix_delete_and_a_lease_revoke_reach_the_client_whole() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let mut servers = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        servers.push(NamedGreeter::serve(name, Duration::ZERO).await.expect("serve"));
+    }
+    let resolution = resolve(&etcd);
+    let channel = Balancer::spawn(BalancerConfig::new("greeter"), resolution.updates());
+    let mut client = GreeterClient::new(channel);
+    converged(&etcd, &resolution, &mut client, &[]).await;
+
+    // Three registrations in one transaction: one watch response, one revision.
+    let keys: Vec<String> = ["s1", "s2", "s3"].iter().map(|n| format!("{PREFIX}{n}")).collect();
+    let values: Vec<String> = servers.iter().map(value).collect();
+    let pairs: Vec<(&str, &str)> = keys.iter().map(String::as_str).zip(values.iter().map(String::as_str)).collect();
+    etcd.put_all(&pairs).await.expect("txn");
+    converged(&etcd, &resolution, &mut client, &["s1", "s2", "s3"]).await;
+
+    // `etcdctl del --prefix` over the three: three deletes at one revision.
+    assert_eq!(etcd.delete_prefix(PREFIX).await.expect("del --prefix"), 3);
+    converged(&etcd, &resolution, &mut client, &[]).await;
+
+    // Three registrations on one lease, then the lease revoked: three deletes again.
+    let lease = etcd.grant(60).await.expect("grant");
+    for (key, value) in &pairs {
+        etcd.put_leased(key, value, lease).await.expect("put");
+    }
+    converged(&etcd, &resolution, &mut client, &["s1", "s2", "s3"]).await;
+    etcd.revoke(lease).await.expect("revoke");
+    converged(&etcd, &resolution, &mut client, &[]).await;
+}
+
+async fn first_call_over_etcd() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let server = NamedGreeter::serve("s1", Duration::ZERO).await.expect("serve");
+    etcd.put(&format!("{PREFIX}s1"), value(&server)).await.expect("register");
+    for trial in 0..20 {
+        // As a user writes it: resolve, balance, call. No waiting in between.
+        let resolution = resolve(&etcd);
+        let channel = Balancer::spawn(BalancerConfig::new("greeter"), resolution.updates());
+        let reply = GreeterClient::new(channel).say_hello(HelloRequest { name: "now".into() }).await;
+        assert_eq!(reply.map(|r| r.into_inner().served_by).ok().as_deref(), Some("s1"), "trial {trial}");
+    }
+}
+
+#[tokio::test]
+async fn a_call_right_after_spawning_over_etcd_discovery_succeeds_on_a_current_thread_runtime() {
+    first_call_over_etcd().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_right_after_spawning_over_etcd_discovery_succeeds_on_a_multi_thread_runtime() {
+    first_call_over_etcd().await;
+}
