@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use mesh_etcd_local::Signal;
+use serde_json::Value;
 
 use crate::{etcd, util};
 
@@ -67,10 +68,9 @@ fn chapter_three_greeters(demo: &mut Demo) -> anyhow::Result<()> {
     let mut answered = BTreeSet::new();
     let targets: Vec<String> = demo.servers.iter().map(|s| format!("http://{}", s.addr)).collect();
     for target in &targets {
-        let out = util::output(demo.client().args(["--target", target, "--name", "demo"]))?;
-        let out = out.lines().next().unwrap_or_default();
-        println!("  {target} → {out}");
-        let served_by = per_call_owners(out).pop().context("the reply names no instance")?;
+        let out = util::output(demo.client().args(["--target", target, "--name", "demo", "--json"]))?;
+        println!("  {target} → {}", out.lines().next().unwrap_or_default());
+        let served_by = per_call_owners(&report(&out)?).pop().flatten().context("the reply names no instance")?;
         answered.insert(served_by);
     }
     ensure!(answered.len() == 3, "expected three different instances, got {answered:?}");
@@ -91,35 +91,35 @@ fn chapter_balancing(demo: &mut Demo) -> anyhow::Result<()> {
         ("p2c", &[]),
     ];
     for (strategy, extra) in runs {
-        let out = demo.greet(&all, strategy, 300, extra)?;
-        let by = served_by_counts(&out);
+        let by = served_by_counts(&demo.greet(&all, strategy, 300, extra)?);
         let line: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!("  {strategy:<16} {}", line.join(", "));
-        ensure!(by.values().sum::<usize>() == 300, "{strategy}: not all 300 calls were answered: {by:?}");
+        ensure!(by.values().sum::<u64>() == 300, "{strategy}: not all 300 calls were answered: {by:?}");
         if strategy == "round_robin" {
             ensure!(by.values().all(|&n| n == 100), "round robin must give 100 each: {by:?}");
         }
         if strategy == "weighted" {
-            let counts: Vec<usize> = demo.servers.iter().map(|s| by.get(&s.name).copied().unwrap_or(0)).collect();
+            let counts: Vec<u64> = demo.servers.iter().map(|s| by.get(&s.name).copied().unwrap_or(0)).collect();
             ensure!(counts == [50, 100, 150], "weights 1:2:3 must give 50/100/150: {counts:?}");
-            println!("  {:<16} (weights 1:2:3 → exactly 50/100/150: smooth weighted round robin)", "");
+            println!("  {:<16} (weights 1:2:3 → exactly 50/100/150: a weighted round-robin schedule)", "");
         }
     }
 
-    let out = demo.greet(&all, "consistent_hash", 20, &["--hash-key", "user-42"])?;
-    let by = served_by_counts(&out);
+    let by = served_by_counts(&demo.greet(&all, "consistent_hash", 20, &["--hash-key", "user-42"])?);
     ensure!(by.len() == 1, "one key must always land on one server: {by:?}");
     println!("  20 calls with hash key user-42 all went to {}", by.keys().next().map_or("?", String::as_str));
 
-    let before =
-        per_call_owners(&demo.greet(&all, "consistent_hash", 300, &["--hash-key", "user-{i}", "--verbose"])?);
+    let before = per_call_owners(&demo.greet(&all, "consistent_hash", 300, &["--hash-key", "user-{i}"])?);
     let removed = &demo.servers[2];
     let two = targets[..2].join(",");
-    let after = per_call_owners(&demo.greet(&two, "consistent_hash", 300, &["--hash-key", "user-{i}", "--verbose"])?);
-    ensure!(before.len() == 300 && after.len() == 300, "expected 300 replies each time");
-    let on_removed = before.iter().filter(|o| **o == removed.name).count();
+    let after = per_call_owners(&demo.greet(&two, "consistent_hash", 300, &["--hash-key", "user-{i}"])?);
+    ensure!(
+        before.len() == 300 && after.len() == 300 && before.iter().chain(&after).all(Option::is_some),
+        "expected 300 replies each time"
+    );
+    let on_removed = before.iter().filter(|o| o.as_deref() == Some(removed.name.as_str())).count();
     let moved: Vec<usize> = (0..300).filter(|&i| before[i] != after[i]).collect();
-    let moved_elsewhere = moved.iter().filter(|&&i| before[i] != removed.name).count();
+    let moved_elsewhere = moved.iter().filter(|&&i| before[i].as_deref() != Some(removed.name.as_str())).count();
     println!(
         "  removing {} from the set: {on_removed} of 300 keys were on it and moved; {moved_elsewhere} other keys moved",
         removed.name
@@ -134,19 +134,22 @@ fn chapter_registry(demo: &mut Demo) -> anyhow::Result<()> {
     println!("  the registrations, as `etcdctl get --prefix /mesh/services/` shows them:");
     demo.show_keys()?;
     println!("  a client with no --target discovers greeter in etcd and calls every 20 ms for 10 s:");
+    // Its log goes to a file: a pipe read only at the end fills up under RUST_LOG=debug.
+    let log_path = demo.logs.join("client.log");
+    let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut client = demo
         .client()
         .args(["--etcd", &demo.etcd.join(","), "--service", "greeter", "--name", "demo"])
-        .args(["--duration", "10s", "--interval", "20ms", "--quiet", "--table-every", "3s"])
+        .args(["--duration", "10s", "--interval", "20ms", "--quiet", "--table-every", "3s", "--json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .context("starting greeter-client")?;
     let stdout = client.stdout.take().context("client stdout")?;
     let echo = std::thread::spawn(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !line.is_empty() {
+            if !line.is_empty() && !line.starts_with('{') {
                 println!("  │ {line}");
             }
             lines.push(line);
@@ -162,21 +165,14 @@ fn chapter_registry(demo: &mut Demo) -> anyhow::Result<()> {
     demo.stop_server("greeter-1")?;
     let status = client.wait().context("waiting for the client")?;
     let lines = echo.join().map_err(|_| anyhow::anyhow!("client output reader panicked"))?;
-    let mut stderr = String::new();
-    if let Some(mut e) = client.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
-    ensure!(status.success(), "the client failed calls while servers came and went: {}", stderr.trim());
-    let last_table = lines.join("\n");
-    let last_table = last_table.rsplit("strategy ").next().unwrap_or_default();
-    let by = served_by_counts(&format!("strategy {last_table}"));
+    ensure!(status.success(), "the client failed calls while servers came and went; see {}", log_path.display());
+    let report = report(&lines.join("\n"))?;
+    let by = served_by_counts(&report);
     ensure!(by.get("greeter-4").is_some_and(|&n| n > 0), "greeter-4 got no calls: {by:?}");
-    let endpoints: Vec<&str> = last_table
-        .lines()
-        .skip_while(|l| !l.starts_with("endpoint"))
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
+    let endpoints: Vec<&str> = report["endpoints"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["address"].as_str()).collect())
+        .unwrap_or_default();
     ensure!(!endpoints.contains(&left.as_str()), "the client still lists greeter-1 ({left}): {endpoints:?}");
     println!(
         "  the client lost no call; greeter-4 answered {} calls and greeter-1 left its table, with no restart",
@@ -187,22 +183,23 @@ fn chapter_registry(demo: &mut Demo) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replies per `served_by` from greeter-client's table.
-fn served_by_counts(out: &str) -> BTreeMap<String, usize> {
-    out.lines()
-        .skip_while(|l| !l.starts_with("served_by"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("endpoint"))
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
-        })
-        .collect()
+/// greeter-client's `--json` report: the last line of its output that is a JSON object.
+fn report(out: &str) -> anyhow::Result<Value> {
+    let line = out.lines().rev().find(|l| l.starts_with('{')).context("greeter-client printed no JSON report")?;
+    serde_json::from_str(line).with_context(|| format!("reading greeter-client's report {line:?}"))
 }
 
-/// The instance that answered each call, in call order, from the per-call lines.
-fn per_call_owners(out: &str) -> Vec<String> {
-    out.lines().filter_map(|l| l.rsplit_once("(served by ")?.1.strip_suffix(')').map(str::to_string)).collect()
+/// Replies per `served_by` in a report.
+fn served_by_counts(report: &Value) -> BTreeMap<String, u64> {
+    report["served_by"]
+        .as_object()
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()?))).collect())
+        .unwrap_or_default()
+}
+
+/// Who served each call, in call order (`None` for a failed call).
+fn per_call_owners(report: &Value) -> Vec<Option<String>> {
+    report["order"].as_array().map(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default()
 }
 
 // === impl Demo ===
@@ -212,16 +209,12 @@ impl Demo {
         Command::new(self.bin.join("greeter-client"))
     }
 
-    /// Runs the client over `targets` with `strategy` for `count` calls; its stdout.
-    fn greet(&self, targets: &str, strategy: &str, count: u32, extra: &[&str]) -> anyhow::Result<String> {
-        let verbose = extra.contains(&"--verbose");
+    /// Runs the client over `targets` with `strategy` for `count` calls; its report.
+    fn greet(&self, targets: &str, strategy: &str, count: u32, extra: &[&str]) -> anyhow::Result<Value> {
         let mut cmd = self.client();
         cmd.args(["--target", targets, "--strategy", strategy, "--count", &count.to_string(), "--name", "demo"]);
-        if !verbose {
-            cmd.arg("--quiet");
-        }
-        cmd.args(extra.iter().filter(|a| **a != "--verbose"));
-        util::output(&mut cmd)
+        cmd.args(["--quiet", "--json"]).args(extra);
+        report(&util::output(&mut cmd)?)
     }
 
     /// Starts a greeter-server on a free port and waits until it accepts connections.

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mesh_balancer::{BalancedChannel, Strategy};
+use mesh_balancer::{BalancedChannel, EndpointState, Strategy};
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
 use tonic::transport::Channel;
@@ -86,6 +86,42 @@ pub struct GreetArgs {
     /// Also print the table this often while calling, e.g. `2s`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub table_every: Option<Duration>,
+    /// End with one line of JSON instead of the table: calls, failures, replies per
+    /// `served_by`, who served each call in order, and the endpoints with their counters.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the default mode reports at the end (`--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GreetReport {
+    /// The strategy in use at the end.
+    pub strategy: String,
+    /// Calls made.
+    pub calls: u64,
+    /// Calls that failed.
+    pub failed: u64,
+    /// Replies per `served_by`.
+    pub served_by: BTreeMap<String, u64>,
+    /// Who served each call, in call order; `null` for a call that failed.
+    pub order: Vec<Option<String>>,
+    /// The endpoints the balancer holds at the end.
+    pub endpoints: Vec<EndpointReport>,
+}
+
+/// One endpoint in a [`GreetReport`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointReport {
+    /// Its id.
+    pub id: String,
+    /// Its address.
+    pub address: String,
+    /// `connecting`, `ready` or `unreachable`.
+    pub state: String,
+    /// Calls sent there.
+    pub requests: u64,
+    /// Of those, calls that failed there.
+    pub failures: u64,
 }
 
 /// Flags of `bench`.
@@ -139,6 +175,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     let channel = channel(&args.targets).await?;
     let mut client = GreeterClient::new(channel.clone());
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
+    let mut order = Vec::new();
     let mut failed = 0u64;
     let mut made = 0u64;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
@@ -174,15 +211,39 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
                 if !args.quiet {
                     println!("{} (served by {})", reply.message, reply.served_by);
                 }
-                *replies.entry(reply.served_by).or_default() += 1;
+                *replies.entry(reply.served_by.clone()).or_default() += 1;
+                order.push(Some(reply.served_by));
             }
             Err(status) => {
                 failed += 1;
+                order.push(None);
                 println!("error: {:?}: {}", status.code(), status.message());
             }
         }
     }
-    print!("{}", table(&channel, &replies));
+    if args.json {
+        let report = GreetReport {
+            strategy: channel.strategy().to_string(),
+            calls: made,
+            failed,
+            served_by: replies,
+            order,
+            endpoints: channel
+                .endpoints()
+                .into_iter()
+                .map(|e| EndpointReport {
+                    state: state_name(e.state).into(),
+                    id: e.id,
+                    address: e.address,
+                    requests: e.requests,
+                    failures: e.failures,
+                })
+                .collect(),
+        };
+        println!("{}", serde_json::to_string(&report).context("encoding the report")?);
+    } else {
+        print!("{}", table(&channel, &replies));
+    }
     if failed > 0 {
         anyhow::bail!("{failed} of {made} calls failed");
     }
@@ -197,16 +258,17 @@ fn table(channel: &BalancedChannel<Channel>, replies: &BTreeMap<String, u64>) ->
     }
     out.push_str(&format!("{:<28} {:>8} {:>8}  state\n", "endpoint", "requests", "failures"));
     for e in channel.endpoints() {
-        let state = if e.connected {
-            "connected"
-        } else if e.usable {
-            "idle"
-        } else {
-            "unreachable"
-        };
-        out.push_str(&format!("{:<28} {:>8} {:>8}  {state}\n", e.address, e.requests, e.failures));
+        out.push_str(&format!("{:<28} {:>8} {:>8}  {}\n", e.address, e.requests, e.failures, state_name(e.state)));
     }
     out
+}
+
+fn state_name(state: EndpointState) -> &'static str {
+    match state {
+        EndpointState::Ready => "ready",
+        EndpointState::Connecting => "connecting",
+        _ => "unreachable",
+    }
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {

@@ -23,5 +23,5 @@ pub mod bench;
 mod cli;
 mod connect;
 
-pub use cli::{Args, Command, run};
+pub use cli::{Args, Command, EndpointReport, GreetReport, run};
 pub use connect::{balanced, connect, discovered};

@@ -89,18 +89,16 @@ async fn bench_counts_failures_by_code_when_the_server_is_killed() {
     assert!(report.errors_by_code.contains_key("Unavailable"), "{:?}", report.errors_by_code);
 }
 
-fn replies_by_served_by(stdout: &str) -> std::collections::BTreeMap<String, u64> {
-    // The table's first section: "served_by  replies" rows until the endpoint header.
-    stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("served_by"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("endpoint"))
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
-        })
-        .collect()
+/// The `--json` report: the last line of stdout.
+fn report(stdout: &str) -> serde_json::Value {
+    let line =
+        stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON report in {stdout}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// Replies per `served_by` in a `--json` report.
+fn served_by(report: &serde_json::Value) -> Vec<u64> {
+    report["served_by"].as_object().map(|m| m.values().filter_map(|v| v.as_u64()).collect()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,9 +116,29 @@ async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
     .expect("join");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let by = replies_by_served_by(&stdout);
-    assert_eq!(by.values().collect::<Vec<_>>(), [&10, &10, &10], "{stdout}");
-    assert!(stdout.contains("strategy round_robin"), "{stdout}");
+    assert!(stdout.contains("strategy round_robin") && stdout.contains("served_by"), "{stdout}");
+    for server in &servers {
+        let address = server.addr().to_string();
+        let row = stdout.lines().find(|l| l.starts_with(&address)).unwrap_or_else(|| panic!("no row for {address}"));
+        assert!(row.split_whitespace().eq([address.as_str(), "10", "0", "ready"]), "{row}");
+    }
+
+    let t = targets.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        client().args(["--target", &t, "--count", "30", "--quiet", "--json"]).output().expect("run")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = report(&stdout);
+    assert_eq!(served_by(&r), [10, 10, 10], "{stdout}");
+    assert_eq!(
+        (r["calls"].as_u64(), r["failed"].as_u64(), r["strategy"].as_str()),
+        (Some(30), Some(0), Some("round_robin"))
+    );
+    assert_eq!(r["order"].as_array().map(Vec::len), Some(30));
+    assert_eq!(r["endpoints"].as_array().map(Vec::len), Some(3));
 
     let out = tokio::task::spawn_blocking(move || {
         client()
@@ -134,6 +152,7 @@ async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
                 "consistent_hash",
                 "--hash-key",
                 "user-7",
+                "--json",
             ])
             .output()
             .expect("run")
@@ -142,7 +161,7 @@ async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
     .expect("join");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(replies_by_served_by(&stdout).values().collect::<Vec<_>>(), [&12], "{stdout}");
+    assert_eq!(served_by(&report(&stdout)), [12], "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
