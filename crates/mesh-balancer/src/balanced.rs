@@ -36,7 +36,7 @@ use tower_service::Service;
 
 use crate::conn::EndpointState;
 use crate::pick::{PickInput, ring};
-use crate::snapshot::{Entry, Shared, Snapshot, Stats, now_nanos};
+use crate::snapshot::{Entry, Shared, Slot, Snapshot, now_nanos};
 use crate::status::{self, BoxError};
 use crate::strategy::{HashKey, MissingKey, P2cLoad, Strategy};
 
@@ -85,7 +85,8 @@ impl<S> Returned<S> {
     }
 
     fn take(&self) -> Option<(Arc<Entry<S>>, S)> {
-        if !self.full.swap(false, Ordering::Acquire) {
+        // A plain load first: this runs on every call, and is almost always empty.
+        if !self.full.load(Ordering::Relaxed) || !self.full.swap(false, Ordering::Acquire) {
             return None;
         }
         self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
@@ -418,28 +419,34 @@ where
                     continue;
                 }
             }
-            let mut svc = services[i].take().unwrap_or_else(|| entry.core.service.clone());
+            let svc = services[i].get_or_insert_with(|| entry.core.service.clone());
             match svc.poll_ready(&mut cx) {
                 Poll::Ready(Ok(())) => {
                     // Round robin goes on after the endpoint it used, so that skipping one
-                    // does not send the next one two turns.
-                    *ticket = match snap.strategy {
-                        Strategy::RoundRobin => ticket.wrapping_add(tried),
-                        _ => ticket.wrapping_add(1),
-                    };
-                    let future = start(entry, &mut svc, request, &snap.strategy, now);
-                    services[i] = Some(svc);
-                    return future;
+                    // does not send the next one two turns. Kept below the picker's period,
+                    // so that a pick needs no division.
+                    let advance = if matches!(snap.strategy, Strategy::RoundRobin) { tried } else { 1 };
+                    let period = snap.picker.period();
+                    *ticket += advance;
+                    if *ticket >= period {
+                        *ticket %= period;
+                    }
+                    return start(entry, svc, request, &snap.strategy, now);
                 }
                 Poll::Ready(Err(e)) => {
                     // A layer refused (a breaker open, say): skip it for this call. The
                     // instance is dropped; the next call clones a fresh one.
+                    services[i] = None;
                     skipped.refused += 1;
                     skipped.last_refusal = Some(e.into());
                 }
                 // Backpressure: the instance keeps the caller's waker and goes with the
                 // call, which waits for it (or another) to become ready.
-                Poll::Pending => pending.push((entry.clone(), svc)),
+                Poll::Pending => {
+                    if let Some(svc) = services[i].take() {
+                        pending.push((entry.clone(), svc));
+                    }
+                }
             }
         }
         if pending.is_empty() && skipped.connecting == 0 {
@@ -466,13 +473,14 @@ fn hash_key(strategy: &Strategy, request: &http::Request<Body>, service: &str) -
     }
 }
 
+/// The load p2c compares, as the calling thread sees it (see `Stats::here`).
 fn load<S>(entry: &Entry<S>, strategy: &Strategy, now: u64) -> u64 {
-    let stats = &entry.core.stats;
-    let in_flight = stats.in_flight();
+    let here = entry.core.stats.here();
+    let in_flight = here.in_flight();
     match strategy {
         Strategy::P2c(P2cLoad::PeakEwma { decay }) => {
             let decay = u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX);
-            stats.ewma().cost(now, decay, usize::try_from(in_flight).unwrap_or(usize::MAX))
+            here.ewma().cost(now, decay, usize::try_from(in_flight).unwrap_or(usize::MAX))
         }
         _ => in_flight,
     }
@@ -489,15 +497,14 @@ fn start<S>(
 where
     S: Service<http::Request<Body>>,
 {
-    let stats = entry.core.stats.clone();
-    stats.started();
+    let slot = entry.core.stats.started();
     let ewma = match strategy {
         Strategy::P2c(P2cLoad::PeakEwma { decay }) => {
             Some((if now == 0 { now_nanos() } else { now }, u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX)))
         }
         _ => None,
     };
-    ResponseFuture { kind: Kind::Called { inner: svc.call(request), guard: Guard { stats, ewma, done: false } } }
+    ResponseFuture { kind: Kind::Called { inner: svc.call(request), guard: Guard { slot, ewma, done: false } } }
 }
 
 // === impl ResponseFuture ===
@@ -559,7 +566,7 @@ impl<F: Send + 'static> ResponseFuture<F> {
 
 /// Keeps an endpoint's counters right, also when a call is dropped unfinished.
 struct Guard {
-    stats: Arc<Stats>,
+    slot: Arc<Slot>,
     /// For peak EWMA: when the call started, and the decay (ns).
     ewma: Option<(u64, u64)>,
     done: bool,
@@ -570,10 +577,10 @@ impl Guard {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        self.stats.finished(failed);
+        self.slot.finished(failed);
         if let Some((started, decay)) = self.ewma {
             let now = now_nanos();
-            self.stats.observe(now, now.saturating_sub(started), decay);
+            self.slot.observe(now, now.saturating_sub(started), decay);
         }
     }
 }
@@ -607,7 +614,7 @@ where
                     Poll::Ready(Ok(response))
                 }
                 Poll::Ready(Err(e)) => {
-                    let status = status::of_error(e.into(), &guard.stats.label);
+                    let status = status::of_error(e.into(), &guard.slot.label);
                     guard.finish(status::counts_against_endpoint(status.code()));
                     Poll::Ready(Ok(status.into_http()))
                 }

@@ -87,34 +87,110 @@ pub(crate) struct Core<S> {
     pub(crate) url: http::Uri,
 }
 
-/// Counters of one endpoint; held by in-flight calls too, so they outlive its removal.
-/// Aligned to its own cache lines so that calls to different endpoints do not contend.
+/// Counters of one endpoint, in one slot per thread (up to [`max_slots`]): a call counts
+/// itself in its thread's slot, so calls on different threads write different cache lines,
+/// and readers add the slots up. In-flight calls hold their slot, so the counts outlive the
+/// endpoint's removal.
+#[derive(Debug)]
+pub(crate) struct Stats {
+    slots: Box<[Arc<Slot>]>,
+}
+
+/// One thread's counts of one endpoint, on cache lines of its own, and its latency
+/// estimate (p2c compares endpoints by what the calling thread has seen of them).
 #[derive(Debug)]
 #[repr(align(128))]
-pub(crate) struct Stats {
-    pub(crate) label: Arc<str>,
+pub(crate) struct Slot {
     started: AtomicU64,
     finished: AtomicU64,
     failures: AtomicU64,
-    /// Peak EWMA latency: the estimate (f64 bits) and when it was updated (ns).
-    ewma_estimate: AtomicU64,
-    ewma_stamp: AtomicU64,
+    ewma: Ewma,
+    pub(crate) label: Arc<str>,
+}
+
+/// Peak EWMA latency: the estimate (f64 bits) and when it was updated (ns).
+#[derive(Debug, Default)]
+struct Ewma {
+    estimate: AtomicU64,
+    stamp: AtomicU64,
+}
+
+/// How many slots each endpoint's counters have: the machine's parallelism, at most 16.
+fn max_slots() -> usize {
+    static SLOTS: OnceLock<usize> = OnceLock::new();
+    *SLOTS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16))
+}
+
+/// This thread's slot.
+fn my_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SLOT.with(|s| *s) % max_slots()
 }
 
 impl Stats {
     fn new(label: Arc<str>) -> Self {
-        Stats {
-            label,
-            started: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            ewma_estimate: AtomicU64::new(0),
-            ewma_stamp: AtomicU64::new(0),
-        }
+        let slots = (0..max_slots())
+            .map(|_| {
+                Arc::new(Slot {
+                    started: AtomicU64::new(0),
+                    finished: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                    ewma: Ewma::default(),
+                    label: label.clone(),
+                })
+            })
+            .collect();
+        Stats { slots }
     }
 
-    pub(crate) fn started(&self) {
-        self.started.fetch_add(1, Ordering::Relaxed);
+    /// Counts a call as started; the slot it was counted in, for [`Slot::finished`].
+    pub(crate) fn started(&self) -> Arc<Slot> {
+        let slot = &self.slots[my_slot()];
+        slot.started.fetch_add(1, Ordering::Relaxed);
+        slot.clone()
+    }
+
+    fn sum(&self, counter: impl Fn(&Slot) -> &AtomicU64) -> u64 {
+        self.slots.iter().fold(0u64, |n, s| n.wrapping_add(counter(s).load(Ordering::Relaxed)))
+    }
+
+    /// Calls sent here.
+    pub(crate) fn requests(&self) -> u64 {
+        self.sum(|s| &s.started)
+    }
+
+    pub(crate) fn failures(&self) -> u64 {
+        self.sum(|s| &s.failures)
+    }
+
+    /// Calls in flight now (finished read first, so it never goes below zero).
+    pub(crate) fn in_flight(&self) -> u64 {
+        let finished = self.sum(|s| &s.finished);
+        self.requests().saturating_sub(finished)
+    }
+
+    /// The calling thread's slot: the load p2c compares (calls this thread has in flight
+    /// there, and the latency it saw). Reading only its own slot, a pick touches no cache
+    /// line another thread writes; p2c is known to do well on stale or partial load
+    /// (Mitzenmacher, "How useful is old information?", 2000), and a slow endpoint piles
+    /// up calls in flight on every thread alike.
+    pub(crate) fn here(&self) -> &Slot {
+        &self.slots[my_slot()]
+    }
+}
+
+impl Slot {
+    /// Calls counted in this slot that have not finished.
+    pub(crate) fn in_flight(&self) -> u64 {
+        let finished = self.finished.load(Ordering::Relaxed);
+        self.started.load(Ordering::Relaxed).saturating_sub(finished)
+    }
+
+    pub(crate) fn ewma(&self) -> PeakEwma {
+        self.ewma.get()
     }
 
     pub(crate) fn finished(&self, failed: bool) {
@@ -124,36 +200,20 @@ impl Stats {
         }
     }
 
-    /// Calls sent here.
-    pub(crate) fn requests(&self) -> u64 {
-        self.started.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-
-    /// Calls in flight now (read as finished first, so it never goes below zero).
-    pub(crate) fn in_flight(&self) -> u64 {
-        let finished = self.finished.load(Ordering::Relaxed);
-        self.started.load(Ordering::Relaxed).saturating_sub(finished)
-    }
-
-    pub(crate) fn ewma(&self) -> PeakEwma {
-        PeakEwma::from_parts(
-            f64::from_bits(self.ewma_estimate.load(Ordering::Relaxed)),
-            self.ewma_stamp.load(Ordering::Relaxed),
-        )
-    }
-
     /// Folds in a response time. Two completions at once may each write their own
     /// estimate; losing one sample of a moving average is harmless, and cheaper than a lock.
     pub(crate) fn observe(&self, now_ns: u64, rtt_ns: u64, decay_ns: u64) {
-        let mut ewma = self.ewma();
+        let mut ewma = self.ewma.get();
         ewma.observe(now_ns, rtt_ns, decay_ns);
         let (estimate, stamp) = ewma.parts();
-        self.ewma_estimate.store(estimate.to_bits(), Ordering::Relaxed);
-        self.ewma_stamp.store(stamp, Ordering::Relaxed);
+        self.ewma.estimate.store(estimate.to_bits(), Ordering::Relaxed);
+        self.ewma.stamp.store(stamp, Ordering::Relaxed);
+    }
+}
+
+impl Ewma {
+    fn get(&self) -> PeakEwma {
+        PeakEwma::from_parts(f64::from_bits(self.estimate.load(Ordering::Relaxed)), self.stamp.load(Ordering::Relaxed))
     }
 }
 

@@ -38,7 +38,9 @@ pub(crate) fn counts_against_endpoint(code: Code) -> bool {
 
 /// The gRPC status code in a response's headers (a trailers-only response), if any.
 pub(crate) fn code_in_headers(headers: &http::HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?;
+    // Looked up by a ready-made name: a `&str` key is parsed and checked on every call.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    let value = headers.get(&GRPC_STATUS)?;
     std::str::from_utf8(value.as_bytes()).ok()?.parse::<i32>().ok().map(Code::from_i32)
 }
 

@@ -75,6 +75,15 @@ impl Picker {
         self.n == 0
     }
 
+    /// After how many tickets the picks repeat (at least 1): a caller may keep its ticket
+    /// below this, and picks then need no division.
+    pub fn period(&self) -> usize {
+        match &self.kind {
+            Kind::Weighted(schedule) => schedule.cycle().max(1),
+            _ => self.n.max(1),
+        }
+    }
+
     /// The first choice for a call, or `None` when there is no endpoint. `load(i)` is only
     /// called by p2c.
     pub fn first(&self, input: &PickInput, load: impl Fn(usize) -> u64) -> Option<usize> {
@@ -83,7 +92,7 @@ impl Picker {
             return None;
         }
         Some(match &self.kind {
-            Kind::RoundRobin => input.ticket % n,
+            Kind::RoundRobin => below(input.ticket, n),
             Kind::Random => uniform(input.random, n),
             Kind::Hash(ring) => match input.key {
                 Some(key) => ring.get(key),
@@ -147,6 +156,12 @@ impl Iterator for Fallbacks<'_> {
             FallbackKind::Ring(walk) => walk.find(|&i| i != self.first),
         }
     }
+}
+
+/// `t % n`, without the division when `t` is already below `n` (a caller that keeps its
+/// ticket below [`Picker::period`]).
+fn below(t: usize, n: usize) -> usize {
+    if t < n { t } else { t % n }
 }
 
 /// Maps a uniform u64 onto `0..n` without the bias of `%` (Lemire's multiply-shift).

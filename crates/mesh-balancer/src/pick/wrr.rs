@@ -54,7 +54,9 @@ impl Schedule {
 
     /// The endpoint of pick number `ticket`. The schedule must not be empty.
     pub fn get(&self, ticket: usize) -> usize {
-        self.order.get(ticket % self.order.len().max(1)).map_or(0, |&i| i as usize)
+        let len = self.order.len().max(1);
+        let slot = if ticket < len { ticket } else { ticket % len };
+        self.order.get(slot).map_or(0, |&i| i as usize)
     }
 
     /// How many picks one cycle holds.
