@@ -254,6 +254,8 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
         md.push('\n');
     }
     md.push_str(&pick_table(opts)?);
+    md.push_str(&channel_table(opts)?);
+    md.push_str(&update_table()?);
     md.push_str(&registry_table()?);
     println!("{md}");
     let dir = util::root().join("target").join("bench");
@@ -294,7 +296,7 @@ fn pick_table(opts: &Opts) -> anyhow::Result<String> {
         ("round_robin", "< 100 ns"),
         ("random", "< 100 ns"),
         ("consistent_hash", "< 300 ns"),
-        ("weighted", "—"),
+        ("weighted", "O(1)"),
         ("p2c", "—"),
     ] {
         let mut row = format!("| {strategy} |");
@@ -308,6 +310,95 @@ fn pick_table(opts: &Opts) -> anyhow::Result<String> {
         }
         let _ = writeln!(row, " {target} |");
         md.push_str(&row);
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// The median of a criterion benchmark under `target/criterion/{group}/{name}/{param}`.
+fn criterion_median(group: &str, name: &str, param: &str) -> anyhow::Result<f64> {
+    let path = util::root()
+        .join("target")
+        .join("criterion")
+        .join(group)
+        .join(name)
+        .join(param)
+        .join("new")
+        .join("estimates.json");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    v["median"]["point_estimate"].as_f64().with_context(|| format!("no median in {}", path.display()))
+}
+
+/// Runs mesh-balancer's per-call benchmark (a dummy endpoint service behind the balanced
+/// channel, 1 and 2 threads) and tabulates it against the direct call.
+fn channel_table(opts: &Opts) -> anyhow::Result<String> {
+    eprintln!("== balanced channel per-call cost (criterion) ==");
+    let (warm, measure) = if opts.duration <= 1 { ("0.5", "1") } else { ("1", "3") };
+    util::run(util::cargo().args([
+        "bench",
+        "-q",
+        "-p",
+        "mesh-balancer",
+        "--bench",
+        "channel",
+        "--",
+        "--warm-up-time",
+        warm,
+        "--measurement-time",
+        measure,
+        "--noplot",
+    ]))?;
+    let mut md = String::from(
+        "## balanced channel, ns per call over a dummy endpoint service (3 endpoints; criterion median)\n\n\
+         `direct` calls the dummy service itself with the same request; the balancer's own share is the \
+         difference. Two threads: each its own clone, calling at once.\n\n\
+         | strategy | 1 thread | 2 threads | 2 / 1 | balancer's share, 1 thread | target |\n|---|---:|---:|---:|---:|---|\n",
+    );
+    for (name, baseline, target) in [
+        ("direct", "direct", ""),
+        ("round_robin", "direct", "< 100 ns, 2 / 1 ≤ 1.5"),
+        ("random", "direct", "< 100 ns, 2 / 1 ≤ 1.5"),
+        ("p2c", "direct", "< 100 ns, 2 / 1 ≤ 1.5"),
+        ("weighted", "direct", ""),
+        ("p2c_ewma", "direct", ""),
+        ("direct_keyed", "direct_keyed", ""),
+        ("consistent_hash", "direct_keyed", ""),
+    ] {
+        let one = criterion_median("channel", name, "1")?;
+        let two = criterion_median("channel", name, "2")?;
+        let share = one - criterion_median("channel", baseline, "1")?;
+        let share = if name.starts_with("direct") { "—".to_string() } else { format!("{share:.1}") };
+        let _ = writeln!(md, "| {name} | {one:.1} | {two:.1} | {:.2} | {share} | {target} |", two / one);
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// Runs mesh-balancer's update benchmark: 1000-endpoint sets applied under load.
+fn update_table() -> anyhow::Result<String> {
+    eprintln!("== 1000-endpoint updates under load ==");
+    let out = util::output(util::cargo().args(["bench", "-q", "-p", "mesh-balancer", "--bench", "update"]))?;
+    let line = out.lines().rev().find(|l| l.starts_with('{')).context("no JSON line from the update bench")?;
+    let v: Value = serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))?;
+    let mut md = String::from(
+        "## applying 1000-endpoint updates (consistent hash) every 50 ms while calls run, 3 s, 2-worker runtime\n\n\
+         | run | calls | call p99.9 | slowest call | latest 1 ms tick | updates applied | update → in use, p50 / max |\n\
+         |---|---:|---:|---:|---:|---:|---|\n",
+    );
+    for (key, label) in [("quiet", "no updates"), ("updating", "updating")] {
+        let n = |k: &str| v[key][k].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            md,
+            "| {label} | {:.0} | {:.2} µs | {:.2} ms | {:.2} ms | {:.0} | {:.1} / {:.1} ms |",
+            n("calls"),
+            n("call_p999_ns") / 1e3,
+            n("call_max_ns") / 1e6,
+            n("tick_late_max_us") / 1e3,
+            n("updates_applied"),
+            n("apply_p50_ms"),
+            n("apply_max_ms"),
+        );
     }
     md.push('\n');
     Ok(md)

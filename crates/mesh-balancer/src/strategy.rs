@@ -16,7 +16,8 @@ pub enum Strategy {
     /// The same key always goes to the same endpoint while the set is unchanged, and only the
     /// keys of a removed endpoint move (a hash ring with virtual nodes).
     ConsistentHash(HashConfig),
-    /// Smooth weighted round robin (nginx) on [`crate::Endpoint::weight`].
+    /// Weighted round robin on [`crate::Endpoint::weight`], from a precomputed schedule
+    /// that spreads each endpoint's turns through the cycle.
     Weighted,
     /// Power of two choices: two endpoints at random, the less loaded one wins.
     P2c(P2cLoad),

@@ -1,4 +1,4 @@
-//! The one crate of mesh that talks to etcd (DESIGN §2, rule 2): [`EtcdOptions`] (endpoints,
+//! The one crate of mesh that talks to etcd: [`EtcdOptions`] (endpoints,
 //! timeouts, HTTP/2 keepalive, require-leader, user and password), [`Etcd`] (a lazily
 //! connecting handle whose every request is bounded by a timeout), [`EtcdError`] (what
 //! failed, classified, with etcd-client's error as its source), [`LeaseKeepAlive`], and

@@ -1,4 +1,4 @@
-//! The Instance record, its key and its value in etcd (DESIGN §3).
+//! The Instance record, its key and its value in etcd.
 //!
 //! Key: `{root}/services/{service}/{instance_id}`. Value: the JSON shape of etcd's Go naming
 //! package (`go.etcd.io/etcd/client/v3/naming/endpoints.Update`), so Go clients that dial

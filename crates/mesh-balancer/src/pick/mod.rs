@@ -21,7 +21,7 @@ use crate::strategy::Strategy;
 pub struct PickEndpoint<'a> {
     /// Stable id: the ring places an endpoint by it, so its keys do not depend on order.
     pub id: &'a str,
-    /// Weight for smooth weighted round robin; 0 counts as 1.
+    /// Weight for weighted round robin; 0 counts as 1.
     pub weight: u32,
 }
 
