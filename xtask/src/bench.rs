@@ -375,12 +375,17 @@ fn channel_table(opts: &Opts) -> anyhow::Result<String> {
     Ok(md)
 }
 
+/// Runs a bench of ours that reports on one JSON line (its last), and reads that line.
+fn bench_report(package: &str, bench: &str) -> anyhow::Result<Value> {
+    let out = util::output(util::cargo().args(["bench", "-q", "-p", package, "--bench", bench]))?;
+    let line = out.lines().rev().find(|l| l.starts_with('{')).with_context(|| format!("no JSON line from {bench}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing {bench}'s report {line:?}"))
+}
+
 /// Runs mesh-balancer's update benchmark: 1000-endpoint sets applied under load.
 fn update_table() -> anyhow::Result<String> {
     eprintln!("== 1000-endpoint updates under load ==");
-    let out = util::output(util::cargo().args(["bench", "-q", "-p", "mesh-balancer", "--bench", "update"]))?;
-    let line = out.lines().rev().find(|l| l.starts_with('{')).context("no JSON line from the update bench")?;
-    let v: Value = serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))?;
+    let v = bench_report("mesh-balancer", "update")?;
     let mut md = String::from(
         "## applying 1000-endpoint updates (consistent hash) every 50 ms while calls run, 3 s, 2-worker runtime\n\n\
          | run | calls | call p99.9 | slowest call | latest 1 ms tick | updates applied | update → in use, p50 / max |\n\
@@ -407,9 +412,7 @@ fn update_table() -> anyhow::Result<String> {
 /// Runs mesh-discovery's registry latency benchmark (its own etcd, 200 trials each).
 fn registry_table() -> anyhow::Result<String> {
     eprintln!("== registry latency (200 trials each, real etcd on loopback) ==");
-    let out = util::output(util::cargo().args(["bench", "-q", "-p", "mesh-discovery", "--bench", "registry_latency"]))?;
-    let line = out.lines().rev().find(|l| l.starts_with('{')).context("no JSON line from registry_latency")?;
-    let v: Value = serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))?;
+    let v = bench_report("mesh-discovery", "registry_latency")?;
     let mut md = String::from(
         "## registry latency (etcd on loopback, 200 trials, ms)\n\n| path | p50 | p99 | max | target p99 |\n|---|---:|---:|---:|---|\n",
     );

@@ -115,10 +115,12 @@ struct Ewma {
     stamp: AtomicU64,
 }
 
-/// How many slots each endpoint's counters have: the machine's parallelism, at most 16.
+/// How many slots each endpoint's counters have: twice the machine's parallelism (threads
+/// take slots in turn, and runtime workers, blocking threads and others all count), from 2
+/// to 32.
 fn max_slots() -> usize {
     static SLOTS: OnceLock<usize> = OnceLock::new();
-    *SLOTS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16))
+    *SLOTS.get_or_init(|| (2 * std::thread::available_parallelism().map_or(1, |n| n.get())).clamp(2, 32))
 }
 
 /// This thread's slot.

@@ -133,14 +133,16 @@ fn value(server: &mesh_testkit::TestServer) -> String {
     mesh_registry::Instance::new("greeter", server.addr().to_string()).encode()
 }
 
-/// Waits until the client's view holds exactly what etcd holds under the prefix, and a
-/// round of calls reaches exactly `names`.
+/// Waits until the client's view (the resolver's set, and the endpoints its balancer
+/// routes to) holds exactly what etcd holds under the prefix; then a round of calls must
+/// reach exactly `names`.
 async fn converged(
     etcd: &mesh_testkit::Etcd,
     resolution: &Resolution,
-    client: &mut GreeterClient<mesh_balancer::BalancedChannel<tonic::transport::Channel>>,
+    balanced: &mesh_balancer::BalancedChannel<tonic::transport::Channel>,
     names: &[&str],
 ) {
+    let mut client = GreeterClient::new(balanced.clone());
     let held = || async {
         let mut keys: Vec<String> =
             etcd.get_prefix(PREFIX).await.ok()?.into_iter().map(|kv| kv.key[PREFIX.len()..].to_string()).collect();
@@ -150,7 +152,9 @@ async fn converged(
     eventually("the view equals get --prefix", Duration::from_secs(5), || async {
         let mut seen = ids(resolution);
         seen.sort();
-        (Some(seen) == held().await).then_some(())
+        let mut routed: Vec<String> = balanced.endpoints().into_iter().map(|e| e.id).collect();
+        routed.sort();
+        (resolution.current().is_some() && routed == seen && Some(seen) == held().await).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: the client sees {:?}", ids(resolution)));
@@ -180,28 +184,27 @@ async fn a_transaction_a_prefix_delete_and_a_lease_revoke_reach_the_client_whole
     }
     let resolution = resolve(&etcd);
     let channel = Balancer::spawn(BalancerConfig::new("greeter"), resolution.updates());
-    let mut client = GreeterClient::new(channel);
-    converged(&etcd, &resolution, &mut client, &[]).await;
+    converged(&etcd, &resolution, &channel, &[]).await;
 
     // Three registrations in one transaction: one watch response, one revision.
     let keys: Vec<String> = ["s1", "s2", "s3"].iter().map(|n| format!("{PREFIX}{n}")).collect();
     let values: Vec<String> = servers.iter().map(value).collect();
     let pairs: Vec<(&str, &str)> = keys.iter().map(String::as_str).zip(values.iter().map(String::as_str)).collect();
     etcd.put_all(&pairs).await.expect("txn");
-    converged(&etcd, &resolution, &mut client, &["s1", "s2", "s3"]).await;
+    converged(&etcd, &resolution, &channel, &["s1", "s2", "s3"]).await;
 
     // `etcdctl del --prefix` over the three: three deletes at one revision.
     assert_eq!(etcd.delete_prefix(PREFIX).await.expect("del --prefix"), 3);
-    converged(&etcd, &resolution, &mut client, &[]).await;
+    converged(&etcd, &resolution, &channel, &[]).await;
 
     // Three registrations on one lease, then the lease revoked: three deletes again.
     let lease = etcd.grant(60).await.expect("grant");
     for (key, value) in &pairs {
         etcd.put_leased(key, value, lease).await.expect("put");
     }
-    converged(&etcd, &resolution, &mut client, &["s1", "s2", "s3"]).await;
+    converged(&etcd, &resolution, &channel, &["s1", "s2", "s3"]).await;
     etcd.revoke(lease).await.expect("revoke");
-    converged(&etcd, &resolution, &mut client, &[]).await;
+    converged(&etcd, &resolution, &channel, &[]).await;
 }
 
 async fn first_call_over_etcd() {
