@@ -85,6 +85,14 @@ pub(crate) async fn run<S, U>(
                 (entries, picker, next, applied, acks)
             }));
         }
+        // Attempts that are due start now (tokio's timer would only fire on its next
+        // millisecond tick); the timer waits for the next one that is not.
+        let now = Instant::now();
+        for (key, a) in attempts.iter_mut().filter(|(_, a)| !a.running && a.next_at <= now) {
+            a.running = true;
+            let (key, uri, timeout) = (*key, a.uri.clone(), builder.config.connect_timeout);
+            running.spawn(async move { (key, conn::connect(&uri, timeout).await) });
+        }
         let next_attempt = attempts.values().filter(|a| !a.running).map(|a| a.next_at).min();
         if let Some(at) = next_attempt {
             timer.as_mut().reset(at);
@@ -134,14 +142,8 @@ pub(crate) async fn run<S, U>(
                 }
             }
             changed = changes.changed() => if changed.is_err() { return },
-            () = &mut timer, if next_attempt.is_some() => {
-                let now = Instant::now();
-                for (key, a) in attempts.iter_mut().filter(|(_, a)| !a.running && a.next_at <= now) {
-                    a.running = true;
-                    let (key, uri, timeout) = (*key, a.uri.clone(), builder.config.connect_timeout);
-                    running.spawn(async move { (key, conn::connect(&uri, timeout).await) });
-                }
-            }
+            // The attempts it was set for start at the top of the loop.
+            () = &mut timer, if next_attempt.is_some() => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
                 if let Ok((key, result)) = done
                     && let Some(a) = attempts.get_mut(&key)

@@ -2,7 +2,8 @@
 //! (mesh-testkit) on loopback:
 //! - put → watch event: from issuing a put to the ListWatch consumer seeing it;
 //! - register → routable: from spawning a Registration to the balanced channel having the
-//!   endpoint in its set (registrar put, etcd, resolver watch, balancer update).
+//!   endpoint in its set and connected, so that calls go to it (registrar put, etcd,
+//!   resolver watch, balancer update, connect).
 //!
 //! Prints one JSON object with p50/p99/max in microseconds; `cargo xtask bench` runs it.
 //! Needs an etcd binary (ETCD_BIN or PATH).
@@ -68,6 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         while !channel.endpoints().iter().any(|e| e.id == instance.id) {
             applied.changed().await?;
         }
+        channel.wait_ready(Duration::from_secs(5)).await?;
         register_to_routable.push(t0.elapsed());
         registration.deregister(Duration::from_secs(3)).await?;
         while channel.endpoints().iter().any(|e| e.id == instance.id) {

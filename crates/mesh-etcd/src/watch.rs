@@ -196,14 +196,14 @@ impl ListWatch {
             }
             match &mut self.state {
                 State::List { at } => {
-                    tokio::time::sleep_until(*at).await;
+                    sleep_until(*at).await;
                     if let Some(reset) = self.list().await {
                         return reset;
                     }
                 }
                 State::Watch { from, at } => {
                     let from = *from;
-                    tokio::time::sleep_until(*at).await;
+                    sleep_until(*at).await;
                     self.open_watch(from).await;
                 }
                 State::Watching(w) => {
@@ -381,5 +381,13 @@ impl ListWatch {
             s.in_sync = false;
             s.last_error = Some(why);
         });
+    }
+}
+
+/// Sleeps until `at`, unless it has passed: tokio's timer fires on its next millisecond
+/// tick, which would delay every listing that is due at once.
+async fn sleep_until(at: Instant) {
+    if at > Instant::now() {
+        tokio::time::sleep_until(at).await;
     }
 }

@@ -267,25 +267,29 @@ impl Keeper {
         let mut retry_at = Instant::now();
         loop {
             let act = if s.holding { s.refresh_due || s.verify } else { !s.waiting };
-            tokio::select! {
-                () = tokio::time::sleep_until(retry_at), if act => {
-                    let result = if !s.holding {
-                        self.acquire(&mut s).await
-                    } else if s.verify {
-                        self.verify(&mut s).await
-                    } else {
-                        self.refresh(&mut s).await
-                    };
-                    retry_at = Instant::now();
-                    match result {
-                        Ok(()) => backoff.reset(),
-                        Err(Failed::Lease) => self.lease_lost(&mut s),
-                        Err(Failed::Etcd(e)) => {
-                            self.failed(&e, &mut s);
-                            retry_at += backoff.next_delay();
-                        }
+            // A step that is due runs at once: tokio's timer would only fire on its next
+            // millisecond tick.
+            if act && retry_at <= Instant::now() {
+                let result = if !s.holding {
+                    self.acquire(&mut s).await
+                } else if s.verify {
+                    self.verify(&mut s).await
+                } else {
+                    self.refresh(&mut s).await
+                };
+                retry_at = Instant::now();
+                match result {
+                    Ok(()) => backoff.reset(),
+                    Err(Failed::Lease) => self.lease_lost(&mut s),
+                    Err(Failed::Etcd(e)) => {
+                        self.failed(&e, &mut s);
+                        retry_at += backoff.next_delay();
                     }
                 }
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(retry_at), if act => {}
                 _ = tick.tick() => s.refresh_due = s.holding,
                 event = own.next() => self.observe(&mut s, event),
             }
