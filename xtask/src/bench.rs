@@ -268,25 +268,22 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs mesh-balancer's criterion pick benchmark and tabulates the median ns per pick.
-fn pick_table(opts: &Opts) -> anyhow::Result<String> {
-    eprintln!("== balancer pick cost (criterion) ==");
+/// Runs one of mesh-balancer's criterion benchmarks, shorter under `--quick`.
+fn run_criterion(opts: &Opts, bench: &str) -> anyhow::Result<()> {
     let (warm, measure) = if opts.duration <= 1 { ("0.5", "1") } else { ("1", "3") };
-    util::run(util::cargo().args([
-        "bench",
-        "-q",
-        "-p",
-        "mesh-balancer",
-        "--bench",
-        "pick",
-        "--",
+    util::run(util::cargo().args(["bench", "-q", "-p", "mesh-balancer", "--bench", bench, "--"]).args([
         "--warm-up-time",
         warm,
         "--measurement-time",
         measure,
         "--noplot",
-    ]))?;
-    let base = util::root().join("target").join("criterion").join("pick");
+    ]))
+}
+
+/// Runs mesh-balancer's criterion pick benchmark and tabulates the median ns per pick.
+fn pick_table(opts: &Opts) -> anyhow::Result<String> {
+    eprintln!("== balancer pick cost (criterion) ==");
+    run_criterion(opts, "pick")?;
     let sizes = [3, 100, 1000];
     let mut md = String::from(
         "## balancer pick cost (criterion median, ns per pick; consistent hash includes hashing the key)\n\n\
@@ -301,12 +298,7 @@ fn pick_table(opts: &Opts) -> anyhow::Result<String> {
     ] {
         let mut row = format!("| {strategy} |");
         for n in sizes {
-            let path = base.join(strategy).join(n.to_string()).join("new").join("estimates.json");
-            let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            let ns =
-                v["median"]["point_estimate"].as_f64().with_context(|| format!("no median in {}", path.display()))?;
-            let _ = write!(row, " {ns:.1} |");
+            let _ = write!(row, " {:.1} |", criterion_median("pick", strategy, &n.to_string())?);
         }
         let _ = writeln!(row, " {target} |");
         md.push_str(&row);
@@ -334,21 +326,7 @@ fn criterion_median(group: &str, name: &str, param: &str) -> anyhow::Result<f64>
 /// channel, 1 and 2 threads) and tabulates it against the direct call.
 fn channel_table(opts: &Opts) -> anyhow::Result<String> {
     eprintln!("== balanced channel per-call cost (criterion) ==");
-    let (warm, measure) = if opts.duration <= 1 { ("0.5", "1") } else { ("1", "3") };
-    util::run(util::cargo().args([
-        "bench",
-        "-q",
-        "-p",
-        "mesh-balancer",
-        "--bench",
-        "channel",
-        "--",
-        "--warm-up-time",
-        warm,
-        "--measurement-time",
-        measure,
-        "--noplot",
-    ]))?;
+    run_criterion(opts, "channel")?;
     let mut md = String::from(
         "## balanced channel, ns per call over a dummy endpoint service (3 endpoints; criterion median)\n\n\
          `direct` calls the dummy service itself with the same request; the balancer's own share is the \
