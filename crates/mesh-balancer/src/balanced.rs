@@ -190,15 +190,7 @@ impl<S> BalancedChannel<S> {
     /// `timeout`; returns whether it has. Calls do this themselves; this is for callers
     /// that want to know, say, to report that discovery found nothing.
     pub async fn resolved(&self, timeout: Duration) -> bool {
-        let mut changes = self.shared.changes.subscribe();
-        let wait = async {
-            while !self.shared.snapshot().resolved {
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = timeout_at(deadline_after(timeout), wait).await;
+        let _ = timeout_at(deadline_after(timeout), self.shared.first_set()).await;
         self.shared.snapshot().resolved
     }
 
@@ -375,7 +367,7 @@ where
         }
         let n = snap.entries.len();
         if n == 0 {
-            return ResponseFuture::failed(Status::unavailable(format!("no endpoints for service {}", shared.service)));
+            return ResponseFuture::failed(no_endpoints(&shared.service));
         }
         if services.len() != n {
             services.resize_with(n, || None);
@@ -391,7 +383,7 @@ where
             _ => 0,
         };
         let Some(first) = snap.picker.first(&input, |i| load(&snap.entries[i], &snap.strategy, now)) else {
-            return ResponseFuture::failed(Status::unavailable(format!("no endpoints for service {}", shared.service)));
+            return ResponseFuture::failed(no_endpoints(&shared.service));
         };
         let mut cx = Context::from_waker(waker);
         let mut skipped = Skipped::default();
@@ -454,6 +446,11 @@ where
         }
         ResponseFuture::waiting(shared.clone(), request, pending, returned.clone())
     }
+}
+
+/// What a call gets once a set has been applied and it is empty.
+fn no_endpoints(service: &str) -> Status {
+    Status::unavailable(format!("no endpoints for service {service}"))
 }
 
 /// The hashed key of a call under consistent hashing: the [`HashKey`] extension, else the
@@ -659,14 +656,7 @@ where
     if !shared.snapshot().resolved {
         let limit = started + shared.first_resolution_timeout;
         let until = deadline.map_or(limit, |d| d.min(limit));
-        let resolved = async {
-            while !shared.snapshot().resolved {
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        if tokio::time::timeout_at(until, resolved).await.is_err() {
+        if tokio::time::timeout_at(until, shared.first_set()).await.is_err() {
             if deadline.is_some_and(|d| d <= limit) {
                 return past_deadline();
             }
@@ -684,7 +674,7 @@ where
         let snap = shared.snapshot();
         let n = snap.entries.len();
         if n == 0 {
-            return Status::unavailable(format!("no endpoints for service {service}")).into_http();
+            return no_endpoints(&service).into_http();
         }
         let key = match hash_key(&snap.strategy, &request, &service) {
             Ok(key) => key,

@@ -251,6 +251,17 @@ impl<S> Shared<S> {
         self.snapshot.load_full()
     }
 
+    /// Completes once a first endpoint set has been applied (at once if it has been), or
+    /// when the balancer stops.
+    pub(crate) async fn first_set(&self) {
+        let mut changes = self.changes.subscribe();
+        while !self.snapshot().resolved {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Makes `snapshot` the one calls use.
     pub(crate) fn publish(&self, snapshot: Snapshot<S>) {
         let generation = snapshot.generation;
