@@ -7,8 +7,6 @@
 //! the gRPC spec says, where tonic reports its `TimeoutExpired` as CANCELLED. A status the
 //! balancer derives from a transport error names the endpoint and the whole error chain.
 
-use std::time::Duration;
-
 use tonic::{Code, Status};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,31 +36,10 @@ pub(crate) fn counts_against_endpoint(code: Code) -> bool {
 
 /// The gRPC status code in a response's headers (a trailers-only response), if any.
 pub(crate) fn code_in_headers(headers: &http::HeaderMap) -> Option<Code> {
-    // Looked up by a ready-made name: a `&str` key is parsed and checked on every call.
-    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-    let value = headers.get(&GRPC_STATUS)?;
-    std::str::from_utf8(value.as_bytes()).ok()?.parse::<i32>().ok().map(Code::from_i32)
+    mesh_util::grpc::grpc_status(headers).map(Code::from_i32)
 }
 
-/// The deadline a call carries in its `grpc-timeout` header: digits (at most eight) and a
-/// unit, `H`, `M`, `S`, `m`, `u` or `n`.
-pub(crate) fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
+pub(crate) use mesh_util::grpc::grpc_timeout;
 
 fn chain_has<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);

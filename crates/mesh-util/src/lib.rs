@@ -1,7 +1,8 @@
 //! Small pieces that several mesh crates need, written once: [`Backoff`], the jittered
 //! exponential backoff of every recovery loop (etcd watches, the registry, the balancer's
 //! probes), and [`error_chain`], which turns an error and its sources into one line for
-//! logs and gRPC messages.
+//! logs and gRPC messages, and [`grpc`], the `grpc-status` and `grpc-timeout` headers that
+//! the balancer, the breaker and the retry layer all read.
 //!
 //! ```
 //! use std::time::Duration;
@@ -19,6 +20,7 @@
 //! deadline kept across cancellations.
 
 mod backoff;
+pub mod grpc;
 
 pub use backoff::Backoff;
 

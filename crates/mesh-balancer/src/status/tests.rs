@@ -1,25 +1,6 @@
 use super::*;
 
 #[test]
-fn grpc_timeouts_parse_in_every_unit_and_junk_is_ignored() {
-    let parse = |v: &str| {
-        let mut h = http::HeaderMap::new();
-        h.insert("grpc-timeout", v.parse().expect("header"));
-        grpc_timeout(&h)
-    };
-    assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
-    assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
-    assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
-    assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
-    assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
-    assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
-    for junk in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
-        assert_eq!(parse(junk), None, "{junk:?}");
-    }
-    assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
-}
-
-#[test]
 fn an_inner_status_passes_through_as_it_is() {
     let inner = Status::resource_exhausted("rate limit exceeded");
     let status = of_error(Box::new(inner), "endpoint a");
