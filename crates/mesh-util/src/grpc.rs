@@ -42,8 +42,14 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 pub fn encode_grpc_timeout(timeout: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let nanos = timeout.as_nanos();
-    let units: [(u128, char); 6] =
-        [(1, 'n'), (1_000, 'u'), (1_000_000, 'm'), (1_000_000_000, 'S'), (60_000_000_000, 'M'), (3_600_000_000_000, 'H')];
+    let units: [(u128, char); 6] = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ];
     for (per, unit) in units {
         let count = nanos.div_ceil(per);
         if count <= MAX {

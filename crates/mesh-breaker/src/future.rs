@@ -1,0 +1,186 @@
+//! The response future of a [`crate::Breaker`], and the body that records a call's outcome
+//! when its trailers arrive.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http_body::Frame;
+use pin_project_lite::pin_project;
+use tonic::body::Body;
+
+use crate::classify::Classify;
+use crate::service::BoxError;
+use crate::shared::Shared;
+use crate::state::{Admission, Outcome};
+
+/// Records one call's outcome, once; dropped unrecorded, the call was the caller's to
+/// cancel and counts as [`Outcome::Ignored`].
+#[derive(Debug)]
+pub(crate) struct Recorder<C> {
+    shared: Arc<Shared>,
+    admitted: Admission,
+    classifier: C,
+    done: bool,
+}
+
+impl<C> Recorder<C> {
+    pub(crate) fn new(shared: Arc<Shared>, admitted: Admission, classifier: C) -> Self {
+        Recorder { shared, admitted, classifier, done: false }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if !std::mem::replace(&mut self.done, true) {
+            self.shared.record(self.admitted, outcome);
+        }
+    }
+}
+
+impl<C> Drop for Recorder<C> {
+    fn drop(&mut self) {
+        self.finish(Outcome::Ignored);
+    }
+}
+
+pin_project! {
+    /// The response of a [`crate::Breaker`] call.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        kind: Kind<F, C>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind<F, C> {
+        Refused { error: Option<BoxError> },
+        FailFast { status: Option<tonic::Status> },
+        Called { #[pin] inner: F, recorder: Option<Recorder<C>> },
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    pub(crate) fn refused(error: BoxError) -> Self {
+        ResponseFuture { kind: Kind::Refused { error: Some(error) } }
+    }
+
+    pub(crate) fn fail_fast(status: tonic::Status) -> Self {
+        ResponseFuture { kind: Kind::FailFast { status: Some(status) } }
+    }
+
+    pub(crate) fn called(inner: F, recorder: Recorder<C>) -> Self {
+        ResponseFuture { kind: Kind::Called { inner, recorder: Some(recorder) } }
+    }
+}
+
+impl<F, C, B, E> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    C: Classify,
+{
+    type Output = Result<http::Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Refused { error } => {
+                Poll::Ready(Err(error.take().unwrap_or_else(|| "breaker response polled after completion".into())))
+            }
+            KindProj::FailFast { status } => {
+                let status = status
+                    .take()
+                    .unwrap_or_else(|| tonic::Status::internal("breaker response polled after completion"));
+                Poll::Ready(Ok(status.into_http()))
+            }
+            KindProj::Called { inner, recorder } => {
+                let result = std::task::ready!(inner.poll(cx));
+                let Some(mut recorder) = recorder.take() else {
+                    return Poll::Ready(Err("breaker response polled after completion".into()));
+                };
+                Poll::Ready(match result {
+                    Ok(response) => {
+                        let (parts, body) = response.into_parts();
+                        let body = match recorder.classifier.classify_head(parts.status, &parts.headers) {
+                            Some(outcome) => {
+                                recorder.finish(outcome);
+                                Body::new(body)
+                            }
+                            None => Body::new(RecordingBody { inner: body, recorder: Some(recorder) }),
+                        };
+                        Ok(http::Response::from_parts(parts, body))
+                    }
+                    Err(e) => {
+                        let e = e.into();
+                        let outcome = recorder.classifier.classify_error(&*e);
+                        recorder.finish(outcome);
+                        Err(e)
+                    }
+                })
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that records the call's outcome at its end: its trailers, its end
+    /// without trailers, or an error. Dropped before that, the caller cancelled.
+    struct RecordingBody<B, C> {
+        #[pin]
+        inner: B,
+        recorder: Option<Recorder<C>>,
+    }
+}
+
+impl<B, C> http_body::Body for RecordingBody<B, C>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<BoxError>,
+    C: Classify,
+{
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(mut recorder) = this.recorder.take()
+                {
+                    let outcome = recorder.classifier.classify_end(Some(trailers));
+                    recorder.finish(outcome);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                let e = e.into();
+                if let Some(mut recorder) = this.recorder.take() {
+                    let outcome = recorder.classifier.classify_error(&*e);
+                    recorder.finish(outcome);
+                }
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                if let Some(mut recorder) = this.recorder.take() {
+                    let outcome = recorder.classifier.classify_end(None);
+                    recorder.finish(outcome);
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Not before the end has been seen and recorded.
+        self.recorder.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
