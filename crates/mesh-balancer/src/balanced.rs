@@ -111,6 +111,19 @@ impl<S> Clone for BalancedChannel<S> {
     }
 }
 
+/// A request extension: the ids of endpoints this call should not go to unless no other
+/// endpoint can take it. A retry layer sets it to the endpoints earlier attempts failed at
+/// (see [`FailedAt`]), so that a retry goes elsewhere under every strategy, consistent
+/// hashing included.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AvoidEndpoints(pub Vec<Arc<str>>);
+
+/// A response extension on every call that failed at an endpoint (a non-OK status in the
+/// response's headers, or a transport error): the id of that endpoint. Calls that succeed
+/// do not carry it, so that the common path adds nothing to the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedAt(pub Arc<str>);
+
 /// What the balancer knows of one endpoint, for tables and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -388,57 +401,72 @@ where
         let mut cx = Context::from_waker(waker);
         let mut skipped = Skipped::default();
         let mut pending = Vec::new();
-        // Fallbacks are only worked out when the first choice cannot take the call.
-        let mut fallbacks = None;
-        for tried in 1..=n {
-            let i = if tried == 1 {
-                first
-            } else {
-                match fallbacks.get_or_insert_with(|| snap.picker.fallbacks(first, &input)).next() {
-                    Some(i) => i,
-                    None => break,
-                }
-            };
-            let entry = &snap.entries[i];
-            match entry.core.conn.state() {
-                EndpointState::Ready => {}
-                EndpointState::Connecting => {
-                    skipped.connecting += 1;
+        // Endpoints a retry asks to avoid are tried last: first every other one, then them.
+        let avoid = request.extensions().get::<AvoidEndpoints>().filter(|a| !a.0.is_empty()).cloned();
+        let is_avoided =
+            |entry: &Entry<S>| avoid.as_ref().is_some_and(|a| a.0.iter().any(|id| **id == *entry.endpoint.id));
+        for avoided_pass in [false, true] {
+            if avoided_pass && avoid.is_none() {
+                break;
+            }
+            // Fallbacks are only worked out when the first choice cannot take the call.
+            let mut fallbacks = None;
+            for tried in 1..=n {
+                let i = if tried == 1 {
+                    first
+                } else {
+                    match fallbacks.get_or_insert_with(|| snap.picker.fallbacks(first, &input)).next() {
+                        Some(i) => i,
+                        None => break,
+                    }
+                };
+                let entry = &snap.entries[i];
+                if avoid.is_some() && is_avoided(entry) != avoided_pass {
                     continue;
                 }
-                EndpointState::Unreachable => {
-                    skipped.unreachable += 1;
-                    continue;
+                match entry.core.conn.state() {
+                    EndpointState::Ready => {}
+                    EndpointState::Connecting => {
+                        skipped.connecting += 1;
+                        continue;
+                    }
+                    EndpointState::Unreachable => {
+                        skipped.unreachable += 1;
+                        continue;
+                    }
+                }
+                let svc = services[i].get_or_insert_with(|| entry.core.service.clone());
+                match svc.poll_ready(&mut cx) {
+                    Poll::Ready(Ok(())) => {
+                        // Round robin goes on after the endpoint it used, so that skipping one
+                        // does not send the next one two turns. Kept below the picker's period,
+                        // so that a pick needs no division.
+                        let advance = if matches!(snap.strategy, Strategy::RoundRobin) { tried } else { 1 };
+                        let period = snap.picker.period();
+                        *ticket += advance;
+                        if *ticket >= period {
+                            *ticket %= period;
+                        }
+                        return start(entry, svc, request, &snap.strategy, now);
+                    }
+                    Poll::Ready(Err(e)) => {
+                        // A layer refused (a breaker open, say): skip it for this call. The
+                        // instance is dropped; the next call clones a fresh one.
+                        services[i] = None;
+                        skipped.refused += 1;
+                        skipped.last_refusal = Some(e.into());
+                    }
+                    // Backpressure: the instance keeps the caller's waker and goes with the
+                    // call, which waits for it (or another) to become ready.
+                    Poll::Pending => {
+                        if let Some(svc) = services[i].take() {
+                            pending.push((entry.clone(), svc));
+                        }
+                    }
                 }
             }
-            let svc = services[i].get_or_insert_with(|| entry.core.service.clone());
-            match svc.poll_ready(&mut cx) {
-                Poll::Ready(Ok(())) => {
-                    // Round robin goes on after the endpoint it used, so that skipping one
-                    // does not send the next one two turns. Kept below the picker's period,
-                    // so that a pick needs no division.
-                    let advance = if matches!(snap.strategy, Strategy::RoundRobin) { tried } else { 1 };
-                    let period = snap.picker.period();
-                    *ticket += advance;
-                    if *ticket >= period {
-                        *ticket %= period;
-                    }
-                    return start(entry, svc, request, &snap.strategy, now);
-                }
-                Poll::Ready(Err(e)) => {
-                    // A layer refused (a breaker open, say): skip it for this call. The
-                    // instance is dropped; the next call clones a fresh one.
-                    services[i] = None;
-                    skipped.refused += 1;
-                    skipped.last_refusal = Some(e.into());
-                }
-                // Backpressure: the instance keeps the caller's waker and goes with the
-                // call, which waits for it (or another) to become ready.
-                Poll::Pending => {
-                    if let Some(svc) = services[i].take() {
-                        pending.push((entry.clone(), svc));
-                    }
-                }
+            if !pending.is_empty() || skipped.connecting > 0 {
+                break;
             }
         }
         if pending.is_empty() && skipped.connecting == 0 {
@@ -605,15 +633,20 @@ where
             Proj::Waiting { future } => future.as_mut().poll(cx).map(Ok),
             Proj::Called { inner, guard } => match inner.poll(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(response)) => {
+                Poll::Ready(Ok(mut response)) => {
                     let code = status::code_in_headers(response.headers());
                     guard.finish(code.is_some_and(status::counts_against_endpoint));
+                    if code.is_some_and(|c| c != tonic::Code::Ok) {
+                        response.extensions_mut().insert(FailedAt(guard.slot.id.clone()));
+                    }
                     Poll::Ready(Ok(response))
                 }
                 Poll::Ready(Err(e)) => {
                     let status = status::of_error(e.into(), &guard.slot.label);
                     guard.finish(status::counts_against_endpoint(status.code()));
-                    Poll::Ready(Ok(status.into_http()))
+                    let mut response = status.into_http();
+                    response.extensions_mut().insert(FailedAt(guard.slot.id.clone()));
+                    Poll::Ready(Ok(response))
                 }
             },
         }

@@ -68,7 +68,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use tower_layer::{Identity, Layer};
 
-pub use balanced::{BalancedChannel, EndpointStatus, NotReady, ResponseFuture};
+pub use balanced::{AvoidEndpoints, BalancedChannel, EndpointStatus, FailedAt, NotReady, ResponseFuture};
 pub use conn::EndpointState;
 pub use endpoint::{Endpoint, EndpointSet};
 pub use strategy::{
@@ -144,12 +144,24 @@ impl Balancer {
         L::Service: Clone + Send + Sync + 'static,
         U: Stream<Item = EndpointSet> + Send + 'static,
     {
+        Self::spawn_with(config, move |_: &Endpoint, channel| layer.layer(channel), updates)
+    }
+
+    /// Like [`Balancer::spawn_with_layer`], with the stack of each endpoint built by
+    /// `make`, which is told the endpoint: to name a per-endpoint breaker after it, say, or
+    /// to keep a handle on it.
+    pub fn spawn_with<F, S, U>(config: BalancerConfig, make: F, updates: U) -> BalancedChannel<S>
+    where
+        F: Fn(&Endpoint, tonic::transport::Channel) -> S + Send + Sync + 'static,
+        S: Clone + Send + Sync + 'static,
+        U: Stream<Item = EndpointSet> + Send + 'static,
+    {
         let (switch_tx, switches) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(snapshot::Shared::new(&config, switch_tx));
         let builder = Arc::new(snapshot::Builder {
             service: shared.service.clone(),
             config,
-            make: Arc::new(move |channel| layer.layer(channel)),
+            make: Arc::new(make),
             changes: shared.changes.clone(),
         });
         let task = tokio::spawn(worker::run(Arc::downgrade(&shared), updates, switches, builder));

@@ -22,7 +22,7 @@ use crate::pick::{PickEndpoint, Picker};
 use crate::{BalancerConfig, Endpoint, EndpointSet, Strategy};
 
 /// Builds the per-endpoint service (the caller's layer around tonic's `Channel`).
-pub(crate) type MakeService<S> = Arc<dyn Fn(tonic::transport::Channel) -> S + Send + Sync>;
+pub(crate) type MakeService<S> = Arc<dyn Fn(&Endpoint, tonic::transport::Channel) -> S + Send + Sync>;
 
 /// A strategy switch for the worker, and who to tell once calls use it.
 pub(crate) type Switch = (Strategy, oneshot::Sender<()>);
@@ -106,6 +106,8 @@ pub(crate) struct Slot {
     failures: AtomicU64,
     ewma: Ewma,
     pub(crate) label: Arc<str>,
+    /// The endpoint's id, named on the responses of calls that failed there.
+    pub(crate) id: Arc<str>,
 }
 
 /// Peak EWMA latency: the estimate (f64 bits) and when it was updated (ns).
@@ -133,7 +135,7 @@ fn my_slot() -> usize {
 }
 
 impl Stats {
-    fn new(label: Arc<str>) -> Self {
+    fn new(label: Arc<str>, id: Arc<str>) -> Self {
         let slots = (0..max_slots())
             .map(|_| {
                 Arc::new(Slot {
@@ -142,6 +144,7 @@ impl Stats {
                     failures: AtomicU64::new(0),
                     ewma: Ewma::default(),
                     label: label.clone(),
+                    id: id.clone(),
                 })
             })
             .collect();
@@ -345,6 +348,7 @@ impl<S> Builder<S> {
         let conn = Arc::new(Conn::new(label.clone(), self.changes.clone()));
         let connector = Connector { conn: conn.clone(), timeout: cfg.connect_timeout };
         let channel = tonic_endpoint.connect_with_connector_lazy(connector);
-        Ok(Core { service: (self.make)(channel), conn, stats: Arc::new(Stats::new(label)), url: uri })
+        let stats = Arc::new(Stats::new(label, endpoint.id.as_str().into()));
+        Ok(Core { service: (self.make)(endpoint, channel), conn, stats, url: uri })
     }
 }
