@@ -1,0 +1,55 @@
+//! Retries of idempotent gRPC calls for tonic clients, bounded so that they cannot turn an
+//! outage into a storm.
+//!
+//! A call to a method the [`RetryPolicy`] lists as idempotent that fails with a code in
+//! `retry_on` (UNAVAILABLE by default: the endpoint could not take it, or its connection
+//! broke) or with a transport error is sent again, at most `max_attempts` times in all:
+//!
+//! - on another endpoint: under mesh-balancer, each retry carries [`mesh_balancer::AvoidEndpoints`]
+//!   naming the endpoints earlier attempts failed at, so round robin, random and consistent
+//!   hashing alike send it elsewhere while another endpoint can take it;
+//! - after a jittered exponential backoff;
+//! - within a retry budget shared by the whole client (tower's [`tower::retry::budget::TpsBudget`]:
+//!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs);
+//! - never past the call's deadline: each attempt carries the time left as its
+//!   `grpc-timeout`, and no retry starts whose backoff would end past it;
+//! - only before the response has begun: a status in the response's headers (a
+//!   trailers-only response) can be retried, a response with messages has committed the
+//!   call, so a stream is never retried after its first message.
+//!
+//! The request is replayed from a copy of its body, read when the call starts. A unary or
+//! server-streaming call's request is one message, ready at once; a larger request than
+//! `max_buffered`, or a client stream, is sent once and never retried.
+//!
+//! ```
+//! use mesh_retry::{RetryLayer, RetryPolicy};
+//! use mesh_proto::pb::greeter_client::GreeterClient;
+//! use tower_layer::Layer;
+//!
+//! # fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let policy = RetryPolicy::default().with_max_attempts(3).with_methods(["/greeter.v1.Greeter/SayHello"]);
+//! let layer = RetryLayer::try_new(policy)?;
+//! let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:50051").connect_lazy();
+//! let mut client = GreeterClient::new(layer.layer(channel));
+//! # let _ = &mut client;
+//! println!("{} retries so far", layer.stats().retries());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Why not tower's `Retry` service: its policy clones a request synchronously, and a tonic
+//! request body is a stream that cannot be cloned; and it clones the whole inner service on
+//! every call, which for a balanced channel costs each call a fresh set of per-endpoint
+//! instances. The budget it uses is tower's.
+//!
+//! What it does not do: hedging (a second attempt while the first is still out), or
+//! transparent retries of non-idempotent calls that never left the client (gRPC's A6);
+//! a call to a method not listed is sent once.
+
+mod layer;
+mod policy;
+mod service;
+
+pub use layer::RetryLayer;
+pub use policy::{InvalidRetryPolicy, RetryPolicy};
+pub use service::{ResponseFuture, Retry, RetryStats};

@@ -1,0 +1,180 @@
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use mesh_balancer::{AvoidEndpoints, FailedAt};
+use tonic::Code;
+use tonic::body::Body;
+use tower::ServiceExt as _;
+use tower_layer::Layer as _;
+
+use crate::{RetryLayer, RetryPolicy};
+
+const SAY_HELLO: &str = "/greeter.v1.Greeter/SayHello";
+
+/// What the fake endpoint saw of one attempt.
+#[derive(Debug, Clone)]
+struct Seen {
+    body: Bytes,
+    timeout: Option<Duration>,
+    avoid: Vec<Arc<str>>,
+}
+
+/// A fake channel: answers attempts from a script (a code, and the endpoint it "ran" at),
+/// and records what each attempt carried.
+#[derive(Clone)]
+struct Script {
+    answers: Arc<Mutex<VecDeque<(Code, &'static str)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Script {
+    fn new(answers: &[(Code, &'static str)]) -> Self {
+        Script { answers: Arc::new(Mutex::new(answers.iter().copied().collect())), seen: Arc::default() }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+impl tower_service::Service<http::Request<Body>> for Script {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let (code, at) = self.answers.lock().expect("lock").pop_front().unwrap_or((Code::Ok, "last"));
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let timeout = mesh_util::grpc::grpc_timeout(request.headers());
+            let avoid = request.extensions().get::<AvoidEndpoints>().map(|a| a.0.clone()).unwrap_or_default();
+            let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            seen.lock().expect("lock").push(Seen { body, timeout, avoid });
+            let mut response = tonic::Status::new(code, "scripted").into_http::<Body>();
+            if code == Code::Ok {
+                // A response with a message: headers first, status in trailers.
+                response = http::Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(b"ok"))));
+            }
+            response.extensions_mut().insert(FailedAt(at.into()));
+            Ok(response)
+        })
+    }
+}
+
+fn request(path: &str, timeout: Option<Duration>) -> http::Request<Body> {
+    let mut r = http::Request::new(Body::new(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\x07hello!!"))));
+    *r.uri_mut() = format!("http://greeter{path}").parse().expect("uri");
+    if let Some(t) = timeout {
+        r.headers_mut().insert(&mesh_util::grpc::GRPC_TIMEOUT, mesh_util::grpc::encode_grpc_timeout(t));
+    }
+    r
+}
+
+fn code_of(response: &http::Response<Body>) -> Code {
+    mesh_util::grpc::grpc_status(response.headers()).map_or(Code::Ok, Code::from_i32)
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy::default().with_methods([SAY_HELLO])
+}
+
+#[tokio::test(start_paused = true)]
+async fn unavailable_is_retried_with_the_same_bytes_away_from_the_endpoints_that_failed() {
+    let script = Script::new(&[(Code::Unavailable, "a"), (Code::Unavailable, "b")]);
+    let layer = RetryLayer::try_new(policy()).expect("policy");
+    let svc = layer.layer(script.clone());
+    let response = svc.oneshot(request(SAY_HELLO, None)).await.expect("response");
+    assert_eq!(code_of(&response), Code::Ok);
+    let seen = script.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(seen.iter().all(|s| s.body == Bytes::from_static(b"\0\0\0\0\x07hello!!")), "{seen:?}");
+    let avoid: Vec<Vec<String>> = seen.iter().map(|s| s.avoid.iter().map(|a| a.to_string()).collect()).collect();
+    assert_eq!(avoid, [vec![], vec!["a".to_string()], vec!["a".to_string(), "b".to_string()]]);
+    assert_eq!(layer.stats().retries(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_max_attempts_and_the_last_status_is_the_calls() {
+    let script = Script::new(&[(Code::Unavailable, "a"); 10]);
+    let svc = RetryLayer::try_new(policy().with_max_attempts(3)).expect("policy").layer(script.clone());
+    let response = svc.oneshot(request(SAY_HELLO, None)).await.expect("response");
+    assert_eq!(code_of(&response), Code::Unavailable);
+    assert_eq!(script.seen().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn codes_not_listed_methods_not_listed_and_committed_responses_are_not_retried() {
+    for code in [Code::Internal, Code::DeadlineExceeded, Code::ResourceExhausted, Code::InvalidArgument] {
+        let script = Script::new(&[(code, "a")]);
+        let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+        let response = svc.oneshot(request(SAY_HELLO, None)).await.expect("response");
+        assert_eq!(code_of(&response), code);
+        assert_eq!(script.seen().len(), 1, "{code:?} is not retried");
+    }
+    let script = Script::new(&[(Code::Unavailable, "a")]);
+    let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+    let response = svc.oneshot(request("/greeter.v1.Greeter/Charge", None)).await.expect("response");
+    assert_eq!(code_of(&response), Code::Unavailable);
+    assert_eq!(script.seen().len(), 1, "a method not listed is sent once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_attempt_carries_the_time_left_and_no_retry_starts_past_the_deadline() {
+    let script = Script::new(&[(Code::Unavailable, "a"); 10]);
+    let policy = policy().with_max_attempts(10).with_backoff(Duration::from_millis(40), Duration::from_millis(40));
+    let svc = RetryLayer::try_new(policy).expect("policy").layer(script.clone());
+    let started = tokio::time::Instant::now();
+    let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_millis(100)))).await.expect("response");
+    assert_eq!(code_of(&response), Code::Unavailable);
+    assert!(started.elapsed() <= Duration::from_millis(100), "ended after {:?}", started.elapsed());
+    let timeouts: Vec<Duration> = script.seen().iter().map(|s| s.timeout.expect("a grpc-timeout")).collect();
+    assert!(timeouts.len() >= 2 && timeouts.len() <= 5, "{timeouts:?}");
+    assert!(timeouts.windows(2).all(|w| w[1] < w[0]), "the time left shrinks: {timeouts:?}");
+    assert_eq!(timeouts[0], Duration::from_millis(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_attempt_fails_the_budget_bounds_the_retries() {
+    let calls = 500u64;
+    let script = Script::new(&vec![(Code::Unavailable, "a"); 10_000]);
+    // 20% of calls, plus a minimum of 1 retry per second over a 10 s window: 10 retries.
+    let policy = policy().with_budget(0.2, 1, Duration::from_secs(10));
+    let layer = RetryLayer::try_new(policy).expect("policy");
+    let svc = layer.layer(script.clone());
+    for _ in 0..calls {
+        let response = svc.clone().oneshot(request(SAY_HELLO, None)).await.expect("response");
+        assert_eq!(code_of(&response), Code::Unavailable);
+    }
+    let attempts = script.seen().len() as u64;
+    let bound = calls + calls / 5 + 10;
+    assert!(attempts <= bound, "{attempts} attempts for {calls} calls; the budget allows {bound}");
+    assert!(attempts >= calls + calls / 5, "the budget was used: {attempts} attempts");
+    assert!(layer.stats().budget_exhausted() > 0);
+}
+
+#[test]
+fn bad_policies_are_refused_by_name() {
+    for (policy, setting) in [
+        (RetryPolicy::default().with_max_attempts(0), "max_attempts"),
+        (RetryPolicy::default().with_methods(["SayHello"]), "methods"),
+        (RetryPolicy::default().with_retry_on(&[Code::Ok]), "retry_on"),
+        (RetryPolicy::default().with_backoff(Duration::ZERO, Duration::ZERO), "backoff"),
+        (RetryPolicy::default().with_budget(f32::NAN, 10, Duration::from_secs(10)), "budget_ratio"),
+        (RetryPolicy::default().with_budget(0.2, 10, Duration::from_secs(61)), "budget_window"),
+    ] {
+        let err = RetryLayer::try_new(policy).expect_err(setting);
+        assert_eq!(err.setting, setting);
+    }
+    let p = RetryPolicy::default().with_methods(["/greeter.v1.Greeter/*"]);
+    assert!(p.is_retryable(SAY_HELLO));
+    assert!(!p.is_retryable("/other.v1.Other/SayHello"));
+}
