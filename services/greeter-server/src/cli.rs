@@ -57,6 +57,62 @@ pub struct Args {
     /// Do not register in etcd (serve only).
     #[arg(long, env = "MESH_NO_REGISTER")]
     pub no_register: bool,
+
+    /// FAULT INJECTION, for tests and demos: fail this share (0 to 1) of greeter calls
+    /// with --fault-code.
+    #[arg(long, env = "MESH_FAULT_ERROR_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub fault_error_rate: f64,
+
+    /// FAULT INJECTION: the status code of injected failures, by name (unavailable,
+    /// internal, deadline_exceeded, resource_exhausted, …) or number.
+    #[arg(long, env = "MESH_FAULT_CODE", default_value = "unavailable", value_parser = parse_code)]
+    pub fault_code: tonic::Code,
+
+    /// FAULT INJECTION: delay every greeter call by this much, e.g. `200ms`.
+    #[arg(long, env = "MESH_FAULT_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub fault_delay: Duration,
+}
+
+impl Args {
+    /// The faults the flags ask for (none by default).
+    pub fn fault(&self) -> crate::Fault {
+        crate::Fault { error_rate: self.fault_error_rate, code: self.fault_code, delay: self.fault_delay }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: give a share from 0 to 1, e.g. 0.5")),
+    }
+}
+
+/// A gRPC status code by its name (any case, `_` or `-`) or its number.
+pub fn parse_code(s: &str) -> Result<tonic::Code, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return match tonic::Code::from_i32(n) {
+            tonic::Code::Unknown if n != 2 => Err(format!("{s:?} is not a gRPC status code (0 to 16)")),
+            code => Ok(code),
+        };
+    }
+    let wanted = s.to_ascii_lowercase().replace('-', "_");
+    (0..=16)
+        .map(tonic::Code::from_i32)
+        .find(|c| code_name(*c) == wanted)
+        .ok_or_else(|| format!("{s:?} is not a gRPC status code; try unavailable, internal or deadline_exceeded"))
+}
+
+/// `unavailable`, `deadline_exceeded`, …: a code's name in snake case.
+pub fn code_name(code: tonic::Code) -> String {
+    let debug = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -90,6 +146,34 @@ mod tests {
             (args.ttl, args.zone.as_deref(), args.service.as_str()),
             (Duration::from_secs(2), Some("z1"), "greeter")
         );
+    }
+
+    #[test]
+    fn fault_flags_are_off_by_default_and_checked() {
+        let args = Args::try_parse_from(["greeter-server"]).expect("valid");
+        assert!(!args.fault().is_on());
+        let args = Args::try_parse_from([
+            "greeter-server",
+            "--fault-error-rate",
+            "0.5",
+            "--fault-code",
+            "DEADLINE-EXCEEDED",
+            "--fault-delay",
+            "200ms",
+        ])
+        .expect("valid");
+        assert_eq!(args.fault().code, tonic::Code::DeadlineExceeded);
+        assert_eq!(args.fault().delay, Duration::from_millis(200));
+        assert_eq!(parse_code("14"), Ok(tonic::Code::Unavailable));
+        for (flag, value) in [
+            ("--fault-error-rate", "1.5"),
+            ("--fault-error-rate", "NaN"),
+            ("--fault-code", "sad"),
+            ("--fault-code", "17"),
+        ] {
+            let err = Args::try_parse_from(["greeter-server", flag, value]).expect_err(value);
+            assert!(err.to_string().contains(flag), "{err}");
+        }
     }
 
     #[test]

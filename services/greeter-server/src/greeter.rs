@@ -15,12 +15,54 @@ pub const MAX_STREAM_COUNT: u32 = 10_000;
 #[derive(Debug, Clone)]
 pub struct Greeter {
     instance: Arc<str>,
+    fault: Fault,
+}
+
+/// Faults injected into greeter calls, for tests and the demo: off by default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// The share of calls failed with `code`, from 0 to 1.
+    pub error_rate: f64,
+    /// The status code of a failed call.
+    pub code: tonic::Code,
+    /// A delay before every call is answered.
+    pub delay: std::time::Duration,
+}
+
+impl Default for Fault {
+    fn default() -> Self {
+        Fault { error_rate: 0.0, code: tonic::Code::Unavailable, delay: std::time::Duration::ZERO }
+    }
+}
+
+impl Fault {
+    /// Whether any fault is injected.
+    pub fn is_on(&self) -> bool {
+        self.error_rate > 0.0 || !self.delay.is_zero()
+    }
+
+    /// Waits the delay, then fails the call at the error rate.
+    async fn apply(&self) -> Result<(), Status> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        if self.error_rate > 0.0 && rand::random::<f64>() < self.error_rate {
+            return Err(Status::new(self.code, format!("injected fault (--fault-error-rate {})", self.error_rate)));
+        }
+        Ok(())
+    }
 }
 
 impl Greeter {
     /// A greeter that reports `instance` (its instance id) as `served_by`.
     pub fn new(instance: impl Into<Arc<str>>) -> Self {
-        Greeter { instance: instance.into() }
+        Greeter { instance: instance.into(), fault: Fault::default() }
+    }
+
+    /// Injects `fault` into every greeter call.
+    pub fn with_fault(mut self, fault: Fault) -> Self {
+        self.fault = fault;
+        self
     }
 
     fn reply(&self, name: &str) -> HelloReply {
@@ -49,6 +91,9 @@ impl greeter_server::Greeter for Greeter {
     async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let name = &request.get_ref().name;
         validate(name)?;
+        if self.fault.is_on() {
+            self.fault.apply().await?;
+        }
         Ok(Response::new(self.reply(name)))
     }
 
@@ -64,6 +109,9 @@ impl greeter_server::Greeter for Greeter {
             return Err(Status::invalid_argument(format!(
                 "count is {count}; at most {MAX_STREAM_COUNT} greetings per call"
             )));
+        }
+        if self.fault.is_on() {
+            self.fault.apply().await?;
         }
         let reply = self.reply(&name);
         let n = count.max(1) as usize;

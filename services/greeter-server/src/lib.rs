@@ -19,6 +19,6 @@ mod cli;
 mod greeter;
 mod server;
 
-pub use cli::Args;
-pub use greeter::{Greeter, MAX_NAME_BYTES, MAX_STREAM_COUNT};
+pub use cli::{Args, code_name, parse_code};
+pub use greeter::{Fault, Greeter, MAX_NAME_BYTES, MAX_STREAM_COUNT};
 pub use server::{ServeOptions, run, serve};

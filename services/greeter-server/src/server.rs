@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Where and what to register; `None` to serve without etcd.
     pub registry: Option<RegistryOptions>,
+    /// Faults to inject into greeter calls (none by default).
+    pub fault: crate::Fault,
 }
 
 /// The registration of a server.
@@ -72,6 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => local.to_string(),
     };
+    let fault = args.fault();
     let instance_id = args.instance_id.unwrap_or_else(|| advertise.clone());
     let registry = etcd.map(|etcd| RegistryOptions {
         etcd,
@@ -85,8 +88,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
         },
     });
-    let options =
-        ServeOptions { instance_id, drain_timeout: args.drain_timeout, shutdown_grace: args.shutdown_grace, registry };
+    if fault.is_on() {
+        warn!(
+            "FAULT INJECTION ON: {:.0}% of greeter calls fail with {:?}, each delayed {:?}",
+            fault.error_rate * 100.0,
+            fault.code,
+            fault.delay
+        );
+    }
+    let options = ServeOptions {
+        instance_id,
+        drain_timeout: args.drain_timeout,
+        shutdown_grace: args.shutdown_grace,
+        registry,
+        fault,
+    };
     serve(listener, options, shutdown_signal()).await
 }
 
@@ -110,8 +126,8 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
-    let greeter =
-        GreeterServer::new(Greeter::new(options.instance_id.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let greeter = GreeterServer::new(Greeter::new(options.instance_id.clone()).with_fault(options.fault.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
 
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -30,6 +30,7 @@ async fn start(instance: &str) -> Running {
         drain_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::ZERO,
         registry: None,
+        fault: Default::default(),
     };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;
