@@ -1,7 +1,9 @@
 //! The load generator behind `greeter-client bench`: `concurrency` workers each call
 //! `SayHello` back to back over one shared client for `warmup + duration`; only calls that
-//! start after the warmup are counted. Latencies go into an HDR histogram (microseconds,
-//! three significant digits), so percentiles are exact to 0.1%.
+//! start after the warmup are counted. Each call carries the deadline `timeout`. The latency
+//! of every counted call, failed or not, goes into an HDR histogram (microseconds, three
+//! significant digits, so percentiles are exact to 0.1%): a stall shows in the tail and the
+//! max, not only in the error count.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -23,6 +25,8 @@ pub struct BenchConfig {
     pub warmup: Duration,
     /// The name sent in each request.
     pub name: String,
+    /// The deadline of each call, sent as `grpc-timeout`.
+    pub timeout: Option<Duration>,
 }
 
 /// What was measured.
@@ -40,7 +44,7 @@ pub struct BenchReport {
     pub seconds: f64,
     /// Successful calls per second.
     pub throughput: f64,
-    /// Latency percentiles of successful calls, in microseconds.
+    /// Latency percentiles of all calls, failed ones included, in microseconds.
     pub p50_us: u64,
     /// 90th percentile.
     pub p90_us: u64,
@@ -50,6 +54,8 @@ pub struct BenchReport {
     pub p999_us: u64,
     /// Slowest call.
     pub max_us: u64,
+    /// Slowest failed call, 0 if none failed.
+    pub failed_max_us: u64,
     /// Successful calls per `served_by`, to see where load went.
     pub served_by: BTreeMap<String, u64>,
 }
@@ -58,7 +64,7 @@ impl BenchReport {
     /// A human-readable summary, several lines.
     pub fn summary(&self) -> String {
         let mut out = format!(
-            "concurrency {}: {} ok, {} failed in {:.2} s\nthroughput {:.0} calls/s\nlatency p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+            "concurrency {}: {} ok, {} failed in {:.2} s\nthroughput {:.0} calls/s\nlatency of all calls p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
             self.concurrency,
             self.ok,
             self.errors,
@@ -73,12 +79,17 @@ impl BenchReport {
         for (code, n) in &self.errors_by_code {
             out.push_str(&format!("\n  {n} × {code}"));
         }
+        if self.errors > 0 {
+            out.push_str(&format!("\nslowest failed call {} µs", self.failed_max_us));
+        }
         out
     }
 }
 
 struct WorkerResult {
     histogram: Histogram<u64>,
+    ok: u64,
+    failed_max_us: u64,
     errors: BTreeMap<String, u64>,
     served_by: BTreeMap<String, u64>,
 }
@@ -99,25 +110,37 @@ where
     for _ in 0..config.concurrency.max(1) {
         let mut client = GreeterClient::new(channel.clone());
         let name = config.name.clone();
+        let timeout = config.timeout;
         workers.push(tokio::spawn(async move {
-            let mut result =
-                WorkerResult { histogram: new_histogram(), errors: BTreeMap::new(), served_by: BTreeMap::new() };
+            let mut result = WorkerResult {
+                histogram: new_histogram(),
+                ok: 0,
+                failed_max_us: 0,
+                errors: BTreeMap::new(),
+                served_by: BTreeMap::new(),
+            };
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
                     break;
                 }
-                let outcome = client.say_hello(HelloRequest { name: name.clone() }).await;
+                let mut request = tonic::Request::new(HelloRequest { name: name.clone() });
+                if let Some(timeout) = timeout {
+                    request.set_timeout(timeout);
+                }
+                let outcome = client.say_hello(request).await;
                 if t0 < measure_from {
                     continue;
                 }
+                let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                result.histogram.saturating_record(micros);
                 match outcome {
                     Ok(reply) => {
-                        let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        result.histogram.saturating_record(micros.max(1));
+                        result.ok += 1;
                         *result.served_by.entry(reply.into_inner().served_by).or_default() += 1;
                     }
                     Err(status) => {
+                        result.failed_max_us = result.failed_max_us.max(micros);
                         *result.errors.entry(format!("{:?}", status.code())).or_default() += 1;
                     }
                 }
@@ -126,6 +149,8 @@ where
         }));
     }
     let mut histogram = new_histogram();
+    let mut ok = 0;
+    let mut failed_max_us = 0;
     let mut errors_by_code = BTreeMap::new();
     let mut served_by = BTreeMap::new();
     for worker in workers {
@@ -133,6 +158,8 @@ where
         match worker.await {
             Ok(r) => {
                 let _ = histogram.add(&r.histogram);
+                ok += r.ok;
+                failed_max_us = failed_max_us.max(r.failed_max_us);
                 merge(&mut errors_by_code, r.errors);
                 merge(&mut served_by, r.served_by);
             }
@@ -140,7 +167,6 @@ where
         }
     }
     let seconds = config.duration.as_secs_f64();
-    let ok = histogram.len();
     BenchReport {
         concurrency: config.concurrency,
         ok,
@@ -153,6 +179,7 @@ where
         p99_us: histogram.value_at_quantile(0.99),
         p999_us: histogram.value_at_quantile(0.999),
         max_us: histogram.max(),
+        failed_max_us,
         served_by,
     }
 }

@@ -3,13 +3,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mesh_balancer::{BalancedChannel, EndpointState, Strategy};
+use mesh_balancer::{EndpointState, Strategy};
+use mesh_breaker::BreakerConfig;
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
-use tonic::transport::Channel;
+use mesh_retry::RetryPolicy;
 
 use crate::bench::{self, BenchConfig};
 use crate::connect::{balanced, connect, discovered};
+use crate::stack::{GREETER_IDEMPOTENT, Mesh, Resilience};
 
 /// `greeter-client`: greet, or `bench` to drive load.
 #[derive(Debug, Clone, Parser)]
@@ -57,6 +59,49 @@ pub struct TargetArgs {
     /// The consistent-hash key sent as `x-mesh-hash-key`; `{i}` becomes the call's number.
     #[arg(long)]
     pub hash_key: Option<String>,
+    /// Circuit breakers and retries.
+    #[command(flatten)]
+    pub resilience: ResilienceArgs,
+}
+
+/// Flags of the circuit breakers (one per endpoint, one for the service) and the retries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ResilienceArgs {
+    /// Consecutive failures (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, DATA_LOSS)
+    /// that open a circuit breaker.
+    #[arg(long, env = "MESH_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+    /// How long an opened breaker stays open before a probe; doubles on each repeated trip.
+    #[arg(long, env = "MESH_BREAKER_OPEN", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub breaker_open: Duration,
+    /// The longest a breaker stays open.
+    #[arg(long, env = "MESH_BREAKER_MAX_OPEN", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub breaker_max_open: Duration,
+    /// Attempts per call of an idempotent method, the first included; 1 turns retries off.
+    #[arg(long, env = "MESH_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub max_attempts: u32,
+    /// The idempotent methods that may be retried, comma-separated: /package.Service/Method
+    /// or /package.Service/*. Default: SayHello and SayHelloStream.
+    #[arg(long, env = "MESH_RETRY_METHODS", value_delimiter = ',')]
+    pub retry_methods: Vec<String>,
+}
+
+impl ResilienceArgs {
+    /// The settings the flags ask for; the error names the bad one.
+    pub fn resilience(&self) -> anyhow::Result<Resilience> {
+        let breaker = BreakerConfig::default()
+            .with_failure_threshold(self.breaker_failures)
+            .with_open_time(self.breaker_open, self.breaker_max_open);
+        breaker.validate().context("--breaker-failures, --breaker-open and --breaker-max-open")?;
+        let methods: Vec<String> = if self.retry_methods.is_empty() {
+            GREETER_IDEMPOTENT.iter().map(|m| m.to_string()).collect()
+        } else {
+            self.retry_methods.clone()
+        };
+        let retry = RetryPolicy::default().with_max_attempts(self.max_attempts).with_methods(methods);
+        retry.validate().context("--max-attempts and --retry-methods")?;
+        Ok(Resilience { breaker, retry })
+    }
 }
 
 /// Flags of the default mode.
@@ -107,6 +152,12 @@ pub struct GreetReport {
     pub order: Vec<Option<String>>,
     /// The endpoints the balancer holds at the end.
     pub endpoints: Vec<EndpointReport>,
+    /// Retries made.
+    pub retries: u64,
+    /// Retries not made because the retry budget was spent.
+    pub budget_exhausted: u64,
+    /// The per-service circuit breaker's state at the end.
+    pub service_breaker: String,
 }
 
 /// One endpoint in a [`GreetReport`].
@@ -118,6 +169,8 @@ pub struct EndpointReport {
     pub address: String,
     /// `connecting`, `ready` or `unreachable`.
     pub state: String,
+    /// Its circuit breaker: `closed`, `open` or `half-open`.
+    pub breaker: String,
     /// Calls sent there.
     pub requests: u64,
     /// Of those, calls that failed there.
@@ -146,6 +199,10 @@ pub struct BenchArgs {
     /// The name sent in each request.
     #[arg(long, default_value = "bench")]
     pub name: String,
+    /// Deadline of each call, e.g. `1s`, `200ms`; calls that miss it count as failed, with
+    /// their latency.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
     /// Print one JSON object instead of text (for `cargo xtask bench`).
     #[arg(long)]
     pub json: bool,
@@ -163,17 +220,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn channel(t: &TargetArgs) -> anyhow::Result<BalancedChannel<Channel>> {
+async fn mesh(t: &TargetArgs) -> anyhow::Result<Mesh> {
+    let resilience = t.resilience.resilience()?;
     if t.target.is_empty() {
-        discovered(&t.etcd, &t.etcd_prefix, &t.service, t.strategy.clone()).await
+        discovered(&t.etcd, &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience).await
     } else {
-        balanced(&t.target, &t.weights, t.strategy.clone()).await
+        balanced(&t.target, &t.weights, t.strategy.clone(), &resilience).await
     }
 }
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {
-    let channel = channel(&args.targets).await?;
-    let mut client = GreeterClient::new(channel.clone());
+    let mesh = mesh(&args.targets).await?;
+    let mut client = GreeterClient::new(mesh.channel.clone());
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
     let mut order = Vec::new();
     let mut failed = 0u64;
@@ -194,7 +252,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
         if let (Some(at), Some(every)) = (next_table, args.table_every)
             && tokio::time::Instant::now() >= at
         {
-            print!("{}", table(&channel, &replies));
+            print!("{}", table(&mesh, &replies));
             next_table = Some(at + every);
         }
         made += 1;
@@ -223,26 +281,31 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     }
     if args.json {
         let report = GreetReport {
-            strategy: channel.strategy().to_string(),
+            strategy: mesh.balanced.strategy().to_string(),
             calls: made,
             failed,
             served_by: replies,
             order,
-            endpoints: channel
+            endpoints: mesh
+                .balanced
                 .endpoints()
                 .into_iter()
                 .map(|e| EndpointReport {
                     state: state_name(e.state).into(),
+                    breaker: breaker_state(&mesh, &e.id),
                     id: e.id,
                     address: e.address,
                     requests: e.requests,
                     failures: e.failures,
                 })
                 .collect(),
+            retries: mesh.retries.retries(),
+            budget_exhausted: mesh.retries.budget_exhausted(),
+            service_breaker: mesh.service_breaker.state().to_string(),
         };
         println!("{}", serde_json::to_string(&report).context("encoding the report")?);
     } else {
-        print!("{}", table(&channel, &replies));
+        print!("{}", table(&mesh, &replies));
     }
     if failed > 0 {
         anyhow::bail!("{failed} of {made} calls failed");
@@ -250,17 +313,36 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replies per `served_by`, then what the balancer counted per endpoint.
-fn table(channel: &BalancedChannel<Channel>, replies: &BTreeMap<String, u64>) -> String {
-    let mut out = format!("\nstrategy {}\n{:<28} {:>8}\n", channel.strategy(), "served_by", "replies");
+/// Replies per `served_by`, then what the balancer counted per endpoint with its breaker,
+/// then the retries and the service's breaker.
+fn table(mesh: &Mesh, replies: &BTreeMap<String, u64>) -> String {
+    let mut out = format!("\nstrategy {}\n{:<28} {:>8}\n", mesh.balanced.strategy(), "served_by", "replies");
     for (who, n) in replies {
         out.push_str(&format!("{who:<28} {n:>8}\n"));
     }
-    out.push_str(&format!("{:<28} {:>8} {:>8}  state\n", "endpoint", "requests", "failures"));
-    for e in channel.endpoints() {
-        out.push_str(&format!("{:<28} {:>8} {:>8}  {}\n", e.address, e.requests, e.failures, state_name(e.state)));
+    out.push_str(&format!("{:<28} {:>8} {:>8}  {:<12} breaker\n", "endpoint", "requests", "failures", "state"));
+    for e in mesh.balanced.endpoints() {
+        out.push_str(&format!(
+            "{:<28} {:>8} {:>8}  {:<12} {}\n",
+            e.address,
+            e.requests,
+            e.failures,
+            state_name(e.state),
+            breaker_state(mesh, &e.id)
+        ));
     }
+    out.push_str(&format!(
+        "retries {} (budget exhausted {}); circuit of {} {}\n",
+        mesh.retries.retries(),
+        mesh.retries.budget_exhausted(),
+        mesh.balanced.service(),
+        mesh.service_breaker.state()
+    ));
     out
+}
+
+fn breaker_state(mesh: &Mesh, id: &str) -> String {
+    mesh.endpoint_breaker(id).map_or_else(|| "-".to_string(), |b| b.state().to_string())
 }
 
 fn state_name(state: EndpointState) -> &'static str {
@@ -277,6 +359,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         duration: args.duration,
         warmup: args.warmup,
         name: args.name,
+        timeout: Some(args.timeout),
     };
     let report = if args.plain {
         let [target] = args.targets.target.as_slice() else {
@@ -284,7 +367,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         bench::run(connect(target).await?, &config).await
     } else {
-        bench::run(channel(&args.targets).await?, &config).await
+        bench::run(mesh(&args.targets).await?.channel, &config).await
     };
     if args.json {
         println!("{}", serde_json::to_string(&report).context("encoding the report")?);

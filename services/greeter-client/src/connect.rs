@@ -1,10 +1,12 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use mesh_balancer::{BalancedChannel, Balancer, BalancerConfig, Endpoint, EndpointSet, Strategy};
+use mesh_balancer::{BalancerConfig, Endpoint, EndpointSet, Strategy};
 use mesh_discovery::EtcdResolver;
 use mesh_etcd::{Etcd, EtcdOptions};
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+
+use crate::stack::{Mesh, Resilience};
 
 /// How long connecting to a target may take before it counts as unreachable.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,13 +26,14 @@ pub async fn connect(target: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot reach greeter at {url}"))
 }
 
-/// A balanced channel over a static list of targets (`--target a,b,c`), with optional
+/// The client stack over a static list of targets (`--target a,b,c`), with optional
 /// weights; waits until the targets have been probed and one is reachable.
 pub async fn balanced(
     targets: &[String],
     weights: &[u32],
     strategy: Strategy,
-) -> anyhow::Result<BalancedChannel<Channel>> {
+    resilience: &Resilience,
+) -> anyhow::Result<Mesh> {
     if targets.is_empty() {
         bail!("--target needs at least one address");
     }
@@ -44,22 +47,23 @@ pub async fn balanced(
         endpoints.push(Endpoint::new(address).with_weight(weights.get(i).copied().unwrap_or(1)));
     }
     let config = BalancerConfig::new("greeter").with_strategy(strategy);
-    let channel = Balancer::spawn(config, tokio_stream::once(EndpointSet::new(endpoints)));
-    channel
+    let mesh = Mesh::spawn(config, resilience, tokio_stream::once(EndpointSet::new(endpoints)))?;
+    mesh.balanced
         .wait_ready(CONNECT_TIMEOUT)
         .await
         .with_context(|| format!("cannot reach greeter at {}", targets.join(",")))?;
-    Ok(channel)
+    Ok(mesh)
 }
 
-/// A balanced channel over the servers of `service` registered in etcd; waits for the first
+/// The client stack over the servers of `service` registered in etcd; waits for the first
 /// listing and for one reachable server.
 pub async fn discovered(
     etcd: &str,
     root: &str,
     service: &str,
     strategy: Strategy,
-) -> anyhow::Result<BalancedChannel<Channel>> {
+    resilience: &Resilience,
+) -> anyhow::Result<Mesh> {
     let options = EtcdOptions::parse_endpoints(etcd).with_context(|| format!("invalid --etcd {etcd:?}"))?;
     let resolver = EtcdResolver::new(Etcd::new(options), root, service);
     let prefix = resolver.prefix().to_string();
@@ -74,12 +78,12 @@ pub async fn discovered(
         bail!("no servers of {service} are registered in etcd at {etcd} (under {prefix})");
     }
     let config = BalancerConfig::new(service).with_strategy(strategy);
-    let channel = Balancer::spawn(config, resolution.updates());
-    channel
+    let mesh = Mesh::spawn(config, resilience, resolution.updates())?;
+    mesh.balanced
         .wait_ready(CONNECT_TIMEOUT)
         .await
         .with_context(|| format!("cannot reach any of the {} servers of {service} registered in etcd", listed.len()))?;
-    Ok(channel)
+    Ok(mesh)
 }
 
 /// How long the first listing from etcd may take.

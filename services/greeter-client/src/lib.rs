@@ -1,6 +1,9 @@
 //! The reference greeter.v1 client of mesh: greets and prints each reply, or drives load
 //! (`bench`) and reports throughput and latency percentiles from an HDR histogram.
 //!
+//! Calls go through [`Mesh`]: a per-service circuit breaker, retries of the idempotent
+//! greeter methods under a budget, the balancer, and a circuit breaker per endpoint.
+//!
 //! ```no_run
 //! use greeter_client::bench::{self, BenchConfig};
 //! use std::time::Duration;
@@ -12,6 +15,7 @@
 //!     duration: Duration::from_secs(5),
 //!     warmup: Duration::from_secs(1),
 //!     name: "bench".into(),
+//!     timeout: Some(Duration::from_secs(1)),
 //! })
 //! .await;
 //! println!("{}", report.summary());
@@ -22,6 +26,8 @@
 pub mod bench;
 mod cli;
 mod connect;
+mod stack;
 
 pub use cli::{Args, Command, EndpointReport, GreetReport, run};
 pub use connect::{balanced, connect, discovered};
+pub use stack::{EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience};

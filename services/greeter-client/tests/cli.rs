@@ -67,6 +67,7 @@ async fn bench_counts_calls_and_reports_ordered_percentiles() {
         duration: Duration::from_millis(300),
         warmup: Duration::from_millis(100),
         name: "b".into(),
+        timeout: Some(Duration::from_secs(1)),
     };
     let report = bench::run(channel, &config).await;
     assert!(report.ok > 0, "{report:?}");
@@ -82,7 +83,13 @@ async fn bench_counts_failures_by_code_when_the_server_is_killed() {
     let channel = greeter_client::connect(&server.uri()).await.expect("connect");
     server.kill().await;
     let config =
-        BenchConfig { concurrency: 2, duration: Duration::from_millis(200), warmup: Duration::ZERO, name: "b".into() };
+        BenchConfig {
+        concurrency: 2,
+        duration: Duration::from_millis(200),
+        warmup: Duration::ZERO,
+        name: "b".into(),
+        timeout: Some(Duration::from_secs(1)),
+    };
     let report = bench::run(channel, &config).await;
     assert_eq!(report.ok, 0);
     assert!(report.errors > 0);
@@ -117,10 +124,11 @@ async fn a_target_list_is_balanced_and_tabled_and_a_hash_key_sticks() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("strategy round_robin") && stdout.contains("served_by"), "{stdout}");
+    assert!(stdout.contains("retries 0 (budget exhausted 0); circuit of greeter closed"), "{stdout}");
     for server in &servers {
         let address = server.addr().to_string();
         let row = stdout.lines().find(|l| l.starts_with(&address)).unwrap_or_else(|| panic!("no row for {address}"));
-        assert!(row.split_whitespace().eq([address.as_str(), "10", "0", "ready"]), "{row}");
+        assert!(row.split_whitespace().eq([address.as_str(), "10", "0", "ready", "closed"]), "{row}");
     }
 
     let t = targets.clone();
