@@ -83,14 +83,14 @@ impl Shared {
         self.clean.store(circuit.is_clean(), Ordering::Relaxed);
         match (before, circuit.state()) {
             (State::Closed, State::Open) => warn!(
-                "circuit of {} opened: its calls failed; first probe in {:?}",
+                "circuit of {} opened: its calls failed; first probe in {}ms",
                 self.name,
-                circuit.open_until().map(|u| u.saturating_duration_since(now)).unwrap_or_default()
+                circuit.open_until().map_or(0, |u| u.saturating_duration_since(now).as_millis())
             ),
             (State::HalfOpen, State::Open) => warn!(
-                "circuit of {} opened again: a probe failed; next probe in {:?}",
+                "circuit of {} opened again: a probe failed; next probe in {}ms",
                 self.name,
-                circuit.open_until().map(|u| u.saturating_duration_since(now)).unwrap_or_default()
+                circuit.open_until().map_or(0, |u| u.saturating_duration_since(now).as_millis())
             ),
             (State::HalfOpen, State::Closed) => info!("circuit of {} closed: probes succeeded", self.name),
             _ => {}

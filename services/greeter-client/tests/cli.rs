@@ -82,8 +82,7 @@ async fn bench_counts_failures_by_code_when_the_server_is_killed() {
     let server = TestServer::serve(GreeterServer::new(Greeter::new("s1"))).await.expect("serve");
     let channel = greeter_client::connect(&server.uri()).await.expect("connect");
     server.kill().await;
-    let config =
-        BenchConfig {
+    let config = BenchConfig {
         concurrency: 2,
         duration: Duration::from_millis(200),
         warmup: Duration::ZERO,

@@ -1,0 +1,218 @@
+//! Circuit breakers and retries of the client stack against real in-process servers: an
+//! endpoint that keeps failing is ejected and probed back, retries stay inside their
+//! budget, and an open service breaker sends nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use greeter_client::{Mesh, Resilience};
+use mesh_balancer::{BalancerConfig, EndpointSet};
+use mesh_breaker::{BreakerConfig, State};
+use mesh_proto::pb::greeter_client::GreeterClient;
+use mesh_proto::pb::greeter_server::{Greeter, GreeterServer};
+use mesh_proto::pb::{HelloReply, HelloRequest, HelloStreamRequest};
+use mesh_retry::RetryPolicy;
+use mesh_testkit::TestServer;
+use tokio::time::Instant;
+use tonic::{Code, Request, Response, Status};
+
+/// A greeter that counts the calls it gets and fails them with UNAVAILABLE while told to.
+#[derive(Clone)]
+struct Flaky {
+    name: &'static str,
+    failing: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+}
+
+impl Flaky {
+    fn new(name: &'static str, failing: bool) -> Self {
+        Flaky { name, failing: Arc::new(AtomicBool::new(failing)), calls: Arc::default() }
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl Greeter for Flaky {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!("{} is failing", self.name)));
+        }
+        let message = format!("Hello, {}!", request.get_ref().name);
+        Ok(Response::new(HelloReply { message, served_by: self.name.to_string() }))
+    }
+
+    type SayHelloStreamStream = tokio_stream::Empty<Result<HelloReply, Status>>;
+
+    async fn say_hello_stream(
+        &self,
+        _: Request<HelloStreamRequest>,
+    ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+async fn serve(greeters: &[Flaky]) -> Vec<TestServer> {
+    let mut servers = Vec::new();
+    for g in greeters {
+        servers.push(TestServer::serve(GreeterServer::new(g.clone())).await.expect("serve"));
+    }
+    servers
+}
+
+fn mesh(servers: &[TestServer], resilience: &Resilience) -> Mesh {
+    let set = EndpointSet::from_addresses(servers.iter().map(|s| s.addr().to_string()));
+    Mesh::spawn(BalancerConfig::new("greeter"), resilience, tokio_stream::once(set)).expect("valid settings")
+}
+
+fn resilience(breaker: BreakerConfig, max_attempts: u32) -> Resilience {
+    let retry = RetryPolicy::default().with_max_attempts(max_attempts).with_methods(greeter_client::GREETER_IDEMPOTENT);
+    Resilience { breaker, retry }
+}
+
+/// One SayHello; who served it, or the status.
+async fn hello(client: &mut GreeterClient<greeter_client::MeshChannel>) -> Result<String, Status> {
+    let mut request = Request::new(HelloRequest { name: "t".into() });
+    request.set_timeout(Duration::from_secs(2));
+    client.say_hello(request).await.map(|r| r.into_inner().served_by)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_keeps_failing_gets_no_calls_while_open_then_exactly_one_probe_and_rejoins_when_healed() {
+    let (a, b, bad) = (Flaky::new("a", false), Flaky::new("b", false), Flaky::new("bad", true));
+    let servers = serve(&[a.clone(), b.clone(), bad.clone()]).await;
+    let breaker = BreakerConfig::default()
+        .with_failure_threshold(3)
+        .with_open_time(Duration::from_millis(500), Duration::from_secs(4))
+        .with_jitter(0.0);
+    let mesh = mesh(&servers, &resilience(breaker, 1));
+    // As greeter-client does: connected to all three before the first call, so that round
+    // robin's turns are the ones counted below.
+    mesh.balanced.wait_ready(Duration::from_secs(5)).await.expect("three servers up");
+    let mut client = GreeterClient::new(mesh.channel.clone());
+
+    // Round robin over three: every third call fails, until the third failure opens it.
+    let mut failed = 0;
+    for _ in 0..9 {
+        if hello(&mut client).await.is_err() {
+            failed += 1;
+        }
+    }
+    let opened = Instant::now();
+    let handle = mesh.endpoint_breaker(&servers[2].addr().to_string()).expect("a breaker per endpoint");
+    assert_eq!((failed, bad.calls(), handle.state()), (3, 3, State::Open), "9 calls over 3 endpoints");
+
+    // Then over two: no call reaches it while open.
+    let mut served = Vec::new();
+    while opened.elapsed() < Duration::from_millis(400) {
+        served.push(hello(&mut client).await.expect("the other two serve"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(bad.calls(), 3, "no call while open");
+    assert!(served.iter().all(|s| s == "a" || s == "b") && served.len() > 20, "{served:?}");
+
+    // The open time passes, and it still fails: exactly one probe, and it opens again for
+    // twice as long.
+    while opened.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut failed = 0;
+    while opened.elapsed() < Duration::from_millis(1400) {
+        if hello(&mut client).await.is_err() {
+            failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!((bad.calls(), failed), (4, 1), "exactly one probe in the half-open spell");
+    assert_eq!(handle.state(), State::Open);
+
+    // Healed: after the second open time the probe succeeds, and round robin goes over
+    // three again.
+    bad.failing.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while handle.state() != State::Closed && Instant::now() < deadline {
+        hello(&mut client).await.expect("no call fails once healed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(handle.state(), State::Closed);
+    let mut last = Vec::new();
+    for _ in 0..9 {
+        last.push(hello(&mut client).await.expect("served"));
+    }
+    last.sort();
+    assert_eq!(last, ["a", "a", "a", "b", "b", "b", "bad", "bad", "bad"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_endpoint_failing_attempts_stay_within_the_retry_budget() {
+    let greeters = [Flaky::new("a", true), Flaky::new("b", true), Flaky::new("c", true)];
+    let servers = serve(&greeters).await;
+    // Breakers out of the way (a threshold never reached), to see the budget alone.
+    let breaker = BreakerConfig::default().with_failure_threshold(100_000);
+    let mesh = mesh(&servers, &resilience(breaker, 3));
+    let calls = 300u64;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut client = GreeterClient::new(mesh.channel.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..calls / 4 {
+                assert_eq!(hello(&mut client).await.map_err(|s| s.code()), Err(Code::Unavailable));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    let attempts: u64 = greeters.iter().map(Flaky::calls).sum();
+    // The default budget: 20% of calls, plus a minimum of 10 retries per second over a 10 s
+    // window (100).
+    let bound = calls + calls / 5 + 100;
+    assert!(attempts <= bound, "{attempts} attempts for {calls} calls; the budget allows {bound}");
+    assert!(mesh.retries.budget_exhausted() > 0, "the budget ran out");
+    assert_eq!(mesh.retries.retries(), attempts - calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_service_breaker_fails_fast_and_the_servers_see_nothing() {
+    let greeters = [Flaky::new("a", true), Flaky::new("b", true)];
+    let servers = serve(&greeters).await;
+    // Two endpoints, three failures to open: each endpoint has seen at most two when the
+    // service breaker, which sees every call, opens.
+    let mesh = mesh(&servers, &resilience(BreakerConfig::default().with_failure_threshold(3), 1));
+    let mut client = GreeterClient::new(mesh.channel.clone());
+    for _ in 0..3 {
+        let status = hello(&mut client).await.expect_err("failing");
+        assert!(status.message().contains("is failing"), "{status:?}");
+    }
+    assert_eq!(mesh.service_breaker.state(), State::Open);
+    let before: u64 = greeters.iter().map(Flaky::calls).sum();
+    for _ in 0..100 {
+        let status = hello(&mut client).await.expect_err("open");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().starts_with("circuit open for greeter"), "{}", status.message());
+    }
+    let after: u64 = greeters.iter().map(Flaky::calls).sum();
+    assert_eq!(after, before, "the servers saw no call while the service breaker was open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_endpoint_is_ejected_the_call_says_so() {
+    let greeters = [Flaky::new("a", true), Flaky::new("b", true), Flaky::new("c", true)];
+    let servers = serve(&greeters).await;
+    let mesh = mesh(&servers, &resilience(BreakerConfig::default().with_failure_threshold(2), 1));
+    // Through the balancer, under the service breaker (which would open first and answer
+    // for it): two failures per endpoint open all three.
+    let mut client = GreeterClient::new(mesh.balanced.clone());
+    for _ in 0..6 {
+        assert!(client.say_hello(HelloRequest { name: "t".into() }).await.is_err());
+    }
+    let inner = client.say_hello(HelloRequest { name: "t".into() }).await;
+    let status = inner.expect_err("every endpoint ejected");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().starts_with("all 3 endpoints of service greeter are ejected"), "{}", status.message());
+    assert!(status.message().contains("circuit open for 127.0.0.1:"), "{}", status.message());
+}
