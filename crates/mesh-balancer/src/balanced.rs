@@ -627,6 +627,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             Proj::Failed { status } => {
+                // Failed without I/O: spend tokio's cooperative budget, so that a caller
+                // looping on calls that fail at once yields to the other tasks of its thread.
+                std::task::ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
                 let status = status.take().unwrap_or_else(|| Status::internal("response polled after completion"));
                 Poll::Ready(Ok(status.into_http()))
             }

@@ -10,7 +10,10 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BreakerConfig {
-    /// Consecutive failures that open the circuit. Default 5.
+    /// Consecutive failures that open the circuit. Default 5. 0 leaves it to the failure
+    /// rate alone (which must then be set): the shape for a breaker around a whole service,
+    /// where calls run concurrently and the failures of one bad endpoint's calls in flight
+    /// arrive in a row though the service is fine.
     pub failure_threshold: u32,
     /// Optionally, also open when the share of failures in a sliding window passes a rate.
     pub failure_rate: Option<FailureRate>,
@@ -108,8 +111,8 @@ impl BreakerConfig {
     /// Checks every setting; the error names the first bad one.
     pub fn validate(&self) -> Result<(), InvalidBreakerConfig> {
         let bad = |setting, reason: &str| Err(InvalidBreakerConfig { setting, reason: reason.to_string() });
-        if self.failure_threshold == 0 {
-            return bad("failure_threshold", "must be at least 1");
+        if self.failure_threshold == 0 && self.failure_rate.is_none() {
+            return bad("failure_threshold", "must be at least 1 when no failure rate is set");
         }
         if self.open_time.is_zero() {
             return bad("open_time", "must be more than zero");

@@ -87,7 +87,13 @@ where
     type Output = Result<http::Response<Body>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let kind = self.project().kind;
+        if !matches!(*kind, Kind::Called { .. }) {
+            // Answered without I/O: spend tokio's cooperative budget, so that a caller looping
+            // on an open circuit yields to the other tasks of its thread now and then.
+            std::task::ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+        }
+        match kind.project() {
             KindProj::Refused { error } => {
                 Poll::Ready(Err(error.take().unwrap_or_else(|| "breaker response polled after completion".into())))
             }

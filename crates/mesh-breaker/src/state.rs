@@ -1,7 +1,7 @@
 //! The circuit itself: a pure, synchronous state machine that is told the time.
 //!
-//! Closed → Open after `failure_threshold` consecutive failures, or when the failure rate
-//! over a sliding window passes its threshold. Open → HalfOpen once the open time has
+//! Closed → Open after `failure_threshold` consecutive failures (unless it is 0), or when
+//! the failure rate over a sliding window passes its threshold. Open → HalfOpen once the open time has
 //! passed (checked when a call asks to be let through). HalfOpen lets `half_open_probes`
 //! calls through; `success_threshold` successes close the circuit, any failure opens it
 //! again. The open time doubles on each trip that follows another without a long enough
@@ -188,7 +188,8 @@ impl Circuit {
                     Outcome::Success => self.consecutive = 0,
                     Outcome::Failure => {
                         self.consecutive += 1;
-                        if self.consecutive >= self.config.failure_threshold || self.rate_exceeded(now) {
+                        let threshold = self.config.failure_threshold;
+                        if (threshold > 0 && self.consecutive >= threshold) || self.rate_exceeded(now) {
                             self.trip(now);
                         }
                     }

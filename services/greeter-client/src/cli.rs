@@ -4,7 +4,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_balancer::{EndpointState, Strategy};
-use mesh_breaker::BreakerConfig;
+use mesh_breaker::{BreakerConfig, FailureRate};
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
 use mesh_retry::RetryPolicy;
@@ -68,7 +68,7 @@ pub struct TargetArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ResilienceArgs {
     /// Consecutive failures (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, DATA_LOSS)
-    /// that open a circuit breaker.
+    /// that open an endpoint's circuit breaker, which ejects it.
     #[arg(long, env = "MESH_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub breaker_failures: u32,
     /// How long an opened breaker stays open before a probe; doubles on each repeated trip.
@@ -77,6 +77,13 @@ pub struct ResilienceArgs {
     /// The longest a breaker stays open.
     #[arg(long, env = "MESH_BREAKER_MAX_OPEN", default_value = "30s", value_parser = humantime::parse_duration)]
     pub breaker_max_open: Duration,
+    /// The share of failed calls (after retries) over 10 s that opens the service's circuit
+    /// breaker, which then fails calls at once with UNAVAILABLE "circuit open for greeter".
+    #[arg(long, env = "MESH_SERVICE_BREAKER_RATE", default_value_t = 0.5, value_parser = parse_share)]
+    pub service_breaker_rate: f64,
+    /// The calls in those 10 s before the rate counts.
+    #[arg(long, env = "MESH_SERVICE_BREAKER_MIN_CALLS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub service_breaker_min_calls: u32,
     /// Attempts per call of an idempotent method, the first included; 1 turns retries off.
     #[arg(long, env = "MESH_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub max_attempts: u32,
@@ -89,10 +96,15 @@ pub struct ResilienceArgs {
 impl ResilienceArgs {
     /// The settings the flags ask for; the error names the bad one.
     pub fn resilience(&self) -> anyhow::Result<Resilience> {
-        let breaker = BreakerConfig::default()
+        let endpoint_breaker = BreakerConfig::default()
             .with_failure_threshold(self.breaker_failures)
             .with_open_time(self.breaker_open, self.breaker_max_open);
-        breaker.validate().context("--breaker-failures, --breaker-open and --breaker-max-open")?;
+        endpoint_breaker.validate().context("--breaker-failures, --breaker-open and --breaker-max-open")?;
+        let rate = FailureRate::new(self.service_breaker_rate, Duration::from_secs(10), self.service_breaker_min_calls);
+        let service_breaker = crate::default_service_breaker()
+            .with_failure_rate(rate)
+            .with_open_time(self.breaker_open, self.breaker_max_open);
+        service_breaker.validate().context("--service-breaker-rate and --service-breaker-min-calls")?;
         let methods: Vec<String> = if self.retry_methods.is_empty() {
             GREETER_IDEMPOTENT.iter().map(|m| m.to_string()).collect()
         } else {
@@ -100,7 +112,7 @@ impl ResilienceArgs {
         };
         let retry = RetryPolicy::default().with_max_attempts(self.max_attempts).with_methods(methods);
         retry.validate().context("--max-attempts and --retry-methods")?;
-        Ok(Resilience { breaker, retry })
+        Ok(Resilience { endpoint_breaker, service_breaker, retry })
     }
 }
 
@@ -206,6 +218,13 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text (for `cargo xtask bench`).
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err(format!("{s:?}: give a share above 0 and at most 1, e.g. 0.5")),
+    }
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {

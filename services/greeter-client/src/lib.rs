@@ -30,4 +30,6 @@ mod stack;
 
 pub use cli::{Args, Command, EndpointReport, GreetReport, run};
 pub use connect::{balanced, connect, discovered};
-pub use stack::{EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience};
+pub use stack::{
+    EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience, default_service_breaker,
+};

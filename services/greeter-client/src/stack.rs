@@ -7,7 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
 use mesh_balancer::{BalancedChannel, Balancer, BalancerConfig, Endpoint, EndpointSet};
-use mesh_breaker::{Breaker, BreakerConfig, BreakerHandle, BreakerLayer, GrpcClassifier, InvalidBreakerConfig};
+use std::time::Duration;
+
+use mesh_breaker::{
+    Breaker, BreakerConfig, BreakerHandle, BreakerLayer, FailureRate, GrpcClassifier, InvalidBreakerConfig,
+};
 use mesh_retry::{InvalidRetryPolicy, Retry, RetryLayer, RetryPolicy, RetryStats};
 use tonic::transport::Channel;
 use tower_layer::Layer as _;
@@ -24,15 +28,33 @@ pub const GREETER_IDEMPOTENT: [&str; 2] = ["/greeter.v1.Greeter/SayHello", "/gre
 /// How the breakers and retries are set.
 #[derive(Debug, Clone)]
 pub struct Resilience {
-    /// Settings of every breaker, per endpoint and per service.
-    pub breaker: BreakerConfig,
+    /// Each endpoint's breaker: by default 5 consecutive failures eject it for 1 s, doubling
+    /// up to 30 s.
+    pub endpoint_breaker: BreakerConfig,
+    /// The service's breaker, around everything: by default it opens when half of at least
+    /// 20 calls in 10 s failed (after retries), never on failures in a row alone, which
+    /// concurrent calls to one bad endpoint produce while the service is fine.
+    pub service_breaker: BreakerConfig,
     /// Which calls are retried, and how.
     pub retry: RetryPolicy,
 }
 
+/// The default service breaker: see [`Resilience::service_breaker`].
+pub fn default_service_breaker() -> BreakerConfig {
+    BreakerConfig::default().with_failure_threshold(0).with_failure_rate(FailureRate::new(
+        0.5,
+        Duration::from_secs(10),
+        20,
+    ))
+}
+
 impl Default for Resilience {
     fn default() -> Self {
-        Resilience { breaker: BreakerConfig::default(), retry: RetryPolicy::default().with_methods(GREETER_IDEMPOTENT) }
+        Resilience {
+            endpoint_breaker: BreakerConfig::default(),
+            service_breaker: default_service_breaker(),
+            retry: RetryPolicy::default().with_methods(GREETER_IDEMPOTENT),
+        }
     }
 }
 
@@ -68,8 +90,8 @@ impl Mesh {
         U: Stream<Item = EndpointSet> + Send + 'static,
     {
         let service = config.service.clone();
-        let endpoint_layer = BreakerLayer::try_new(service.clone(), resilience.breaker.clone())?;
-        let service_layer = BreakerLayer::try_new(service, resilience.breaker.clone())?.fail_fast();
+        let endpoint_layer = BreakerLayer::try_new(service.clone(), resilience.endpoint_breaker.clone())?;
+        let service_layer = BreakerLayer::try_new(service, resilience.service_breaker.clone())?.fail_fast();
         let retry_layer = RetryLayer::try_new(resilience.retry.clone())?;
         let endpoint_breakers: Arc<Mutex<HashMap<String, BreakerHandle>>> = Arc::default();
         let handles = endpoint_breakers.clone();

@@ -69,9 +69,10 @@ fn mesh(servers: &[TestServer], resilience: &Resilience) -> Mesh {
     Mesh::spawn(BalancerConfig::new("greeter"), resilience, tokio_stream::once(set)).expect("valid settings")
 }
 
-fn resilience(breaker: BreakerConfig, max_attempts: u32) -> Resilience {
+/// Endpoint breakers as given, the default service breaker, `max_attempts` per call.
+fn resilience(endpoint_breaker: BreakerConfig, max_attempts: u32) -> Resilience {
     let retry = RetryPolicy::default().with_max_attempts(max_attempts).with_methods(greeter_client::GREETER_IDEMPOTENT);
-    Resilience { breaker, retry }
+    Resilience { endpoint_breaker, service_breaker: greeter_client::default_service_breaker(), retry }
 }
 
 /// One SayHello; who served it, or the status.
@@ -151,9 +152,10 @@ async fn an_endpoint_that_keeps_failing_gets_no_calls_while_open_then_exactly_on
 async fn with_every_endpoint_failing_attempts_stay_within_the_retry_budget() {
     let greeters = [Flaky::new("a", true), Flaky::new("b", true), Flaky::new("c", true)];
     let servers = serve(&greeters).await;
-    // Breakers out of the way (a threshold never reached), to see the budget alone.
-    let breaker = BreakerConfig::default().with_failure_threshold(100_000);
-    let mesh = mesh(&servers, &resilience(breaker, 3));
+    // Breakers out of the way (thresholds never reached), to see the budget alone.
+    let mut r = resilience(BreakerConfig::default().with_failure_threshold(100_000), 3);
+    r.service_breaker = BreakerConfig::default().with_failure_threshold(100_000);
+    let mesh = mesh(&servers, &r);
     let calls = 300u64;
     let mut tasks = Vec::new();
     for _ in 0..4 {
@@ -180,9 +182,11 @@ async fn with_every_endpoint_failing_attempts_stay_within_the_retry_budget() {
 async fn an_open_service_breaker_fails_fast_and_the_servers_see_nothing() {
     let greeters = [Flaky::new("a", true), Flaky::new("b", true)];
     let servers = serve(&greeters).await;
-    // Two endpoints, three failures to open: each endpoint has seen at most two when the
-    // service breaker, which sees every call, opens.
-    let mesh = mesh(&servers, &resilience(BreakerConfig::default().with_failure_threshold(3), 1));
+    // The service breaker opens after 3 failed calls in a row; each endpoint has seen at
+    // most two of them then, below its own threshold of 5.
+    let mut r = resilience(BreakerConfig::default(), 1);
+    r.service_breaker = BreakerConfig::default().with_failure_threshold(3);
+    let mesh = mesh(&servers, &r);
     let mut client = GreeterClient::new(mesh.channel.clone());
     for _ in 0..3 {
         let status = hello(&mut client).await.expect_err("failing");
@@ -215,4 +219,52 @@ async fn when_every_endpoint_is_ejected_the_call_says_so() {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().starts_with("all 3 endpoints of service greeter are ejected"), "{}", status.message());
     assert!(status.message().contains("circuit open for 127.0.0.1:"), "{}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_by_the_server_fail_no_call_through_the_whole_stack() {
+    // A server that closes every connection after 300 ms, as servers with a maximum
+    // connection age do: a call hyper had queued on a closing connection is cancelled
+    // before it is sent, and retried.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let greeter = Flaky::new("aged", false);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_connection_age(Duration::from_millis(300))
+            .add_service(GreeterServer::new(greeter.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let set = EndpointSet::from_addresses([addr]);
+    let mesh = Mesh::spawn(BalancerConfig::new("greeter"), &Resilience::default(), tokio_stream::once(set))
+        .expect("valid settings");
+    for callers in [1, 4] {
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut tasks = Vec::new();
+        for _ in 0..callers {
+            let mut client = GreeterClient::new(mesh.channel.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while Instant::now() < until {
+                    match hello(&mut client).await {
+                        Ok(_) => ok += 1,
+                        Err(s) => failed.push(format!("{:?}: {}", s.code(), s.message())),
+                    }
+                }
+                (ok, failed)
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            let (n, failed) = t.await.expect("caller");
+            assert!(
+                failed.is_empty(),
+                "{callers} callers: {} failed: {:?}",
+                failed.len(),
+                &failed[..failed.len().min(3)]
+            );
+            ok += n;
+        }
+        assert!(ok > 200, "{callers} callers: {ok} calls");
+    }
 }

@@ -20,9 +20,18 @@ fn a_timeout_is_deadline_exceeded_and_a_connect_error_unavailable() {
 
 #[test]
 fn an_unknown_error_is_unknown_with_its_chain() {
-    let status = of_error(Box::new(std::io::Error::other("boom")), "endpoint a");
+    let status = of_error("boom".into(), "endpoint a");
     assert_eq!(status.code(), Code::Unknown);
     assert_eq!(status.message(), "endpoint a: boom");
+}
+
+#[test]
+fn a_socket_that_broke_under_the_call_is_unavailable() {
+    for kind in [std::io::ErrorKind::ConnectionReset, std::io::ErrorKind::BrokenPipe, std::io::ErrorKind::UnexpectedEof]
+    {
+        let status = of_error(Box::new(std::io::Error::new(kind, "connection reset")), "endpoint a");
+        assert_eq!(status.code(), Code::Unavailable, "{kind:?}");
+    }
 }
 
 #[test]

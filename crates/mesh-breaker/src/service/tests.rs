@@ -233,3 +233,23 @@ async fn clones_share_one_circuit() {
     let other = layer.layer(Endpoint::new(Answer::Message(Code::Ok)));
     assert_eq!(other.handle().state(), State::Closed);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_caller_looping_on_an_open_circuit_lets_other_tasks_run() {
+    let endpoint = Endpoint::new(Answer::TrailersOnly(Code::Unavailable));
+    let mut breaker = BreakerLayer::try_new("greeter", config()).expect("config").fail_fast().layer(endpoint);
+    for _ in 0..3 {
+        let _ = call(&mut breaker).await;
+    }
+    let other_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = other_ran.clone();
+    tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+    // On one thread, the spawned task runs only if a call yields.
+    let mut calls = 0u64;
+    while !other_ran.load(Ordering::SeqCst) && calls < 100_000 {
+        let response = breaker.ready().await.expect("ready").call(http::Request::new(())).await.expect("response");
+        assert_eq!(mesh_util::grpc::grpc_status(response.headers()), Some(Code::Unavailable as i32));
+        calls += 1;
+    }
+    assert!(other_ran.load(Ordering::SeqCst), "{calls} calls answered at once never yielded");
+}

@@ -240,6 +240,19 @@ fn failures_that_left_the_window_no_longer_count() {
 }
 
 #[test]
+fn with_no_consecutive_threshold_only_the_rate_trips_it() {
+    let t0 = Instant::now();
+    let rate = FailureRate::new(0.5, Duration::from_secs(10), 20);
+    let mut c = circuit(BreakerConfig::default().with_failure_threshold(0).with_failure_rate(rate));
+    for i in 0..19 {
+        call(&mut c, t0 + ms(i), Outcome::Failure);
+    }
+    assert_eq!(c.state(), State::Closed, "19 failures in a row, below the 20 calls the rate needs");
+    call(&mut c, t0 + ms(19), Outcome::Failure);
+    assert_eq!(c.state(), State::Open);
+}
+
+#[test]
 fn bad_settings_are_refused_by_name() {
     let cases = [
         (BreakerConfig::default().with_failure_threshold(0), "failure_threshold"),

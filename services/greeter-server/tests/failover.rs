@@ -1,0 +1,248 @@
+//! Failover through the whole client stack (greeter-client's `Mesh`: service breaker,
+//! retries, balancer, endpoint breakers) against real greeter-server processes: one killed
+//! with SIGKILL under load, one frozen with SIGSTOP. No etcd: a static list of three.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use greeter_client::{Mesh, MeshChannel, Resilience};
+use mesh_balancer::{BalancerConfig, EndpointSet};
+use mesh_breaker::BreakerConfig;
+use mesh_etcd_local::Signal;
+use mesh_proto::pb::HelloRequest;
+use mesh_proto::pb::greeter_client::GreeterClient;
+use mesh_retry::RetryPolicy;
+use tokio::time::Instant;
+use tonic::Code;
+
+/// A greeter-server process, serving without etcd.
+struct Server {
+    addr: String,
+    child: Child,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = mesh_etcd_local::free_port().expect("port");
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
+            .args(["--listen", &addr, "--no-register"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start greeter-server");
+        let up = mesh_etcd_local::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(&addr).is_ok());
+        assert!(up, "greeter-server did not listen on {addr}");
+        Server { addr, child }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = mesh_etcd_local::signal(self.child.id(), Signal::Cont);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn mesh(servers: &[Server], endpoint_breaker: BreakerConfig, max_attempts: u32) -> Mesh {
+    let retry = RetryPolicy::default().with_max_attempts(max_attempts).with_methods(greeter_client::GREETER_IDEMPOTENT);
+    let set = EndpointSet::from_addresses(servers.iter().map(|s| s.addr.clone()));
+    let resilience = Resilience { endpoint_breaker, service_breaker: greeter_client::default_service_breaker(), retry };
+    let mesh =
+        Mesh::spawn(BalancerConfig::new("greeter"), &resilience, tokio_stream::once(set)).expect("valid settings");
+    // As greeter-client does before its first call.
+    mesh.balanced.wait_ready(Duration::from_secs(5)).await.expect("three servers up");
+    mesh
+}
+
+/// One call's end: when it started and ended (since the run began) and its code.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    start: Duration,
+    end: Duration,
+    code: Code,
+}
+
+/// The first failures, with their messages, to say what went wrong.
+static FIRST_ERRORS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn note(status: &tonic::Status) {
+    let mut first = FIRST_ERRORS.lock().expect("lock");
+    if first.len() < 5 {
+        first.push(format!("{:?}: {}", status.code(), status.message()));
+    }
+}
+
+/// `workers` callers sharing `total` calls (or running until `until`), each call with
+/// deadline `timeout`; `at` runs once `trigger_after` calls have completed.
+async fn load(
+    channel: MeshChannel,
+    workers: usize,
+    total: u64,
+    timeout: Duration,
+    trigger_after: u64,
+    at: impl FnOnce() + Send + 'static,
+) -> Vec<Call> {
+    let begun = Instant::now();
+    let started = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let trigger = Arc::new(Mutex::new(Some(at)));
+    let fired = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let mut client = GreeterClient::new(channel.clone());
+        let (started, done, calls, trigger, fired) =
+            (started.clone(), done.clone(), calls.clone(), trigger.clone(), fired.clone());
+        tasks.push(tokio::spawn(async move {
+            while started.fetch_add(1, Ordering::SeqCst) < total {
+                let start = begun.elapsed();
+                let mut request = tonic::Request::new(HelloRequest { name: "load".into() });
+                request.set_timeout(timeout);
+                let code = match client.say_hello(request).await {
+                    Ok(_) => Code::Ok,
+                    Err(status) => {
+                        note(&status);
+                        status.code()
+                    }
+                };
+                calls.lock().expect("lock").push(Call { start, end: begun.elapsed(), code });
+                if done.fetch_add(1, Ordering::SeqCst) + 1 >= trigger_after && !fired.swap(true, Ordering::SeqCst) {
+                    let at = trigger.lock().expect("lock").take();
+                    if let Some(at) = at {
+                        at();
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    calls.lock().expect("lock").clone()
+}
+
+fn failed(calls: &[Call]) -> Vec<Call> {
+    calls.iter().filter(|c| c.code != Code::Ok).copied().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_one_of_three_under_load_with_retries_fails_no_call() {
+    let servers = [Server::start(), Server::start(), Server::start()];
+    let mesh = mesh(&servers, BreakerConfig::default(), 3).await;
+    let victim = servers[1].child.id();
+    let calls = load(mesh.channel.clone(), 16, 2000, Duration::from_secs(2), 500, move || {
+        let _ = mesh_etcd_local::signal(victim, Signal::Kill);
+    })
+    .await;
+    assert_eq!(calls.len(), 2000);
+    let failed = failed(&calls);
+    assert!(
+        failed.is_empty(),
+        "{} failed, the first: {:?} {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        FIRST_ERRORS.lock()
+    );
+    assert!(mesh.retries.retries() > 0, "the calls in flight at the kill were retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_one_of_three_under_load_without_retries_fails_at_most_the_calls_in_flight() {
+    let servers = [Server::start(), Server::start(), Server::start()];
+    let mesh = mesh(&servers, BreakerConfig::default(), 1).await;
+    let victim = servers[1].child.id();
+    let calls = load(mesh.channel.clone(), 16, 2000, Duration::from_secs(2), 500, move || {
+        let _ = mesh_etcd_local::signal(victim, Signal::Kill);
+    })
+    .await;
+    let failed = failed(&calls);
+    let first = &failed[..failed.len().min(5)];
+    assert!(
+        failed.len() <= 16,
+        "{} failed; at most the 16 in flight at the kill may; the first: {first:?} {:?}",
+        failed.len(),
+        FIRST_ERRORS.lock()
+    );
+    assert!(failed.iter().all(|c| c.code == Code::Unavailable), "the first: {first:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_hung_for_8s_is_ejected_after_a_few_timeouts_and_the_others_serve_every_second() {
+    let servers = [Server::start(), Server::start(), Server::start()];
+    let threshold = 5;
+    let mesh = mesh(&servers, BreakerConfig::default().with_failure_threshold(threshold), 1).await;
+    let timeout = Duration::from_millis(200);
+    let hung_for = Duration::from_secs(8);
+    let channel = mesh.channel.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let frozen_at = Arc::new(Mutex::new(None::<Duration>));
+    let begun = Instant::now();
+    // Freeze one server 1 s in, for 8 s, while 8 workers call round robin.
+    let pid = servers[2].child.id();
+    let (stop2, frozen2) = (stop.clone(), frozen_at.clone());
+    let freezer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        *frozen2.lock().expect("lock") = Some(begun.elapsed());
+        mesh_etcd_local::signal(pid, Signal::Stop).expect("SIGSTOP");
+        tokio::time::sleep(hung_for).await;
+        mesh_etcd_local::signal(pid, Signal::Cont).expect("SIGCONT");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop2.store(true, Ordering::SeqCst);
+    });
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = GreeterClient::new(channel.clone());
+        let (stop, calls) = (stop.clone(), calls.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let start = begun.elapsed();
+                let mut request = tonic::Request::new(HelloRequest { name: "load".into() });
+                request.set_timeout(timeout);
+                let code = client.say_hello(request).await.map_or_else(|s| s.code(), |_| Code::Ok);
+                calls.lock().expect("lock").push(Call { start, end: begun.elapsed(), code });
+            }
+        }));
+    }
+    freezer.await.expect("freezer");
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    let calls = calls.lock().expect("lock").clone();
+    let frozen = frozen_at.lock().expect("lock").expect("frozen");
+    let failed = failed(&calls);
+    // Every failure is a deadline, and ends within the deadline plus slack.
+    let slack = Duration::from_millis(150);
+    for c in &failed {
+        assert_eq!(c.code, Code::DeadlineExceeded, "{c:?}");
+        assert!(c.end - c.start <= timeout + slack, "a call took {:?}: {c:?}", c.end - c.start);
+    }
+    // Ejected after a few timeouts: those of the calls already sent when the first ones
+    // timed out (every worker's next round-robin turn lands on the hung server within a
+    // millisecond, long before the first 200 ms deadline passes), then one per half-open
+    // probe (open 1 s, 2 s, 4 s: at most three probes in 8 s).
+    let probes = 3;
+    assert!(failed.len() <= 8 + threshold as usize + probes, "{} calls timed out: {failed:?}", failed.len());
+    // Calls completed on the other two throughout: no second of the hang without a success.
+    let hang = frozen..frozen + hung_for;
+    let mut second = hang.start;
+    while second + Duration::from_secs(1) <= hang.end {
+        let window = second..second + Duration::from_secs(1);
+        let ok = calls.iter().filter(|c| c.code == Code::Ok && window.contains(&c.end)).count();
+        assert!(ok > 0, "no successful call in {window:?} of the hang");
+        second += Duration::from_secs(1);
+    }
+    eprintln!(
+        "hung 8 s: {} calls, {} timed out ({:?} after the freeze), {} ok",
+        calls.len(),
+        failed.len(),
+        failed.iter().map(|c| c.start.saturating_sub(frozen)).collect::<Vec<_>>(),
+        calls.len() - failed.len()
+    );
+}
