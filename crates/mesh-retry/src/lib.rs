@@ -13,6 +13,9 @@
 //!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs);
 //! - never past the call's deadline: each attempt carries the time left as its
 //!   `grpc-timeout`, and no retry starts whose backoff would end past it;
+//! - optionally with a per-try timeout shorter than the call's deadline (as Envoy's): an
+//!   attempt that runs out of it, at a hung endpoint say, is retried elsewhere with the time
+//!   that is left;
 //! - only before the response has begun: a status in the response's headers (a
 //!   trailers-only response) can be retried, a response with messages has committed the
 //!   call, so a stream is never retried after its first message.

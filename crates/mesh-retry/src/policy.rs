@@ -35,6 +35,11 @@ pub struct RetryPolicy {
     pub budget_window: Duration,
     /// Requests larger than this are sent once, not buffered for a retry. Default 64 KiB.
     pub max_buffered: usize,
+    /// A deadline for each attempt, shorter than the call's (Envoy's per-try timeout): an
+    /// attempt that runs out of it is retried on another endpoint while the call's own
+    /// deadline allows, so that a hung endpoint costs a call this much, not the call.
+    /// Default none: an attempt may take all the call's time.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -49,6 +54,7 @@ impl Default for RetryPolicy {
             budget_min_per_sec: 10,
             budget_window: Duration::from_secs(10),
             max_buffered: 64 * 1024,
+            per_try_timeout: None,
         }
     }
 }
@@ -98,6 +104,12 @@ impl RetryPolicy {
         self
     }
 
+    /// Sets a deadline for each attempt (see [`RetryPolicy::per_try_timeout`]).
+    pub fn with_per_try_timeout(mut self, timeout: Duration) -> Self {
+        self.per_try_timeout = Some(timeout);
+        self
+    }
+
     /// Whether calls to `path` may be retried.
     pub fn is_retryable(&self, path: &str) -> bool {
         self.max_attempts > 1
@@ -130,6 +142,9 @@ impl RetryPolicy {
         }
         if self.budget_min_per_sec > 1_000_000 {
             return bad("budget_min_per_sec", "must be at most 1000000");
+        }
+        if self.per_try_timeout.is_some_and(|t| t < Duration::from_millis(1)) {
+            return bad("per_try_timeout", "must be at least 1ms");
         }
         if self.budget_window < Duration::from_secs(1) || self.budget_window > Duration::from_secs(60) {
             return bad("budget_window", "must be from 1 s to 60 s");

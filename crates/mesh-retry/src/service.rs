@@ -130,6 +130,7 @@ where
         };
         let started = Instant::now();
         let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| started.checked_add(t));
+        let per_try = shared.policy.per_try_timeout;
         let again = Again {
             shared: shared.clone(),
             method: parts.method.clone(),
@@ -139,8 +140,13 @@ where
             extensions: parts.extensions.clone(),
             bytes,
             deadline,
+            per_try,
             failed_at: Vec::new(),
         };
+        let mut parts = parts;
+        if let Some(timeout) = again.attempt_timeout(started) {
+            parts.headers.insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
+        }
         let request = http::Request::from_parts(parts, body);
         ResponseFuture { state: State::First { inner: self.inner.call(request), again: Some(again) } }
     }
@@ -285,6 +291,8 @@ struct Again<S> {
     extensions: http::Extensions,
     bytes: Bytes,
     deadline: Option<Instant>,
+    /// The deadline of each attempt, when shorter than what is left of the call's.
+    per_try: Option<std::time::Duration>,
     /// Endpoints earlier attempts failed at, for the balancer to avoid.
     failed_at: Vec<Arc<str>>,
 }
@@ -294,9 +302,25 @@ impl<S> Again<S> {
     /// (a response with messages has committed the call), or a transport error.
     fn wants_retry<E>(&self, result: &Result<http::Response<Body>, E>) -> bool {
         match result {
-            Ok(response) => grpc::grpc_status(response.headers())
-                .is_some_and(|code| code != 0 && self.shared.policy.retry_on.contains(&Code::from_i32(code))),
+            Ok(response) => grpc::grpc_status(response.headers()).is_some_and(|code| {
+                let code = Code::from_i32(code);
+                // An attempt that ran out of its own time, with time left on the call's.
+                let try_timed_out = code == Code::DeadlineExceeded
+                    && self.per_try.is_some()
+                    && self.deadline.is_none_or(|d| Instant::now() < d);
+                code != Code::Ok && (self.shared.policy.retry_on.contains(&code) || try_timed_out)
+            }),
             Err(_) => true,
+        }
+    }
+
+    /// How long an attempt starting at `now` may take: what is left of the call's
+    /// deadline, or the per-try timeout if that is shorter.
+    fn attempt_timeout(&self, now: Instant) -> Option<std::time::Duration> {
+        let left = self.deadline.map(|d| d.saturating_duration_since(now));
+        match (left, self.per_try) {
+            (Some(left), Some(per_try)) => Some(left.min(per_try)),
+            (left, per_try) => left.or(per_try),
         }
     }
 
@@ -308,9 +332,8 @@ impl<S> Again<S> {
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
         *request.extensions_mut() = self.extensions.clone();
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(now);
-            request.headers_mut().insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(left));
+        if let Some(timeout) = self.attempt_timeout(now) {
+            request.headers_mut().insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
         }
         if !self.failed_at.is_empty() {
             request.extensions_mut().insert(AvoidEndpoints(self.failed_at.clone()));

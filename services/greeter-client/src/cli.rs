@@ -87,6 +87,11 @@ pub struct ResilienceArgs {
     /// Attempts per call of an idempotent method, the first included; 1 turns retries off.
     #[arg(long, env = "MESH_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub max_attempts: u32,
+    /// A deadline for each attempt of an idempotent call, shorter than --timeout: an
+    /// attempt that runs out of it (at a hung server, say) is retried on another server with
+    /// the time left. Default: none, an attempt may take the call's whole deadline.
+    #[arg(long, env = "MESH_PER_TRY_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub per_try_timeout: Option<Duration>,
     /// The idempotent methods that may be retried, comma-separated: /package.Service/Method
     /// or /package.Service/*. Default: SayHello and SayHelloStream.
     #[arg(long, env = "MESH_RETRY_METHODS", value_delimiter = ',')]
@@ -110,8 +115,11 @@ impl ResilienceArgs {
         } else {
             self.retry_methods.clone()
         };
-        let retry = RetryPolicy::default().with_max_attempts(self.max_attempts).with_methods(methods);
-        retry.validate().context("--max-attempts and --retry-methods")?;
+        let mut retry = RetryPolicy::default().with_max_attempts(self.max_attempts).with_methods(methods);
+        if let Some(t) = self.per_try_timeout {
+            retry = retry.with_per_try_timeout(t);
+        }
+        retry.validate().context("--max-attempts, --per-try-timeout and --retry-methods")?;
         Ok(Resilience { endpoint_breaker, service_breaker, retry })
     }
 }

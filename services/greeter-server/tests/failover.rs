@@ -172,19 +172,14 @@ async fn kill_9_one_of_three_under_load_without_retries_fails_at_most_the_calls_
     assert!(failed.iter().all(|c| c.code == Code::Unavailable), "the first: {first:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_hung_for_8s_is_ejected_after_a_few_timeouts_and_the_others_serve_every_second() {
-    let servers = [Server::start(), Server::start(), Server::start()];
-    let threshold = 5;
-    let mesh = mesh(&servers, BreakerConfig::default().with_failure_threshold(threshold), 1).await;
-    let timeout = Duration::from_millis(200);
-    let hung_for = Duration::from_secs(8);
+/// 8 workers calling round robin while one of three servers is frozen (SIGSTOP) from 1 s
+/// in for `hung_for`; every call's end, and when the freeze began.
+async fn under_a_hang(mesh: &Mesh, timeout: Duration, hung_for: Duration, server: &Server) -> (Vec<Call>, Duration) {
     let channel = mesh.channel.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let frozen_at = Arc::new(Mutex::new(None::<Duration>));
     let begun = Instant::now();
-    // Freeze one server 1 s in, for 8 s, while 8 workers call round robin.
-    let pid = servers[2].child.id();
+    let pid = server.child.id();
     let (stop2, frozen2) = (stop.clone(), frozen_at.clone());
     let freezer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -216,21 +211,11 @@ async fn a_server_hung_for_8s_is_ejected_after_a_few_timeouts_and_the_others_ser
     }
     let calls = calls.lock().expect("lock").clone();
     let frozen = frozen_at.lock().expect("lock").expect("frozen");
-    let failed = failed(&calls);
-    // Every failure is a deadline, and ends within the deadline plus slack.
-    let slack = Duration::from_millis(150);
-    for c in &failed {
-        assert_eq!(c.code, Code::DeadlineExceeded, "{c:?}");
-        assert!(c.end - c.start <= timeout + slack, "a call took {:?}: {c:?}", c.end - c.start);
-    }
-    // Ejected after a few timeouts: those of the calls already sent when the first ones
-    // timed out (every worker's next round-robin turn lands on the hung server within a
-    // millisecond, long before the first 200 ms deadline passes), then one per half-open
-    // probe (open 1 s, 2 s, 4 s: at most three probes in 8 s).
-    let probes = 3;
-    assert!(failed.len() <= 8 + threshold as usize + probes, "{} calls timed out: {failed:?}", failed.len());
-    // Calls completed on the other two throughout: no second of the hang without a success.
-    let hang = frozen..frozen + hung_for;
+    (calls, frozen)
+}
+
+/// Asserts that successful calls ended in every second of `hang`.
+fn served_every_second(calls: &[Call], hang: std::ops::Range<Duration>) {
     let mut second = hang.start;
     while second + Duration::from_secs(1) <= hang.end {
         let window = second..second + Duration::from_secs(1);
@@ -238,11 +223,69 @@ async fn a_server_hung_for_8s_is_ejected_after_a_few_timeouts_and_the_others_ser
         assert!(ok > 0, "no successful call in {window:?} of the hang");
         second += Duration::from_secs(1);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_hung_for_8s_is_ejected_after_a_few_timeouts_and_the_others_serve_every_second() {
+    let servers = [Server::start(), Server::start(), Server::start()];
+    let mesh = mesh(&servers, BreakerConfig::default().with_failure_threshold(5), 1).await;
+    let timeout = Duration::from_millis(200);
+    let hung_for = Duration::from_secs(8);
+    let (calls, frozen) = under_a_hang(&mesh, timeout, hung_for, &servers[2]).await;
+    let failed = failed(&calls);
+    // Every failure is a deadline, and ends within the deadline plus slack.
+    let slack = Duration::from_millis(150);
+    for c in &failed {
+        assert_eq!(c.code, Code::DeadlineExceeded, "{c:?}");
+        assert!(c.end - c.start <= timeout + slack, "a call took {:?}: {c:?}", c.end - c.start);
+    }
+    // Ejected after a few timeouts: the calls already sent when the first ones timed out
+    // (every worker's next round-robin turn lands on the hung server within a millisecond,
+    // long before the first 200 ms deadline passes, so up to one per worker), then one per
+    // half-open probe (open about 1 s, 2 s, 4 s: at most three probes in 8 s).
+    let before_ejection = failed.iter().filter(|c| c.start < frozen + timeout).count();
+    let probes = failed.len() - before_ejection;
+    assert!(before_ejection <= 8, "{before_ejection} calls sent in the first 200 ms timed out: {failed:?}");
+    assert!(probes <= 3, "{probes} calls timed out after the ejection: {failed:?}");
+    served_every_second(&calls, frozen..frozen + hung_for);
     eprintln!(
-        "hung 8 s: {} calls, {} timed out ({:?} after the freeze), {} ok",
+        "hung 8 s, retries off: {} calls, {} timed out ({:?} after the freeze)",
         calls.len(),
         failed.len(),
         failed.iter().map(|c| c.start.saturating_sub(frozen)).collect::<Vec<_>>(),
-        calls.len() - failed.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_hung_for_4s_fails_no_call_when_attempts_have_a_per_try_timeout() {
+    let servers = [Server::start(), Server::start(), Server::start()];
+    let retry = RetryPolicy::default()
+        .with_methods(greeter_client::GREETER_IDEMPOTENT)
+        .with_per_try_timeout(Duration::from_millis(200));
+    let set = EndpointSet::from_addresses(servers.iter().map(|s| s.addr.clone()));
+    let resilience = Resilience {
+        endpoint_breaker: BreakerConfig::default(),
+        service_breaker: greeter_client::default_service_breaker(),
+        retry,
+    };
+    let mesh = Mesh::spawn(BalancerConfig::new("greeter"), &resilience, tokio_stream::once(set)).expect("valid");
+    mesh.balanced.wait_ready(Duration::from_secs(5)).await.expect("three servers up");
+    let hung_for = Duration::from_secs(4);
+    let (calls, frozen) = under_a_hang(&mesh, Duration::from_secs(1), hung_for, &servers[2]).await;
+    let failed = failed(&calls);
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        calls.len(),
+        &failed[..failed.len().min(5)]
+    );
+    served_every_second(&calls, frozen..frozen + hung_for);
+    let slowest = calls.iter().map(|c| c.end - c.start).max().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(1), "the slowest call took {slowest:?}");
+    eprintln!(
+        "hung 4 s, per-try timeout 200 ms: {} calls, none failed, slowest {slowest:?}, {} retries",
+        calls.len(),
+        mesh.retries.retries()
     );
 }

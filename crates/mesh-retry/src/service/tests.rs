@@ -143,6 +143,27 @@ async fn each_attempt_carries_the_time_left_and_no_retry_starts_past_the_deadlin
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_attempt_past_its_per_try_timeout_is_retried_with_the_time_left() {
+    let script = Script::new(&[(Code::DeadlineExceeded, "hung")]);
+    let per_try = policy().with_per_try_timeout(Duration::from_millis(250));
+    let svc = RetryLayer::try_new(per_try).expect("policy").layer(script.clone());
+    let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
+    assert_eq!(code_of(&response), Code::Ok);
+    let seen = script.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].timeout, Some(Duration::from_millis(250)), "the first attempt gets the per-try timeout");
+    assert_eq!(seen[1].timeout, Some(Duration::from_millis(250)));
+    assert_eq!(seen[1].avoid.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["hung"]);
+
+    // Without a per-try timeout, DEADLINE_EXCEEDED is the call's: not retried.
+    let script = Script::new(&[(Code::DeadlineExceeded, "hung")]);
+    let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+    let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
+    assert_eq!(code_of(&response), Code::DeadlineExceeded);
+    assert_eq!(script.seen().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn when_every_attempt_fails_the_budget_bounds_the_retries() {
     let calls = 500u64;
     let script = Script::new(&vec![(Code::Unavailable, "a"); 10_000]);
