@@ -55,6 +55,7 @@ fn chapters(demo: &mut Demo) -> anyhow::Result<()> {
     chapter_three_greeters(demo)?;
     chapter_balancing(demo)?;
     chapter_registry(demo)?;
+    chapter_failover(demo)?;
     Ok(())
 }
 
@@ -183,6 +184,69 @@ fn chapter_registry(demo: &mut Demo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Chapter 4: under load, one server is killed and another hung; no call is lost, and both
+/// come back.
+fn chapter_failover(demo: &mut Demo) -> anyhow::Result<()> {
+    println!("\n-- 4. failover: a server killed, another hung, no call lost --");
+    println!("  watch the table: the killed server turns unreachable at once (its connection fails),");
+    println!("  the hung one keeps its connection but its breaker opens after a few 200 ms timeouts,");
+    println!("  and once it answers again a half-open probe closes it and calls return");
+    let [killed, hung] = [&demo.servers[0], &demo.servers[1]].map(|s| (s.name.clone(), s.addr.clone()));
+    let log_path = demo.logs.join("client-failover.log");
+    let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut client = demo
+        .client()
+        .args(["--etcd", &demo.etcd.join(","), "--service", "greeter", "--name", "demo"])
+        .args(["--duration", "16s", "--interval", "2ms", "--timeout", "1s", "--per-try-timeout", "200ms"])
+        .args(["--quiet", "--table-every", "3s", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting greeter-client")?;
+    let stdout = client.stdout.take().context("client stdout")?;
+    let echo = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !line.is_empty() && !line.starts_with('{') {
+                println!("  │ {line}");
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    println!("  → kill -9 {} ({})", killed.0, killed.1);
+    demo.signal_server(&killed.0, Signal::Kill)?;
+    std::thread::sleep(Duration::from_secs(2));
+    println!("  → SIGSTOP {} ({}): it hangs, its connection stays open", hung.0, hung.1);
+    demo.signal_server(&hung.0, Signal::Stop)?;
+    std::thread::sleep(Duration::from_secs(4));
+    println!("  → SIGCONT {}, and {} restarts at its address", hung.0, killed.0);
+    demo.signal_server(&hung.0, Signal::Cont)?;
+    demo.restart_server(&killed.0)?;
+    let status = client.wait().context("waiting for the client")?;
+    let lines = echo.join().map_err(|_| anyhow::anyhow!("client output reader panicked"))?;
+    ensure!(status.success(), "the client failed calls; see {}", log_path.display());
+    let report = report(&lines.join("\n"))?;
+    let endpoint = |addr: &str| {
+        report["endpoints"].as_array().and_then(|a| a.iter().find(|e| e["address"].as_str() == Some(addr)).cloned())
+    };
+    let hung_end = endpoint(&hung.1).with_context(|| format!("{} is not in the client's table", hung.0))?;
+    let transitions = hung_end["breaker_transitions"].as_u64().unwrap_or(0);
+    ensure!(transitions >= 3, "{}'s breaker should have opened and closed again: {hung_end}", hung.0);
+    ensure!(hung_end["breaker"].as_str() == Some("closed"), "{}'s breaker did not close: {hung_end}", hung.0);
+    let order = per_call_owners(&report);
+    let tail = &order[order.len() - order.len() / 8..];
+    for name in [&killed.0, &hung.0] {
+        ensure!(tail.iter().any(|o| o.as_deref() == Some(name.as_str())), "{name} got no calls at the end");
+    }
+    println!(
+        "  {} calls, 0 failed ({} retried); {}'s breaker changed state {transitions} times and is closed; both serve again",
+        report["calls"], report["retries"], hung.0
+    );
+    Ok(())
+}
+
 /// greeter-client's `--json` report: the last line of its output that is a JSON object.
 fn report(out: &str) -> anyhow::Result<Value> {
     let line = out.lines().rev().find(|l| l.starts_with('{')).context("greeter-client printed no JSON report")?;
@@ -220,7 +284,12 @@ impl Demo {
     /// Starts a greeter-server on a free port and waits until it accepts connections.
     fn start_server(&mut self, name: &str) -> anyhow::Result<()> {
         let port = mesh_etcd_local::free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        self.spawn_server(name, &format!("127.0.0.1:{port}"))
+    }
+
+    /// Starts a greeter-server at `addr` and waits until it accepts connections.
+    fn spawn_server(&mut self, name: &str, addr: &str) -> anyhow::Result<()> {
+        let addr = addr.to_string();
         let log_path = self.logs.join(format!("{name}.log"));
         let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(self.bin.join("greeter-server"))
@@ -237,6 +306,21 @@ impl Demo {
         }
         println!("  started {name} on {addr} (log: {})", log_path.display());
         Ok(())
+    }
+
+    /// Sends `signal` to one server.
+    fn signal_server(&self, name: &str, signal: Signal) -> anyhow::Result<()> {
+        let s = self.servers.iter().find(|s| s.name == name).with_context(|| format!("no server {name}"))?;
+        mesh_etcd_local::signal(s.child.id(), signal)?;
+        Ok(())
+    }
+
+    /// Starts a server again, at the address it had, after it was killed.
+    fn restart_server(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.servers.iter().position(|s| s.name == name).with_context(|| format!("no server {name}"))?;
+        let mut old = self.servers.remove(i);
+        let _ = old.child.wait();
+        self.spawn_server(name, &old.addr)
     }
 
     /// Stops one server with SIGTERM and checks that it exits 0.

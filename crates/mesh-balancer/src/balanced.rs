@@ -145,7 +145,7 @@ pub struct EndpointStatus {
     /// Calls sent there since it was added.
     pub requests: u64,
     /// Of those, calls that failed there: a transport error, or a non-OK status other than
-    /// DEADLINE_EXCEEDED and CANCELLED (the caller's, not the endpoint's).
+    /// CANCELLED (the caller's, not the endpoint's). A deadline that passed there counts.
     pub failures: u64,
 }
 

@@ -40,10 +40,11 @@ pub(crate) fn of_error(error: BoxError, label: &str) -> Status {
     }
 }
 
-/// Whether a response failed in a way that is the endpoint's (not a deadline or a
-/// cancellation, which are the caller's).
+/// Whether a call that ended with `code` failed at the endpoint: any status but OK and
+/// CANCELLED (the caller's). A deadline that passed counts: the endpoint did not answer in
+/// time, which is what a per-endpoint breaker ejects a hung server for.
 pub(crate) fn counts_against_endpoint(code: Code) -> bool {
-    !matches!(code, Code::Ok | Code::DeadlineExceeded | Code::Cancelled)
+    !matches!(code, Code::Ok | Code::Cancelled)
 }
 
 /// The gRPC status code in a response's headers (a trailers-only response), if any.

@@ -191,6 +191,8 @@ pub struct EndpointReport {
     pub state: String,
     /// Its circuit breaker: `closed`, `open` or `half-open`.
     pub breaker: String,
+    /// Changes of state of its breaker so far.
+    pub breaker_transitions: u64,
     /// Calls sent there.
     pub requests: u64,
     /// Of those, calls that failed there.
@@ -320,6 +322,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
                 .map(|e| EndpointReport {
                     state: state_name(e.state).into(),
                     breaker: breaker_state(&mesh, &e.id),
+                    breaker_transitions: mesh.endpoint_breaker(&e.id).map_or(0, |b| b.transitions()),
                     id: e.id,
                     address: e.address,
                     requests: e.requests,

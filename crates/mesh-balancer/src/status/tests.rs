@@ -38,7 +38,7 @@ fn a_socket_that_broke_under_the_call_is_unavailable() {
 fn only_the_endpoints_own_failures_count_against_it() {
     assert!(counts_against_endpoint(Code::Unavailable));
     assert!(counts_against_endpoint(Code::Internal));
-    assert!(!counts_against_endpoint(Code::DeadlineExceeded));
+    assert!(counts_against_endpoint(Code::DeadlineExceeded));
     assert!(!counts_against_endpoint(Code::Cancelled));
     assert!(!counts_against_endpoint(Code::Ok));
 }
