@@ -78,9 +78,9 @@ fn comparisons() -> Vec<Comparison> {
             b: Side { label: "greeter-server", server: ServerKind::Greeter, client_args: &["--plain"] },
         },
         Comparison {
-            title: "balanced channel over one endpoint vs plain tonic Channel (same greeter-server)",
+            title: "the full client stack (service breaker, retries, balancer, endpoint breaker) over one endpoint vs a plain tonic Channel (same greeter-server)",
             a: Side { label: "plain Channel", server: ServerKind::Greeter, client_args: &["--plain"] },
-            b: Side { label: "balanced", server: ServerKind::Greeter, client_args: &[] },
+            b: Side { label: "full stack", server: ServerKind::Greeter, client_args: &[] },
         },
     ]
 }
@@ -255,6 +255,7 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     }
     md.push_str(&pick_table(opts)?);
     md.push_str(&channel_table(opts)?);
+    md.push_str(&breaker_table(opts)?);
     md.push_str(&update_table()?);
     md.push_str(&registry_table()?);
     println!("{md}");
@@ -268,10 +269,10 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one of mesh-balancer's criterion benchmarks, shorter under `--quick`.
-fn run_criterion(opts: &Opts, bench: &str) -> anyhow::Result<()> {
+/// Runs one of a package's criterion benchmarks, shorter under `--quick`.
+fn run_criterion(opts: &Opts, package: &str, bench: &str) -> anyhow::Result<()> {
     let (warm, measure) = if opts.duration <= 1 { ("0.5", "1") } else { ("1", "3") };
-    util::run(util::cargo().args(["bench", "-q", "-p", "mesh-balancer", "--bench", bench, "--"]).args([
+    util::run(util::cargo().args(["bench", "-q", "-p", package, "--bench", bench, "--"]).args([
         "--warm-up-time",
         warm,
         "--measurement-time",
@@ -283,7 +284,7 @@ fn run_criterion(opts: &Opts, bench: &str) -> anyhow::Result<()> {
 /// Runs mesh-balancer's criterion pick benchmark and tabulates the median ns per pick.
 fn pick_table(opts: &Opts) -> anyhow::Result<String> {
     eprintln!("== balancer pick cost (criterion) ==");
-    run_criterion(opts, "pick")?;
+    run_criterion(opts, "mesh-balancer", "pick")?;
     let sizes = [3, 100, 1000];
     let mut md = String::from(
         "## balancer pick cost (criterion median, ns per pick; consistent hash includes hashing the key)\n\n\
@@ -326,7 +327,7 @@ fn criterion_median(group: &str, name: &str, param: &str) -> anyhow::Result<f64>
 /// channel, 1 and 2 threads) and tabulates it against the direct call.
 fn channel_table(opts: &Opts) -> anyhow::Result<String> {
     eprintln!("== balanced channel per-call cost (criterion) ==");
-    run_criterion(opts, "channel")?;
+    run_criterion(opts, "mesh-balancer", "channel")?;
     let mut md = String::from(
         "## balanced channel, ns per call over a dummy endpoint service (3 endpoints; criterion median)\n\n\
          `direct` calls the dummy service itself with the same request; the balancer's own share is the \
@@ -351,6 +352,18 @@ fn channel_table(opts: &Opts) -> anyhow::Result<String> {
     }
     md.push('\n');
     Ok(md)
+}
+
+/// Runs mesh-breaker's criterion benchmark: admitting a call to a closed circuit and
+/// recording its success, from one thread and from two sharing the circuit.
+fn breaker_table(opts: &Opts) -> anyhow::Result<String> {
+    eprintln!("== breaker admit + record, closed (criterion) ==");
+    run_criterion(opts, "mesh-breaker", "breaker")?;
+    let one = criterion_median("breaker", "admit_record_closed", "1")?;
+    let two = criterion_median("breaker", "admit_record_closed", "2")?;
+    Ok(format!(
+        "## circuit breaker, admit + record on a closed circuit (criterion median, ns)\n\n         | 1 thread | 2 threads sharing one circuit | target |\n|---:|---:|---|\n| {one:.1} | {two:.1} | < 50 ns |\n\n"
+    ))
 }
 
 /// Runs a bench of ours that reports on one JSON line (its last), and reads that line.

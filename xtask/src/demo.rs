@@ -135,28 +135,8 @@ fn chapter_registry(demo: &mut Demo) -> anyhow::Result<()> {
     println!("  the registrations, as `etcdctl get --prefix /mesh/services/` shows them:");
     demo.show_keys()?;
     println!("  a client with no --target discovers greeter in etcd and calls every 20 ms for 10 s:");
-    // Its log goes to a file: a pipe read only at the end fills up under RUST_LOG=debug.
     let log_path = demo.logs.join("client.log");
-    let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let mut client = demo
-        .client()
-        .args(["--etcd", &demo.etcd.join(","), "--service", "greeter", "--name", "demo"])
-        .args(["--duration", "10s", "--interval", "20ms", "--quiet", "--table-every", "3s", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("starting greeter-client")?;
-    let stdout = client.stdout.take().context("client stdout")?;
-    let echo = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !line.is_empty() && !line.starts_with('{') {
-                println!("  │ {line}");
-            }
-            lines.push(line);
-        }
-        lines
-    });
+    let (mut client, echo) = demo.discovering_client(&["--duration", "10s", "--interval", "20ms"], &log_path)?;
     std::thread::sleep(Duration::from_secs(2));
     println!("  → greeter-4 joins");
     demo.start_server("greeter-4")?;
@@ -193,27 +173,8 @@ fn chapter_failover(demo: &mut Demo) -> anyhow::Result<()> {
     println!("  and once it answers again a half-open probe closes it and calls return");
     let [killed, hung] = [&demo.servers[0], &demo.servers[1]].map(|s| (s.name.clone(), s.addr.clone()));
     let log_path = demo.logs.join("client-failover.log");
-    let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let mut client = demo
-        .client()
-        .args(["--etcd", &demo.etcd.join(","), "--service", "greeter", "--name", "demo"])
-        .args(["--duration", "16s", "--interval", "2ms", "--timeout", "1s", "--per-try-timeout", "200ms"])
-        .args(["--quiet", "--table-every", "3s", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("starting greeter-client")?;
-    let stdout = client.stdout.take().context("client stdout")?;
-    let echo = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !line.is_empty() && !line.starts_with('{') {
-                println!("  │ {line}");
-            }
-            lines.push(line);
-        }
-        lines
-    });
+    let args = ["--duration", "16s", "--interval", "2ms", "--timeout", "1s", "--per-try-timeout", "200ms"];
+    let (mut client, echo) = demo.discovering_client(&args, &log_path)?;
     std::thread::sleep(Duration::from_secs(2));
     println!("  → kill -9 {} ({})", killed.0, killed.1);
     demo.signal_server(&killed.0, Signal::Kill)?;
@@ -271,6 +232,38 @@ fn per_call_owners(report: &Value) -> Vec<Option<String>> {
 impl Demo {
     fn client(&self) -> Command {
         Command::new(self.bin.join("greeter-client"))
+    }
+
+    /// Starts a client that discovers greeter in etcd and runs with `args`, printing its
+    /// table every 3 s, its log in `log_path`; its output lines come back when it ends.
+    fn discovering_client(
+        &self,
+        args: &[&str],
+        log_path: &std::path::Path,
+    ) -> anyhow::Result<(Child, std::thread::JoinHandle<Vec<String>>)> {
+        // Its log goes to a file: a pipe read only at the end fills up under RUST_LOG=debug.
+        let log = fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut client = self
+            .client()
+            .args(["--etcd", &self.etcd.join(","), "--service", "greeter", "--name", "demo"])
+            .args(args)
+            .args(["--quiet", "--table-every", "3s", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting greeter-client")?;
+        let stdout = client.stdout.take().context("client stdout")?;
+        let echo = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !line.is_empty() && !line.starts_with('{') {
+                    println!("  │ {line}");
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        Ok((client, echo))
     }
 
     /// Runs the client over `targets` with `strategy` for `count` calls; its report.

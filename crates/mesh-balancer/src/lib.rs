@@ -32,8 +32,12 @@
 //! for a connection, or for backpressure to ease. It fails at once with UNAVAILABLE when
 //! every endpoint is unreachable or refuses, and with "no endpoints for service greeter"
 //! once a set has been applied and is empty. Errors keep their meaning: an endpoint's own
-//! status passes through, a deadline that passed is DEADLINE_EXCEEDED, a transport error is
-//! mapped as tonic maps it.
+//! status passes through, a deadline that passed is DEADLINE_EXCEEDED, a connection that broke
+//! under a call is UNAVAILABLE, and other transport errors are mapped as tonic maps them.
+//!
+//! For a retry layer above (mesh-retry): a failed response carries [`FailedAt`], the id of the
+//! endpoint it failed at, and a request carrying [`AvoidEndpoints`] goes to those endpoints
+//! only when no other can take it.
 //!
 //! ```no_run
 //! use mesh_balancer::{Balancer, BalancerConfig, EndpointSet, Strategy};
@@ -50,7 +54,7 @@
 //! # }
 //! ```
 //!
-//! What it does not do: retries (a call goes to one endpoint; retrying is a layer above),
+//! What it does not do: retries (a call goes to one endpoint; mesh-retry is the layer above),
 //! health checking over gRPC (readiness is the TCP connection's), or discovery itself.
 
 mod balanced;
