@@ -308,16 +308,14 @@ fn pick_table(opts: &Opts) -> anyhow::Result<String> {
     Ok(md)
 }
 
-/// The median of a criterion benchmark under `target/criterion/{group}/{name}/{param}`.
+/// The median of a criterion benchmark under `target/criterion/{group}/{name}/{param}` (no
+/// `param` directory when it is empty).
 fn criterion_median(group: &str, name: &str, param: &str) -> anyhow::Result<f64> {
-    let path = util::root()
-        .join("target")
-        .join("criterion")
-        .join(group)
-        .join(name)
-        .join(param)
-        .join("new")
-        .join("estimates.json");
+    let mut path = util::root().join("target").join("criterion").join(group).join(name);
+    if !param.is_empty() {
+        path = path.join(param);
+    }
+    let path = path.join("new").join("estimates.json");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     v["median"]["point_estimate"].as_f64().with_context(|| format!("no median in {}", path.display()))
@@ -361,9 +359,24 @@ fn breaker_table(opts: &Opts) -> anyhow::Result<String> {
     run_criterion(opts, "mesh-breaker", "breaker")?;
     let one = criterion_median("breaker", "admit_record_closed", "1")?;
     let two = criterion_median("breaker", "admit_record_closed", "2")?;
-    Ok(format!(
-        "## circuit breaker, admit + record on a closed circuit (criterion median, ns)\n\n         | 1 thread | 2 threads sharing one circuit | target |\n|---:|---:|---|\n| {one:.1} | {two:.1} | < 50 ns |\n\n"
-    ))
+    let mut md = format!(
+        "## circuit breaker, admit + record on a closed circuit (criterion median, ns)\n\n| 1 thread | 2 threads sharing one circuit | target |\n|---:|---:|---|\n| {one:.1} | {two:.1} | < 50 ns |\n\n"
+    );
+    eprintln!("== the client's resilience layers per call (criterion) ==");
+    run_criterion(opts, "mesh-retry", "layers")?;
+    md.push_str(
+        "## the client's resilience layers, per call over a dummy endpoint (criterion median, ns; the body read to its trailers)\n\n\
+         `direct` is the dummy alone (with a current-thread runtime's `block_on`); each layer's own cost is the difference.\n\n\
+         | layers | ns per call | the layers' share |\n|---|---:|---:|\n",
+    );
+    let direct = criterion_median("layers", "direct", "")?;
+    for name in ["direct", "retry", "endpoint_breaker", "service_breaker", "all_three"] {
+        let ns = criterion_median("layers", name, "")?;
+        let share = if name == "direct" { "—".to_string() } else { format!("{:.0}", ns - direct) };
+        let _ = writeln!(md, "| {name} | {ns:.0} | {share} |");
+    }
+    md.push('\n');
+    Ok(md)
 }
 
 /// Runs a bench of ours that reports on one JSON line (its last), and reads that line.

@@ -26,20 +26,15 @@ pub struct Retry<S> {
     shared: Arc<Shared<S>>,
 }
 
-/// Counters of a retry layer, shared by every clone of its services.
+/// Counters of a retry layer, shared by every clone of its services. Only retries are
+/// counted: a counter every call touched would be one more cache line shared by all threads.
 #[derive(Debug, Default)]
 pub struct RetryStats {
-    calls: AtomicU64,
     retries: AtomicU64,
     budget_exhausted: AtomicU64,
 }
 
 impl RetryStats {
-    /// Calls made through the layer.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-
     /// Retries made (attempts after the first).
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
@@ -116,7 +111,6 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let shared = &self.shared;
-        shared.stats.calls.fetch_add(1, Ordering::Relaxed);
         shared.budget.deposit();
         if !shared.policy.is_retryable(request.uri().path()) {
             return ResponseFuture { state: State::Once { inner: self.inner.call(request) } };
@@ -131,7 +125,7 @@ where
         let started = Instant::now();
         let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| started.checked_add(t));
         let per_try = shared.policy.per_try_timeout;
-        let again = Again {
+        let again = Box::new(Again {
             shared: shared.clone(),
             method: parts.method.clone(),
             uri: parts.uri.clone(),
@@ -142,9 +136,12 @@ where
             deadline,
             per_try,
             failed_at: Vec::new(),
-        };
+        });
         let mut parts = parts;
-        if let Some(timeout) = again.attempt_timeout(started) {
+        // The first attempt keeps the call's deadline, unless its own is shorter.
+        if per_try.is_some()
+            && let Some(timeout) = again.attempt_timeout(started)
+        {
             parts.headers.insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
         }
         let request = http::Request::from_parts(parts, body);
@@ -369,7 +366,7 @@ pin_project! {
         // Not retryable: the one attempt.
         Once { #[pin] inner: F },
         // The first attempt of a retryable call.
-        First { #[pin] inner: F, again: Option<Again<S>> },
+        First { #[pin] inner: F, again: Option<Box<Again<S>>> },
         // Retrying.
         Retrying { future: Retrying },
     }
@@ -394,7 +391,7 @@ where
                     let result = std::task::ready!(inner.poll(cx)).map_err(Into::into);
                     let retry = again.take().filter(|a| a.wants_retry(&result));
                     let Some(again) = retry else { return Poll::Ready(result) };
-                    let future = Box::pin(retry_loop(again, result));
+                    let future = Box::pin(retry_loop(*again, result));
                     state.set(State::Retrying { future });
                 }
                 StateProj::Retrying { future } => return future.as_mut().poll(cx),

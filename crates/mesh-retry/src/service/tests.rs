@@ -60,7 +60,16 @@ impl tower_service::Service<http::Request<Body>> for Script {
             let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             seen.lock().expect("lock").push(Seen { body, timeout, avoid });
             let mut response = tonic::Status::new(code, "scripted").into_http::<Body>();
-            if code == Code::Ok {
+            if at == "stream" {
+                // A stream that sent a message, then failed in its trailers.
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", (code as i32).to_string().parse().expect("header"));
+                let frames = vec![
+                    Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"message"))),
+                    Ok(http_body::Frame::trailers(trailers)),
+                ];
+                response = http::Response::new(Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames))));
+            } else if code == Code::Ok {
                 // A response with a message: headers first, status in trailers.
                 response = http::Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(b"ok"))));
             }
@@ -125,6 +134,17 @@ async fn codes_not_listed_methods_not_listed_and_committed_responses_are_not_ret
     let response = svc.oneshot(request("/greeter.v1.Greeter/Charge", None)).await.expect("response");
     assert_eq!(code_of(&response), Code::Unavailable);
     assert_eq!(script.seen().len(), 1, "a method not listed is sent once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_sent_a_message_is_not_retried_though_it_ends_unavailable() {
+    let script = Script::new(&[(Code::Unavailable, "stream")]);
+    let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+    let response = svc.oneshot(request(SAY_HELLO, None)).await.expect("response");
+    assert_eq!(mesh_util::grpc::grpc_status(response.headers()), None, "the head has no status");
+    let collected = response.into_body().collect().await.expect("body");
+    assert_eq!(collected.trailers().and_then(mesh_util::grpc::grpc_status), Some(Code::Unavailable as i32));
+    assert_eq!(script.seen().len(), 1, "committed at its first message: no retry");
 }
 
 #[tokio::test(start_paused = true)]
