@@ -26,7 +26,7 @@ pub struct Args {
     pub shutdown_grace: Duration,
 
     /// The host:port clients should dial, as registered in etcd; default: the bound address
-    /// (required when listening on 0.0.0.0 or [::]).
+    /// (required when listening on 0.0.0.0 or `[::]`).
     #[arg(long, env = "MESH_ADVERTISE")]
     pub advertise: Option<String>,
 
