@@ -228,7 +228,8 @@ fn served_every_second(calls: &[Call], hang: std::ops::Range<Duration>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_hung_for_8s_is_ejected_after_a_few_timeouts_and_the_others_serve_every_second() {
     let servers = [Server::start(), Server::start(), Server::start()];
-    let mesh = mesh(&servers, BreakerConfig::default().with_failure_threshold(5), 1).await;
+    let threshold = 5;
+    let mesh = mesh(&servers, BreakerConfig::default().with_failure_threshold(threshold as u32), 1).await;
     let timeout = Duration::from_millis(200);
     let hung_for = Duration::from_secs(8);
     let (calls, frozen) = under_a_hang(&mesh, timeout, hung_for, &servers[2]).await;
@@ -239,14 +240,19 @@ async fn a_server_hung_for_8s_is_ejected_after_a_few_timeouts_and_the_others_ser
         assert_eq!(c.code, Code::DeadlineExceeded, "{c:?}");
         assert!(c.end - c.start <= timeout + slack, "a call took {:?}: {c:?}", c.end - c.start);
     }
-    // Ejected after a few timeouts: the calls already sent when the first ones timed out
-    // (every worker's next round-robin turn lands on the hung server within a millisecond,
-    // long before the first 200 ms deadline passes, so up to one per worker), then one per
-    // half-open probe (open about 1 s, 2 s, 4 s: at most three probes in 8 s).
-    let before_ejection = failed.iter().filter(|c| c.start < frozen + timeout).count();
-    let probes = failed.len() - before_ejection;
-    assert!(before_ejection <= 8, "{before_ejection} calls sent in the first 200 ms timed out: {failed:?}");
-    assert!(probes <= 3, "{probes} calls timed out after the ejection: {failed:?}");
+    // Ejected after a few timeouts. The breaker opens at the 5th; the calls that time out
+    // before that are the ones already sent when the first deadlines passed (every worker's
+    // next round-robin turn lands on the hung server within a millisecond of the freeze,
+    // long before its 200 ms deadline, so one per worker), plus at most one more from each
+    // worker whose call timed out before the 5th did. After it, one call per half-open
+    // probe (open about 1 s, 2 s, 4 s: at most three probes in 8 s).
+    let mut ends: Vec<Duration> = failed.iter().map(|c| c.end).collect();
+    ends.sort();
+    let opened = ends.get(threshold - 1).copied().expect("at least 5 calls timed out");
+    let before = failed.iter().filter(|c| c.start < opened).count();
+    let probes = failed.len() - before;
+    assert!(before <= 8 + (threshold - 1), "{before} calls timed out before the breaker opened: {failed:?}");
+    assert!(probes <= 3, "{probes} calls timed out after the breaker opened: {failed:?}");
     served_every_second(&calls, frozen..frozen + hung_for);
     eprintln!(
         "hung 8 s, retries off: {} calls, {} timed out ({:?} after the freeze)",
