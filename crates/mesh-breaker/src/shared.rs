@@ -1,12 +1,14 @@
 //! A circuit shared by every clone of a breaker, cheap on the closed path.
 //!
-//! The circuit lives behind a mutex; two atomics mirror what the closed path needs to
-//! know, so that admitting a call to a closed circuit and recording its success take no
-//! lock and read no clock: `closed` (calls go through) and `clean` (closed with no failure
-//! counted and no window to keep, so a success changes nothing). Failures, and everything
-//! while open or half-open, take the lock; they are rare when all is well.
+//! The circuit lives behind a mutex; atomics mirror what the closed path needs to know, so
+//! that admitting a call to a closed circuit and recording its success take no lock and read
+//! no clock: `closed` (calls go through), `clean` (closed with no failure counted and no
+//! window to keep, so a success changes nothing) and `batch` (the same, but with a failure
+//! rate window: successes wait in a counter and go into the window 64 at a time, or when the
+//! next failure takes the lock, stamped with that moment). Failures, and everything while
+//! open or half-open, take the lock; they are rare when all is well.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,8 +22,14 @@ pub(crate) struct Shared {
     pub(crate) name: Arc<str>,
     closed: AtomicBool,
     clean: AtomicBool,
+    batch: AtomicBool,
+    /// Successes of calls let through while `batch` held, not yet in the window.
+    batched: AtomicU64,
     circuit: Mutex<Circuit>,
 }
+
+/// How many successes wait before they go into the window.
+const BATCH: u64 = 64;
 
 impl Shared {
     pub(crate) fn new(name: Arc<str>, config: BreakerConfig) -> Self {
@@ -30,6 +38,8 @@ impl Shared {
             name,
             closed: AtomicBool::new(true),
             clean: AtomicBool::new(circuit.is_clean()),
+            batch: AtomicBool::new(circuit.is_batchable()),
+            batched: AtomicU64::new(0),
             circuit: Mutex::new(circuit),
         }
     }
@@ -54,13 +64,31 @@ impl Shared {
 
     /// Records how a call let through by [`Shared::admit`] ended.
     pub(crate) fn record(&self, admitted: Admission, outcome: Outcome) {
-        if admitted == Admission::Allowed && outcome != Outcome::Failure && self.clean.load(Ordering::Relaxed) {
-            return;
+        let mut batched_here = false;
+        if admitted == Admission::Allowed {
+            match outcome {
+                // Changes nothing for a call let through while closed.
+                Outcome::Ignored => return,
+                Outcome::Success if self.clean.load(Ordering::Relaxed) => return,
+                Outcome::Success if self.batch.load(Ordering::Relaxed) => {
+                    if self.batched.fetch_add(1, Ordering::Relaxed) + 1 < BATCH {
+                        return;
+                    }
+                    batched_here = true;
+                }
+                _ => {}
+            }
         }
         let now = now();
         let mut circuit = self.lock();
         let before = circuit.state();
-        circuit.record(now, admitted, outcome);
+        let waiting = self.batched.swap(0, Ordering::Relaxed);
+        if waiting > 0 {
+            circuit.record_successes(now, waiting);
+        }
+        if !batched_here {
+            circuit.record(now, admitted, outcome);
+        }
         self.after(before, &circuit, now);
     }
 
@@ -81,6 +109,7 @@ impl Shared {
     fn after(&self, before: State, circuit: &Circuit, now: Instant) {
         self.closed.store(circuit.state() == State::Closed, Ordering::Relaxed);
         self.clean.store(circuit.is_clean(), Ordering::Relaxed);
+        self.batch.store(circuit.is_batchable(), Ordering::Relaxed);
         match (before, circuit.state()) {
             (State::Closed, State::Open) => warn!(
                 "circuit of {} opened: its calls failed; first probe in {}ms",

@@ -147,6 +147,24 @@ impl Circuit {
         self.state == State::Closed && self.consecutive == 0 && self.window.is_none()
     }
 
+    /// Whether successes may be counted later, in a batch: closed, no failure counted, and a
+    /// window kept (where a success only adds to a count).
+    pub fn is_batchable(&self) -> bool {
+        self.state == State::Closed && self.consecutive == 0 && self.window.is_some()
+    }
+
+    /// Records `n` successes of calls let through while closed, as of `now` (a batch of
+    /// [`Circuit::record`] with [`Admission::Allowed`] and [`Outcome::Success`]).
+    pub fn record_successes(&mut self, now: Instant, n: u64) {
+        if self.state != State::Closed || n == 0 {
+            return;
+        }
+        self.consecutive = 0;
+        if let Some(window) = &mut self.window {
+            window.slot_for(now).1 += n;
+        }
+    }
+
     /// Asks to let a call through at `now`.
     pub fn admit(&mut self, now: Instant) -> Admission {
         match self.state {

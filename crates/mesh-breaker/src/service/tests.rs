@@ -253,3 +253,44 @@ async fn a_caller_looping_on_an_open_circuit_lets_other_tasks_run() {
     }
     assert!(other_ran.load(Ordering::SeqCst), "{calls} calls answered at once never yielded");
 }
+
+#[tokio::test(start_paused = true)]
+async fn successes_counted_in_batches_still_weigh_in_the_failure_rate() {
+    let breaker = BreakerLayer::try_new("greeter", config_with_rate()).expect("config").layer(());
+    let handle = breaker.handle();
+    let call = |outcome| {
+        let admitted = handle.admit();
+        handle.record(admitted, outcome);
+    };
+    // 30 successes (fewer than a batch: they wait), then failures: 30 of 60 opens it.
+    for _ in 0..30 {
+        call(crate::Outcome::Success);
+    }
+    for _ in 0..29 {
+        call(crate::Outcome::Failure);
+    }
+    assert_eq!(handle.state(), State::Closed, "29 failures of 59 calls is under half");
+    call(crate::Outcome::Failure);
+    assert_eq!(handle.state(), State::Open, "30 of 60 is half");
+
+    // 100 successes: one batch of 64 went into the window, 36 wait.
+    let breaker = BreakerLayer::try_new("greeter", config_with_rate()).expect("config").layer(());
+    let handle = breaker.handle();
+    for _ in 0..100 {
+        let admitted = handle.admit();
+        handle.record(admitted, crate::Outcome::Success);
+    }
+    for _ in 0..99 {
+        let admitted = handle.admit();
+        handle.record(admitted, crate::Outcome::Failure);
+    }
+    assert_eq!(handle.state(), State::Closed, "99 failures of 199 calls is under half");
+    let admitted = handle.admit();
+    handle.record(admitted, crate::Outcome::Failure);
+    assert_eq!(handle.state(), State::Open, "100 of 200 is half");
+}
+
+fn config_with_rate() -> BreakerConfig {
+    let rate = crate::FailureRate::new(0.5, Duration::from_secs(10), 20);
+    BreakerConfig::default().with_failure_threshold(0).with_failure_rate(rate)
+}
