@@ -13,6 +13,10 @@
 //!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs);
 //! - never past the call's deadline: each attempt carries the time left as its
 //!   `grpc-timeout`, and no retry starts whose backoff would end past it;
+//! - and the call's deadline holds for its response body too: tonic's client times a call
+//!   out only until the response's head arrives, so a server that hangs after sending it
+//!   would hold the call; here the body then fails with DEADLINE_EXCEEDED at the deadline
+//!   (for every call through the layer, retried or not);
 //! - optionally with a per-try timeout shorter than the call's deadline (as Envoy's): an
 //!   attempt that runs out of it, at a hung endpoint say, is retried elsewhere with the time
 //!   that is left;

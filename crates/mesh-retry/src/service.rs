@@ -113,14 +113,16 @@ where
         let shared = &self.shared;
         shared.budget.deposit();
         if !shared.policy.is_retryable(request.uri().path()) {
-            return ResponseFuture { state: State::Once { inner: self.inner.call(request) } };
+            let deadline = grpc::grpc_timeout(request.headers()).and_then(|t| Instant::now().checked_add(t));
+            return ResponseFuture { state: State::Once { inner: self.inner.call(request) }, deadline };
         }
         let (parts, body) = request.into_parts();
         let (body, replay) = buffer(body, shared.policy.max_buffered);
         let Some(bytes) = replay else {
             // Too large, or a stream not ready to be read: sent once.
+            let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| Instant::now().checked_add(t));
             let request = http::Request::from_parts(parts, body);
-            return ResponseFuture { state: State::Once { inner: self.inner.call(request) } };
+            return ResponseFuture { state: State::Once { inner: self.inner.call(request) }, deadline };
         };
         let started = Instant::now();
         let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| started.checked_add(t));
@@ -145,7 +147,7 @@ where
             parts.headers.insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
         }
         let request = http::Request::from_parts(parts, body);
-        ResponseFuture { state: State::First { inner: self.inner.call(request), again: Some(again) } }
+        ResponseFuture { state: State::First { inner: self.inner.call(request), again: Some(again) }, deadline }
     }
 }
 
@@ -344,6 +346,8 @@ pin_project! {
     pub struct ResponseFuture<F, S> {
         #[pin]
         state: State<F, S>,
+        // The call's deadline, which its response body must meet too.
+        deadline: Option<Instant>,
     }
 }
 
@@ -383,20 +387,72 @@ where
     type Output = Result<http::Response<Body>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        loop {
+        let this = self.project();
+        let mut state = this.state;
+        let result = loop {
             match state.as_mut().project() {
-                StateProj::Once { inner } => return inner.poll(cx).map_err(Into::into),
+                StateProj::Once { inner } => break std::task::ready!(inner.poll(cx)).map_err(Into::into),
                 StateProj::First { inner, again } => {
                     let result = std::task::ready!(inner.poll(cx)).map_err(Into::into);
                     let retry = again.take().filter(|a| a.wants_retry(&result));
-                    let Some(again) = retry else { return Poll::Ready(result) };
+                    let Some(again) = retry else { break result };
                     let future = Box::pin(retry_loop(*again, result));
                     state.set(State::Retrying { future });
                 }
-                StateProj::Retrying { future } => return future.as_mut().poll(cx),
+                StateProj::Retrying { future } => break std::task::ready!(future.as_mut().poll(cx)),
             }
+        };
+        Poll::Ready(result.map(|response| within_deadline(response, *this.deadline)))
+    }
+}
+
+/// `response`, whose body fails with DEADLINE_EXCEEDED if it has not ended by `deadline`:
+/// tonic's client times a call out only until the response's head arrives, and a server that
+/// hangs after sending it would otherwise hold the call past its deadline.
+fn within_deadline(response: http::Response<Body>, deadline: Option<Instant>) -> http::Response<Body> {
+    match deadline {
+        // A trailers-only response has ended already.
+        Some(deadline) if grpc::grpc_status(response.headers()).is_none() => {
+            response.map(|body| Body::new(DeadlineBody { inner: body, deadline, timer: None }))
         }
+        _ => response,
+    }
+}
+
+pin_project! {
+    /// A response body held to the call's deadline. The timer is made only if the body has
+    /// to wait: a unary response usually arrives whole with its head.
+    struct DeadlineBody {
+        #[pin]
+        inner: Body,
+        deadline: Instant,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = *this.deadline;
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        std::task::ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(
+            "the call's deadline passed while its response was still arriving",
+        ))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -60,7 +60,13 @@ impl tower_service::Service<http::Request<Body>> for Script {
             let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             seen.lock().expect("lock").push(Seen { body, timeout, avoid });
             let mut response = tonic::Status::new(code, "scripted").into_http::<Body>();
-            if at == "stream" {
+            if at == "hangs" {
+                // The head, then nothing: a server frozen mid-response.
+                let body = http_body_util::StreamBody::new(tokio_stream::pending::<
+                    Result<http_body::Frame<Bytes>, Infallible>,
+                >());
+                response = http::Response::new(Body::new(body));
+            } else if at == "stream" {
                 // A stream that sent a message, then failed in its trailers.
                 let mut trailers = http::HeaderMap::new();
                 trailers.insert("grpc-status", (code as i32).to_string().parse().expect("header"));
@@ -145,6 +151,20 @@ async fn a_stream_that_sent_a_message_is_not_retried_though_it_ends_unavailable(
     let collected = response.into_body().collect().await.expect("body");
     assert_eq!(collected.trailers().and_then(mesh_util::grpc::grpc_status), Some(Code::Unavailable as i32));
     assert_eq!(script.seen().len(), 1, "committed at its first message: no retry");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_that_stops_after_its_head_ends_at_the_deadline_with_deadline_exceeded() {
+    for path in [SAY_HELLO, "/greeter.v1.Greeter/Charge"] {
+        let script = Script::new(&[(Code::Ok, "hangs")]);
+        let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+        let started = tokio::time::Instant::now();
+        let response = svc.oneshot(request(path, Some(Duration::from_millis(300)))).await.expect("response");
+        let body = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect()).await;
+        let err = body.expect("the body ends at the deadline").expect_err("the body cannot end well");
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{path}: {err:?}");
+        assert_eq!(started.elapsed(), Duration::from_millis(300), "{path}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
