@@ -1,0 +1,274 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::bucket::Bucket;
+use crate::config::{CallerKey, InvalidLimit, LimiterConfig, Mode};
+use crate::table::Table;
+
+/// Paths never limited: health checks must answer during a flood, and reflection is how
+/// tools look at a server under load.
+const EXEMPT: [&str; 2] = ["/grpc.health.v1.", "/grpc.reflection."];
+
+/// The metadata key of the pushback hint a rejection carries (gRPC's retry design, A6).
+pub const PUSHBACK_KEY: &str = "grpc-retry-pushback-ms";
+
+#[derive(Debug)]
+struct Shared {
+    table: ArcSwap<Table>,
+    admitted: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// Limits the calls of every service it wraps with one set of buckets: tonic layers a
+/// server's stack once per connection, and every connection's copy shares them, so N
+/// connections get the server's rate, not N times it.
+#[derive(Debug, Clone)]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+/// Changes a limiter's settings while it runs, and reads its counters.
+#[derive(Debug, Clone)]
+pub struct LimiterHandle {
+    shared: Arc<Shared>,
+}
+
+/// A rate-limited service; see the crate docs.
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl RateLimitLayer {
+    /// A layer that limits as `config` says; the error names a bad setting.
+    pub fn try_new(config: LimiterConfig) -> Result<Self, InvalidLimit> {
+        config.validate()?;
+        let table = Table::new(config, None);
+        let shared =
+            Shared { table: ArcSwap::from_pointee(table), admitted: AtomicU64::new(0), rejected: AtomicU64::new(0) };
+        Ok(RateLimitLayer { shared: Arc::new(shared) })
+    }
+
+    /// A handle to change the limits live and read the counters.
+    pub fn handle(&self) -> LimiterHandle {
+        LimiterHandle { shared: self.shared.clone() }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit { inner, shared: self.shared.clone() }
+    }
+}
+
+impl LimiterHandle {
+    /// Applies `config` from the next call on. Buckets whose limit is unchanged are kept as
+    /// they are; the others keep what they held, up to their new burst. Calls in flight and
+    /// calls waiting for a permit are not affected.
+    pub fn update(&self, config: LimiterConfig) -> Result<(), InvalidLimit> {
+        config.validate()?;
+        let previous = self.shared.table.load();
+        self.shared.table.store(Arc::new(Table::new(config, Some(&previous))));
+        Ok(())
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> LimiterConfig {
+        self.shared.table.load().config.clone()
+    }
+
+    /// Calls admitted so far (exempt ones are not counted).
+    pub fn admitted(&self) -> u64 {
+        self.shared.admitted.load(Ordering::Relaxed)
+    }
+
+    /// Calls rejected so far.
+    pub fn rejected(&self) -> u64 {
+        self.shared.rejected.load(Ordering::Relaxed)
+    }
+
+    /// How many callers have buckets of their own (with limits per caller).
+    pub fn callers(&self) -> usize {
+        self.shared.table.load().callers()
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// Who a call comes from, as the per-caller key says.
+fn caller_of<B>(key: &CallerKey, request: &http::Request<B>) -> Option<String> {
+    match key {
+        CallerKey::PeerIp => request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|info| info.remote_addr())
+            .map(|addr| addr.ip().to_string()),
+        CallerKey::Metadata(name) => {
+            request.headers().get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED naming the method, the limit and (per caller) the caller, with the
+/// pushback hint in its metadata.
+fn rejection<B: Default>(path: &str, caller: Option<&str>, bucket: &Bucket) -> http::Response<B> {
+    let limit = &bucket.limit;
+    let who = caller.map(|c| format!(" from {c}")).unwrap_or_default();
+    let mut status = tonic::Status::resource_exhausted(format!(
+        "rate limit exceeded for {path}{who}: {}/s, burst {}",
+        limit.rate_per_sec, limit.burst
+    ));
+    if let Ok(value) = bucket.pushback_ms().to_string().parse() {
+        status.metadata_mut().insert(PUSHBACK_KEY, value);
+    }
+    status.into_http()
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The bucket depends on the method and the caller, which only the request names, so
+        // the permit is taken in `call`.
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path();
+        if EXEMPT.iter().any(|p| path.starts_with(p)) {
+            return ResponseFuture::inner(self.inner.call(request));
+        }
+        let table = self.shared.table.load();
+        let caller = table.config.per_caller.as_ref().and_then(|p| caller_of(&p.key, &request));
+        let bucket = table.bucket(path, caller.as_deref());
+        if bucket.try_admit() {
+            self.shared.admitted.fetch_add(1, Ordering::Relaxed);
+            return ResponseFuture::inner(self.inner.call(request));
+        }
+        match bucket.limit.mode {
+            Mode::Reject => {
+                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+                ResponseFuture::rejected(rejection(path, caller.as_deref(), &bucket))
+            }
+            Mode::Wait { max_wait } => {
+                // The instance polled ready goes with the call; this one takes a clone.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let shared = self.shared.clone();
+                let path = path.to_owned();
+                ResponseFuture::waiting(Box::pin(async move {
+                    if bucket.admit_within(max_wait).await {
+                        shared.admitted.fetch_add(1, Ordering::Relaxed);
+                        inner.call(request).await
+                    } else {
+                        shared.rejected.fetch_add(1, Ordering::Relaxed);
+                        Ok(rejection(&path, caller.as_deref(), &bucket))
+                    }
+                }))
+            }
+        }
+    }
+}
+
+type Waiting<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+pin_project! {
+    /// The response of a [`RateLimit`] call.
+    pub struct ResponseFuture<F, R, E> {
+        #[pin]
+        kind: Kind<F, R, E>,
+    }
+}
+
+pin_project! {
+    #[project = Proj]
+    enum Kind<F, R, E> {
+        // Admitted: the inner call.
+        Inner { #[pin] future: F },
+        // Rejected at once.
+        Rejected { response: Option<R> },
+        // Waiting for a permit, then the inner call.
+        Waiting { future: Waiting<R, E> },
+    }
+}
+
+impl<F, R, E> ResponseFuture<F, R, E> {
+    fn inner(future: F) -> Self {
+        ResponseFuture { kind: Kind::Inner { future } }
+    }
+
+    fn rejected(response: R) -> Self {
+        ResponseFuture { kind: Kind::Rejected { response: Some(response) } }
+    }
+
+    fn waiting(future: Waiting<R, E>) -> Self {
+        ResponseFuture { kind: Kind::Waiting { future } }
+    }
+}
+
+impl<F, R, E> std::fmt::Debug for ResponseFuture<F, R, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.kind {
+            Kind::Inner { .. } => "admitted",
+            Kind::Rejected { .. } => "rejected",
+            Kind::Waiting { .. } => "waiting",
+        };
+        f.debug_struct("ResponseFuture").field("state", &state).finish()
+    }
+}
+
+impl<F, R, E> Future for ResponseFuture<F, R, E>
+where
+    F: Future<Output = Result<R, E>>,
+{
+    type Output = Result<R, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            Proj::Inner { future } => future.poll(cx),
+            Proj::Rejected { response } => {
+                // Answered without I/O: spend tokio's cooperative budget, so that a client
+                // flooding over one connection cannot starve the server's other tasks.
+                std::task::ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+                match response.take() {
+                    Some(r) => Poll::Ready(Ok(r)),
+                    None => Poll::Pending,
+                }
+            }
+            Proj::Waiting { future } => future.as_mut().poll(cx),
+        }
+    }
+}
