@@ -8,7 +8,10 @@
 //! - on another endpoint: under mesh-balancer, each retry carries [`mesh_balancer::AvoidEndpoints`]
 //!   naming the endpoints earlier attempts failed at, so round robin, random and consistent
 //!   hashing alike send it elsewhere while another endpoint can take it;
-//! - after a jittered exponential backoff;
+//! - after a jittered exponential backoff, or after exactly the pause a server asked for in
+//!   `grpc-retry-pushback-ms` (gRFC A6): such a call is retried whatever its code, a rate
+//!   limiter's RESOURCE_EXHAUSTED included, and one whose pushback is negative or malformed is
+//!   not retried at all;
 //! - within a retry budget shared by the whole client (tower's [`tower::retry::budget::TpsBudget`]:
 //!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs);
 //! - never past the call's deadline: each attempt carries the time left as its

@@ -303,11 +303,20 @@ impl<S> Again<S> {
         match result {
             Ok(response) => grpc::grpc_status(response.headers()).is_some_and(|code| {
                 let code = Code::from_i32(code);
-                // An attempt that ran out of its own time, with time left on the call's.
-                let try_timed_out = code == Code::DeadlineExceeded
-                    && self.per_try.is_some()
-                    && self.deadline.is_none_or(|d| Instant::now() < d);
-                code != Code::Ok && (self.shared.policy.retry_on.contains(&code) || try_timed_out)
+                match pushback(response.headers()) {
+                    // The server said when to come back (gRFC A6): retried then, whatever
+                    // the code, RESOURCE_EXHAUSTED (a rate limit) included.
+                    Some(Pushback::After(_)) => code != Code::Ok,
+                    // The server said not to.
+                    Some(Pushback::Never) => false,
+                    None => {
+                        // An attempt that ran out of its own time, with time left on the call's.
+                        let try_timed_out = code == Code::DeadlineExceeded
+                            && self.per_try.is_some()
+                            && self.deadline.is_none_or(|d| Instant::now() < d);
+                        code != Code::Ok && (self.shared.policy.retry_on.contains(&code) || try_timed_out)
+                    }
+                }
             }),
             Err(_) => true,
         }
@@ -406,6 +415,24 @@ where
     }
 }
 
+/// What a server's `grpc-retry-pushback-ms` says.
+enum Pushback {
+    /// Try again after this long.
+    After(std::time::Duration),
+    /// Do not try again (a negative or malformed value, as gRFC A6 reads it).
+    Never,
+}
+
+/// The `grpc-retry-pushback-ms` of a response, if it has one.
+fn pushback(headers: &http::HeaderMap) -> Option<Pushback> {
+    static PUSHBACK: http::HeaderName = http::HeaderName::from_static("grpc-retry-pushback-ms");
+    let value = headers.get(&PUSHBACK)?;
+    Some(match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+        Some(ms) => Pushback::After(std::time::Duration::from_millis(ms)),
+        None => Pushback::Never,
+    })
+}
+
 /// `response`, whose body fails with DEADLINE_EXCEEDED if it has not ended by `deadline`:
 /// tonic's client times a call out only until the response's head arrives, and a server that
 /// hangs after sending it would otherwise hold the call past its deadline.
@@ -483,7 +510,12 @@ where
         if attempts >= policy.max_attempts || !again.wants_retry(&last) {
             return last;
         }
-        let delay = backoff.next_delay();
+        // The server's pushback replaces the backoff.
+        let pushed = last.as_ref().ok().and_then(|r| match pushback(r.headers()) {
+            Some(Pushback::After(delay)) => Some(delay),
+            _ => None,
+        });
+        let delay = pushed.unwrap_or_else(|| backoff.next_delay());
         if again.deadline.is_some_and(|d| Instant::now() + delay >= d) {
             return last;
         }

@@ -58,6 +58,33 @@ pub struct Args {
     #[arg(long, env = "MESH_NO_REGISTER")]
     pub no_register: bool,
 
+    /// Limit the server to this many calls per second (health and reflection exempt); no
+    /// limit without it.
+    #[arg(long, env = "MESH_RATE")]
+    pub rate: Option<f64>,
+
+    /// Calls admitted at once after a quiet spell; default a tenth of --rate (at least 1).
+    #[arg(long, env = "MESH_BURST")]
+    pub burst: Option<u32>,
+
+    /// Over the limit: `reject` at once with RESOURCE_EXHAUSTED, or `wait` up to
+    /// --limit-max-wait for a permit.
+    #[arg(long, env = "MESH_LIMIT_MODE", default_value = "reject", value_parser = ["reject", "wait"])]
+    pub limit_mode: String,
+
+    /// In `wait` mode, the longest a call waits for a permit.
+    #[arg(long, env = "MESH_LIMIT_MAX_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub limit_max_wait: Duration,
+
+    /// Give each caller its own budget: `peer-ip`, or `metadata:KEY` (a tenant header).
+    #[arg(long, env = "MESH_LIMIT_PER_CALLER", value_parser = parse_caller)]
+    pub limit_per_caller: Option<mesh_limiter::CallerKey>,
+
+    /// A method's own limit, `PATH=RATE` or `PATH=RATE/BURST`, e.g.
+    /// `/greeter.v1.Greeter/SayHello=50/5`; repeatable.
+    #[arg(long = "limit-method", value_parser = parse_method_limit)]
+    pub limit_methods: Vec<(String, f64, Option<u32>)>,
+
     /// FAULT INJECTION, for tests and demos: fail this share (0 to 1) of greeter calls
     /// with --fault-code.
     #[arg(long, env = "MESH_FAULT_ERROR_RATE", default_value_t = 0.0, value_parser = parse_rate)]
@@ -74,10 +101,65 @@ pub struct Args {
 }
 
 impl Args {
+    /// The rate limits the flags ask for: none without --rate; an error names the flag.
+    pub fn limits(&self) -> anyhow::Result<Option<mesh_limiter::LimiterConfig>> {
+        use anyhow::Context as _;
+        let Some(rate) = self.rate else {
+            anyhow::ensure!(
+                self.burst.is_none() && self.limit_methods.is_empty() && self.limit_per_caller.is_none(),
+                "--burst, --limit-method and --limit-per-caller need --rate"
+            );
+            return Ok(None);
+        };
+        let limit = |rate: f64, burst: Option<u32>, flag: &str| -> anyhow::Result<mesh_limiter::Limit> {
+            let burst = burst.unwrap_or_else(|| default_burst(rate));
+            let limit = mesh_limiter::Limit::try_new(rate, burst).with_context(|| format!("invalid {flag}"))?;
+            Ok(match self.limit_mode.as_str() {
+                "wait" => limit.waiting(self.limit_max_wait),
+                _ => limit,
+            })
+        };
+        let mut config = mesh_limiter::LimiterConfig::try_new(limit(rate, self.burst, "--rate/--burst")?)
+            .context("invalid --rate/--burst")?;
+        for (path, rate, burst) in &self.limit_methods {
+            config = config.with_method(path.clone(), limit(*rate, *burst, "--limit-method")?);
+        }
+        if let Some(key) = &self.limit_per_caller {
+            config = config.with_per_caller(mesh_limiter::PerCaller::new(key.clone()));
+        }
+        config.validate().context("invalid --limit-method or --limit-per-caller")?;
+        Ok(Some(config))
+    }
+
     /// The faults the flags ask for (none by default).
     pub fn fault(&self) -> crate::Fault {
         crate::Fault { error_rate: self.fault_error_rate, code: self.fault_code, delay: self.fault_delay }
     }
+}
+
+/// A tenth of `rate`, at least 1.
+fn default_burst(rate: f64) -> u32 {
+    if rate.is_finite() && rate > 0.0 { ((rate / 10.0).ceil() as u32).max(1) } else { 1 }
+}
+
+fn parse_caller(s: &str) -> Result<mesh_limiter::CallerKey, String> {
+    match s {
+        "peer-ip" => Ok(mesh_limiter::CallerKey::PeerIp),
+        _ => match s.strip_prefix("metadata:") {
+            Some(key) if !key.is_empty() => Ok(mesh_limiter::CallerKey::Metadata(key.to_ascii_lowercase())),
+            _ => Err(format!("{s:?}: give peer-ip or metadata:KEY, e.g. metadata:x-tenant")),
+        },
+    }
+}
+
+fn parse_method_limit(s: &str) -> Result<(String, f64, Option<u32>), String> {
+    let usage = || format!("{s:?}: give PATH=RATE or PATH=RATE/BURST, e.g. /greeter.v1.Greeter/SayHello=50/5");
+    let (path, limit) = s.split_once('=').ok_or_else(usage)?;
+    let (rate, burst) = match limit.split_once('/') {
+        Some((rate, burst)) => (rate, Some(burst.parse::<u32>().map_err(|_| usage())?)),
+        None => (limit, None),
+    };
+    Ok((path.to_string(), rate.parse::<f64>().map_err(|_| usage())?, burst))
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -172,6 +254,48 @@ mod tests {
             ("--fault-code", "17"),
         ] {
             let err = Args::try_parse_from(["greeter-server", flag, value]).expect_err(value);
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn limit_flags_build_the_limits_and_bad_ones_name_the_flag() {
+        let args = Args::try_parse_from(["greeter-server"]).expect("valid");
+        assert_eq!(args.limits().expect("no limit"), None);
+        let args = Args::try_parse_from([
+            "greeter-server",
+            "--rate",
+            "200",
+            "--limit-mode",
+            "wait",
+            "--limit-method",
+            "/greeter.v1.Greeter/SayHello=50/5",
+            "--limit-per-caller",
+            "metadata:X-Tenant",
+        ])
+        .expect("valid");
+        let config = args.limits().expect("valid").expect("a limit");
+        assert_eq!((config.default.rate_per_sec, config.default.burst), (200.0, 20));
+        assert_eq!(config.default.mode, mesh_limiter::Mode::Wait { max_wait: Duration::from_millis(100) });
+        let say = config.limit_of("/greeter.v1.Greeter/SayHello");
+        assert_eq!((say.rate_per_sec, say.burst), (50.0, 5));
+        assert_eq!(config.per_caller.map(|p| p.key), Some(mesh_limiter::CallerKey::Metadata("x-tenant".into())));
+
+        for (argv, words) in [
+            (vec!["--rate", "0"], "invalid --rate/--burst: invalid rate limit rate_per_sec"),
+            (vec!["--rate", "NaN"], "not a number"),
+            (vec!["--rate", "10", "--burst", "0"], "burst"),
+            (vec!["--burst", "5"], "need --rate"),
+            (vec!["--rate", "10", "--limit-method", "SayHello=5"], "methods[SayHello]"),
+        ] {
+            let mut full = vec!["greeter-server"];
+            full.extend(argv.iter().copied());
+            let err = Args::try_parse_from(full).expect("parses").limits().expect_err("refused");
+            assert!(format!("{err:#}").contains(words), "{argv:?}: {err:#}");
+        }
+        for (flag, value) in [("--limit-method", "/a.B/C"), ("--limit-per-caller", "tenant"), ("--limit-mode", "drop")]
+        {
+            let err = Args::try_parse_from(["greeter-server", "--rate", "5", flag, value]).expect_err(value);
             assert!(err.to_string().contains(flag), "{err}");
         }
     }

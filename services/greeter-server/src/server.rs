@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub registry: Option<RegistryOptions>,
     /// Faults to inject into greeter calls (none by default).
     pub fault: crate::Fault,
+    /// The rate limiter's settings; `None` for no limit.
+    pub limits: Option<mesh_limiter::LimiterConfig>,
 }
 
 /// The registration of a server.
@@ -75,6 +77,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => local.to_string(),
     };
     let fault = args.fault();
+    let limits = args.limits()?;
     let instance_id = args.instance_id.unwrap_or_else(|| advertise.clone());
     let registry = etcd.map(|etcd| RegistryOptions {
         etcd,
@@ -102,8 +105,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         registry,
         fault,
+        limits,
     };
     serve(listener, options, shutdown_signal()).await
+}
+
+/// The limits in a log line: "200/s, burst 20, reject; /a.B/C 5/s, burst 1, reject".
+fn describe(config: &mesh_limiter::LimiterConfig) -> String {
+    let one = |l: &mesh_limiter::Limit| {
+        let mode = match l.mode {
+            mesh_limiter::Mode::Reject => "reject".to_string(),
+            mesh_limiter::Mode::Wait { max_wait } => format!("wait up to {max_wait:?}"),
+        };
+        format!("{}/s, burst {}, {mode}", l.rate_per_sec, l.burst)
+    };
+    let mut out = one(&config.default);
+    for (path, limit) in &config.methods {
+        out.push_str(&format!("; {path} {}", one(limit)));
+    }
+    if let Some(p) = &config.per_caller {
+        out.push_str(&format!("; per caller by {:?}, at most {} callers", p.key, p.max_callers));
+    }
+    out
 }
 
 /// Serves greeter, health and reflection on `listener` until `shutdown` completes; then
@@ -129,10 +152,19 @@ pub async fn serve(
     let greeter = GreeterServer::new(Greeter::new(options.instance_id.clone()).with_fault(options.fault.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
+    let limiter = match &options.limits {
+        Some(config) => {
+            let layer = mesh_limiter::RateLimitLayer::try_new(config.clone()).context("the rate limit")?;
+            info!("rate limit: {}", describe(config));
+            Some(layer)
+        }
+        None => None,
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(tower::util::option_layer(limiter))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

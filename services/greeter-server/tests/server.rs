@@ -31,6 +31,7 @@ async fn start(instance: &str) -> Running {
         shutdown_grace: Duration::ZERO,
         registry: None,
         fault: Default::default(),
+        limits: None,
     };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;

@@ -60,7 +60,11 @@ impl tower_service::Service<http::Request<Body>> for Script {
             let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             seen.lock().expect("lock").push(Seen { body, timeout, avoid });
             let mut response = tonic::Status::new(code, "scripted").into_http::<Body>();
-            if at == "hangs" {
+            if let Some(ms) = at.strip_prefix("pushback:") {
+                let mut status = tonic::Status::new(code, "slow down");
+                status.metadata_mut().insert("grpc-retry-pushback-ms", ms.parse().expect("ascii"));
+                response = status.into_http::<Body>();
+            } else if at == "hangs" {
                 // The head, then nothing: a server frozen mid-response.
                 let body = http_body_util::StreamBody::new(tokio_stream::pending::<
                     Result<http_body::Frame<Bytes>, Infallible>,
@@ -164,6 +168,31 @@ async fn a_response_that_stops_after_its_head_ends_at_the_deadline_with_deadline
         let err = body.expect("the body ends at the deadline").expect_err("the body cannot end well");
         assert_eq!(err.code(), Code::DeadlineExceeded, "{path}: {err:?}");
         assert_eq!(started.elapsed(), Duration::from_millis(300), "{path}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn resource_exhausted_is_retried_only_after_the_servers_pushback() {
+    let script = Script::new(&[(Code::ResourceExhausted, "pushback:150")]);
+    let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+    let started = tokio::time::Instant::now();
+    let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
+    assert_eq!(code_of(&response), Code::Ok);
+    assert_eq!(started.elapsed(), Duration::from_millis(150), "after the pushback, not a backoff");
+    assert_eq!(script.seen().len(), 2);
+
+    // No pushback: RESOURCE_EXHAUSTED is not in retry_on, so it is the call's.
+    let script = Script::new(&[(Code::ResourceExhausted, "a")]);
+    let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+    let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
+    assert_eq!((code_of(&response), script.seen().len()), (Code::ResourceExhausted, 1));
+
+    // A pushback past the deadline, or one that says never: no retry.
+    for (pushback, timeout) in [("pushback:2000", 1000), ("pushback:-1", 1000), ("pushback:soon", 1000)] {
+        let script = Script::new(&[(Code::Unavailable, pushback)]);
+        let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+        let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_millis(timeout)))).await.expect("response");
+        assert_eq!((code_of(&response), script.seen().len()), (Code::Unavailable, 1), "{pushback}");
     }
 }
 
