@@ -256,6 +256,7 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     md.push_str(&pick_table(opts)?);
     md.push_str(&channel_table(opts)?);
     md.push_str(&breaker_table(opts)?);
+    md.push_str(&limiter_table(opts)?);
     md.push_str(&update_table()?);
     md.push_str(&registry_table()?);
     println!("{md}");
@@ -374,6 +375,25 @@ fn breaker_table(opts: &Opts) -> anyhow::Result<String> {
         let ns = criterion_median("layers", name, "")?;
         let share = if name == "direct" { "—".to_string() } else { format!("{:.0}", ns - direct) };
         let _ = writeln!(md, "| {name} | {ns:.0} | {share} |");
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// Runs mesh-limiter's criterion benchmark: admitting a call, per scope, against the same
+/// service without the limiter.
+fn limiter_table(opts: &Opts) -> anyhow::Result<String> {
+    eprintln!("== limiter admit (criterion) ==");
+    run_criterion(opts, "mesh-limiter", "admit")?;
+    let none = criterion_median("limiter", "admit", "none")?;
+    let mut md = String::from(
+        "## rate limiter, admitting a call with tokens to spare (criterion median, ns; each iteration builds its request, `none` is the service alone)\n\n\
+         | scope | ns per call | the limiter's share | target |\n|---|---:|---:|---|\n",
+    );
+    for (scope, target) in [("none", ""), ("server", "< 100 ns"), ("method", "< 100 ns"), ("per_caller", "")] {
+        let ns = criterion_median("limiter", "admit", scope)?;
+        let share = if scope == "none" { "—".to_string() } else { format!("{:.0}", ns - none) };
+        let _ = writeln!(md, "| {scope} | {ns:.0} | {share} | {target} |");
     }
     md.push('\n');
     Ok(md)

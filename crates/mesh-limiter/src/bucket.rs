@@ -1,10 +1,14 @@
 //! One token bucket on leaky-bucket's `RateLimiter`, sized from a [`Limit`].
 //!
-//! leaky-bucket adds `refill` tokens every `interval`, up to `max`. A rate of r per second
-//! becomes one token every 1/r s up to 1000 per second, and above that the fewest tokens
-//! per interval that keep the interval at 1 ms or more (tokio's timers tick in
-//! milliseconds), with the interval computed to the nanosecond so that the average is r.
-//! The burst is the bucket's size, and a new bucket starts full.
+//! leaky-bucket adds `refill` tokens every `interval`, up to `max`, and counts intervals in
+//! whole milliseconds (an interval of 3.33 ms refills every 3 ms). So a rate of r per second
+//! becomes the shortest whole-millisecond interval, with a whole number of tokens no more
+//! than the burst (a refill beyond the bucket's size would spill), whose average is within
+//! 0.5% of r: 200/s is 1 token every 5 ms, 300/s 3 every 10 ms, 1500/s 3 every 2 ms, 0.5/s
+//! 1 every 2 s. When no such interval exists (300/s with a burst of 1 needs a token every
+//! 3.33 ms), the closest rate not above r is taken (250/s), never one above it. The burst is the bucket's size, and a new bucket starts
+//! full. Limits that wait are fair (first come, first served), which costs a lock per call;
+//! limits that reject take a token lock-free.
 
 use std::time::Duration;
 
@@ -23,20 +27,39 @@ impl std::fmt::Debug for Bucket {
     }
 }
 
-/// Tokens per refill, and the interval between refills, for `rate` per second.
-pub(crate) fn refill_of(rate: f64) -> (usize, Duration) {
-    if rate <= 1000.0 {
-        (1, Duration::from_secs_f64(1.0 / rate))
-    } else {
-        let per = (rate / 1000.0).ceil();
-        (per as usize, Duration::from_secs_f64(per / rate))
+/// Tokens per refill (at most `burst`), and the interval between refills (whole
+/// milliseconds), for `rate` per second: the shortest interval within 0.5% of it, else the
+/// closest rate below it.
+pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
+    let burst = f64::from(burst.max(1));
+    let mut best: Option<(usize, u64, f64)> = None;
+    for ms in 1..=60_000u64 {
+        let exact = rate * ms as f64 / 1000.0;
+        for tokens in [exact.round(), exact.floor()] {
+            if tokens < 1.0 || tokens > burst {
+                continue;
+            }
+            let got = tokens * 1000.0 / ms as f64;
+            if got > rate * 1.005 {
+                continue;
+            }
+            let error = (got - rate).abs() / rate;
+            if error <= 0.005 {
+                return (tokens as usize, Duration::from_millis(ms));
+            }
+            if best.is_none_or(|b| error < b.2) {
+                best = Some((tokens as usize, ms, error));
+            }
+        }
     }
+    let (tokens, ms, _) = best.unwrap_or((1, 60_000, 0.0));
+    (tokens, Duration::from_millis(ms))
 }
 
 impl Bucket {
     /// A bucket for `limit` holding `initial` tokens (at most its burst).
     pub(crate) fn new(limit: Limit, initial: usize) -> Self {
-        let (refill, interval) = refill_of(limit.rate_per_sec);
+        let (refill, interval) = refill_of(limit.rate_per_sec, limit.burst);
         let max = limit.burst as usize;
         let limiter = RateLimiter::builder()
             .max(max)
@@ -72,7 +95,7 @@ impl Bucket {
     /// How long a caller should wait before trying again: one refill interval, in whole
     /// milliseconds (at least 1).
     pub(crate) fn pushback_ms(&self) -> u64 {
-        let (_, interval) = refill_of(self.limit.rate_per_sec);
+        let (_, interval) = refill_of(self.limit.rate_per_sec, self.limit.burst);
         u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1)
     }
 }

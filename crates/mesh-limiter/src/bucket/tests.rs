@@ -3,13 +3,34 @@ use std::time::Duration;
 use super::*;
 
 #[test]
-fn refills_average_to_the_rate() {
-    for rate in [0.5, 1.0, 7.0, 200.0, 1000.0, 1001.0, 2500.0, 33_333.0, 1_000_000.0] {
-        let (refill, interval) = refill_of(rate);
-        assert!(interval >= Duration::from_millis(1) || rate <= 1000.0, "{rate}: {interval:?}");
+fn refills_come_in_whole_milliseconds_and_average_to_the_rate() {
+    for rate in [0.5, 1.0, 7.0, 200.0, 300.0, 333.0, 1000.0, 1001.0, 1500.0, 2500.0, 33_333.0, 1_000_000.0, 0.017] {
+        let (refill, interval) = refill_of(rate, 100_000);
+        assert!(
+            interval >= Duration::from_millis(1) && interval.subsec_nanos() % 1_000_000 == 0,
+            "{rate}: {interval:?}"
+        );
         let got = refill as f64 / interval.as_secs_f64();
-        assert!((got - rate).abs() / rate < 1e-6, "{rate}/s became {got}/s");
+        assert!((got - rate).abs() / rate <= 0.005, "{rate}/s became {got}/s ({refill} every {interval:?})");
     }
+    assert_eq!(refill_of(200.0, 20), (1, Duration::from_millis(5)));
+    assert_eq!(refill_of(300.0, 30), (3, Duration::from_millis(10)));
+    // A refill never spills over the burst, and the rate is never exceeded.
+    assert_eq!(refill_of(300.0, 1), (1, Duration::from_millis(4)), "250/s, not 333/s");
+    assert_eq!(refill_of(1500.0, 2), (1, Duration::from_millis(1)), "1000/s with a burst of 2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_that_is_not_a_whole_number_of_milliseconds_apart_is_kept() {
+    let bucket = Bucket::full(Limit::try_new(300.0, 30).expect("valid"));
+    let mut admitted = 0;
+    for _ in 0..2000 {
+        tokio::time::advance(Duration::from_millis(1)).await;
+        while bucket.try_admit() {
+            admitted += 1;
+        }
+    }
+    assert!((597..=633).contains(&admitted), "{admitted} in 2 s at 300/s, burst 30");
 }
 
 #[tokio::test(start_paused = true)]
