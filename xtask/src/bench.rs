@@ -253,6 +253,7 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
         }
         md.push('\n');
     }
+    md.push_str(&h2load_table(opts, bins)?);
     md.push_str(&pick_table(opts)?);
     md.push_str(&channel_table(opts)?);
     md.push_str(&breaker_table(opts)?);
@@ -268,6 +269,156 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     }
     println!("saved to {}", dir.join(format!("bench-{stamp}.md")).display());
     Ok(())
+}
+
+/// A server under h2load: its label and the flags of `greeter-server` (none: the bare tonic
+/// greeter).
+struct H2Side {
+    label: &'static str,
+    greeter_args: Option<&'static [&'static str]>,
+}
+
+/// One h2load run against one server.
+#[derive(Debug, Clone, Copy)]
+struct H2Sample {
+    throughput: f64,
+    p99_us: f64,
+    /// Server CPU time per request, in microseconds.
+    cpu_us: f64,
+}
+
+/// `SayHello { name: "bench" }` as a gRPC message: no compression, length, protobuf.
+const GRPC_REQUEST: [u8; 12] = [0, 0, 0, 0, 7, 0x0a, 5, b'b', b'e', b'n', b'c', b'h'];
+
+/// CPU time (user + system) a process has used, in microseconds, from /proc (USER_HZ is 100).
+fn cpu_us(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("a malformed /proc stat line")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        fields.get(i).and_then(|f| f.parse::<f64>().ok()).context("no CPU times in /proc stat")
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+    Ok((ticks(11)? + ticks(12)?) * 10_000.0)
+}
+
+/// One h2load run: `c` connections, `m` streams each, for `secs` seconds.
+fn h2load_run(h2load: &std::path::Path, target: &str, c: u32, m: u32, secs: u64, pid: u32) -> anyhow::Result<H2Sample> {
+    let dir = util::root().join("target").join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let body = dir.join("say-hello.grpc");
+    fs::write(&body, GRPC_REQUEST).with_context(|| format!("writing {}", body.display()))?;
+    let log = dir.join("h2load.log");
+    let mut cmd = pinned(1, h2load.to_path_buf());
+    cmd.args(["-c", &c.to_string(), "-m", &m.to_string(), "-t", "1", "-D", &secs.to_string()])
+        .arg("-d")
+        .arg(&body)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg(format!("--log-file={}", log.display()))
+        .arg(format!("{target}/greeter.v1.Greeter/SayHello"));
+    let before = cpu_us(pid)?;
+    let out = util::output(&mut cmd)?;
+    let cpu = cpu_us(pid)? - before;
+    let number_after = |key: &str| -> anyhow::Result<f64> {
+        let at = out.find(key).with_context(|| format!("no {key:?} in h2load's output: {out}"))?;
+        let tail = out[at + key.len()..].trim_start();
+        let end = tail.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(tail.len());
+        tail[..end].parse().with_context(|| format!("reading {key:?} in h2load's output"))
+    };
+    let done = number_after("requests: ")?;
+    let succeeded = number_after("done, ")?;
+    anyhow::ensure!(succeeded == done && done > 0.0, "h2load: {done} requests done, {succeeded} succeeded:\n{out}");
+    let mut latencies: Vec<f64> = fs::read_to_string(&log)
+        .with_context(|| format!("reading {}", log.display()))?
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2).and_then(|d| d.parse().ok()))
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies.get(latencies.len().saturating_sub(1) * 99 / 100).copied().unwrap_or(0.0);
+    Ok(H2Sample { throughput: done / secs as f64, p99_us: p99, cpu_us: cpu / done })
+}
+
+/// The server side alone, driven by h2load (which, unlike a tonic client, does not saturate
+/// before the server does): a bare tonic greeter, greeter-server with every layer on and the
+/// limiter at a rate it never reaches, and greeter-server without the limiter. Rotated
+/// order, `opts.runs` rounds per point; throughput, p99 and server CPU per request.
+fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
+    eprintln!("== servers under h2load ==");
+    let h2load = mesh_etcd_local::ensure_tool(
+        "h2load",
+        &["nghttp2-client"],
+        "nghttp2",
+        "install nghttp2's h2load (Debian/Ubuntu as root: `apt-get install -y nghttp2-client`; macOS: `brew install nghttp2`)",
+    )?;
+    let sides = [
+        H2Side { label: "bare tonic", greeter_args: None },
+        H2Side { label: "greeter-server", greeter_args: Some(&["--rate", "1000000", "--burst", "4294967295"]) },
+        H2Side { label: "greeter-server, no limiter", greeter_args: Some(&[]) },
+    ];
+    let mut running = Vec::new();
+    for side in &sides {
+        let kind = if side.greeter_args.is_some() { ServerKind::Greeter } else { ServerKind::Bare };
+        let port = mesh_etcd_local::free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = server_command(kind, bins, &addr);
+        cmd.args(side.greeter_args.unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("starting the {} server", side.label))?;
+        let pid = child.id();
+        running.push((Running(child), format!("http://{addr}"), pid));
+        if !mesh_etcd_local::wait_until(Duration::from_secs(15), || TcpStream::connect(&addr).is_ok()) {
+            bail!("the {} server did not listen on {addr}", side.label);
+        }
+    }
+    let secs = opts.duration;
+    let mut md = format!(
+        "## servers under h2load (load generator on CPU 1, servers on CPU 0; {} rounds of {secs} s per point, rotated order; medians)\n\n\
+         A = bare tonic greeter, B = greeter-server with every layer on and the limiter at a rate it never reaches, \
+         C = greeter-server without the limiter. CPU is the server's user + system time per request, from /proc.\n\n\
+         | point | A req/s | B req/s | B/A | C/A | B/C (limiter) | A p99 µs | B p99 µs | A CPU µs/req | B CPU µs/req | B/A CPU |\n\
+         |---|---:|---:|---|---|---|---:|---:|---:|---:|---|\n",
+        opts.runs
+    );
+    for (c, m) in [(1u32, 1u32), (1, 16), (4, 16)] {
+        let mut samples: Vec<Vec<H2Sample>> = vec![Vec::new(); sides.len()];
+        for round in 0..opts.runs {
+            for k in 0..sides.len() {
+                let i = (round + k) % sides.len();
+                let (_, target, pid) = &running[i];
+                // A short unmeasured run first: connections, caches, CPU frequency.
+                let _ = h2load_run(&h2load, target, c, m, 1, *pid)?;
+                let sample = h2load_run(&h2load, target, c, m, secs, *pid)?;
+                eprintln!(
+                    "  c{c} m{m} run {round} {:<28} {:>9.0} req/s  p99 {:>6.0} µs  cpu {:>5.1} µs/req",
+                    sides[i].label, sample.throughput, sample.p99_us, sample.cpu_us
+                );
+                samples[i].push(sample);
+            }
+        }
+        let med = |i: usize, f: fn(&H2Sample) -> f64| median(samples[i].iter().map(f).collect());
+        let ratio = |a: usize, b: usize, f: fn(&H2Sample) -> f64| {
+            spread(samples[a].iter().zip(&samples[b]).map(|(x, y)| f(y) / f(x)).collect())
+        };
+        let _ = writeln!(
+            md,
+            "| c{c} m{m} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+            med(0, |s| s.throughput),
+            med(1, |s| s.throughput),
+            ratio(0, 1, |s| s.throughput),
+            ratio(0, 2, |s| s.throughput),
+            ratio(2, 1, |s| s.throughput),
+            med(0, |s| s.p99_us),
+            med(1, |s| s.p99_us),
+            med(0, |s| s.cpu_us),
+            med(1, |s| s.cpu_us),
+            ratio(0, 1, |s| s.cpu_us),
+        );
+    }
+    md.push_str("\ntargets: B/A ≥ 0.97 and B/A CPU ≤ 1.05 at every point; B/C ≥ 0.98\n\n");
+    Ok(md)
 }
 
 /// Runs one of a package's criterion benchmarks, shorter under `--quick`.

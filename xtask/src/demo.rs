@@ -56,6 +56,7 @@ fn chapters(demo: &mut Demo) -> anyhow::Result<()> {
     chapter_balancing(demo)?;
     chapter_registry(demo)?;
     chapter_failover(demo)?;
+    chapter_limiter(demo)?;
     Ok(())
 }
 
@@ -208,6 +209,75 @@ fn chapter_failover(demo: &mut Demo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Chapter 5: a server limited to 100 calls per second, flooded at several times that, while
+/// its health is checked.
+fn chapter_limiter(demo: &mut Demo) -> anyhow::Result<()> {
+    println!("\n-- 5. the rate limiter: a flood of several times the rate --");
+    println!("  watch the counts: rate × 3 s + burst admitted, the rest rejected with RESOURCE_EXHAUSTED,");
+    println!("  and health checks answered SERVING throughout");
+    let (rate, burst, secs) = (100.0, 10.0, 3.0);
+    let name = "greeter-limited";
+    let port = mesh_etcd_local::free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    demo.spawn_server_with(name, &addr, &["--rate", "100", "--burst", "10", "--no-register"])?;
+    let health = demo
+        .client()
+        .args(["health", "--target", &addr, "--duration", "3s", "--every", "20ms", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the health checker")?;
+    // Four callers as fast as they can (several times the rate). Retries off, to count what
+    // the server says, not what a retry makes of it.
+    let out = util::output(demo.client().args(["bench", "--target", &addr, "--concurrency", "4"]).args([
+        "--duration",
+        "3s",
+        "--warmup",
+        "0s",
+        "--max-attempts",
+        "1",
+        "--json",
+    ]))?;
+    let report = report(&out)?;
+    let admitted = report["ok"].as_u64().unwrap_or(0);
+    let failed = report["errors"].as_u64().unwrap_or(0);
+    let exhausted = report["errors_by_code"]["ResourceExhausted"].as_u64().unwrap_or(0);
+    let health = health.wait_with_output().context("waiting for the health checker")?;
+    let health = serde_json::from_str::<Value>(String::from_utf8_lossy(&health.stdout).trim())
+        .context("reading the health checker's report")?;
+    let calls = admitted + failed;
+    let expected = rate * secs + burst;
+    println!(
+        "  {calls} calls in 3 s, {:.0}× the rate: {admitted} admitted (rate × 3 s + burst = {expected:.0}), {exhausted} rejected with RESOURCE_EXHAUSTED",
+        calls as f64 / (rate * secs)
+    );
+    println!("  the server's log: {}", demo.log_line(name, "rate limit")?);
+    println!("  health: {} of {} checks SERVING during the flood", health["serving"], health["checks"]);
+    ensure!(calls as f64 >= 5.0 * rate * secs, "the flood was too thin to show the limit: {calls} calls");
+    ensure!((admitted as f64 - expected).abs() <= expected * 0.05, "{admitted} admitted, expected {expected} ± 5%");
+    ensure!(exhausted == failed, "every failure is the limit's: {report}");
+    ensure!(health["serving"] == health["checks"], "health checks failed during the flood: {health}");
+    demo.stop_server(name)
+}
+
+/// `line` without ANSI colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// greeter-client's `--json` report: the last line of its output that is a JSON object.
 fn report(out: &str) -> anyhow::Result<Value> {
     let line = out.lines().rev().find(|l| l.starts_with('{')).context("greeter-client printed no JSON report")?;
@@ -282,11 +352,18 @@ impl Demo {
 
     /// Starts a greeter-server at `addr` and waits until it accepts connections.
     fn spawn_server(&mut self, name: &str, addr: &str) -> anyhow::Result<()> {
+        self.spawn_server_with(name, addr, &[])
+    }
+
+    /// Starts a greeter-server at `addr` with `extra` flags and waits until it accepts
+    /// connections.
+    fn spawn_server_with(&mut self, name: &str, addr: &str, extra: &[&str]) -> anyhow::Result<()> {
         let addr = addr.to_string();
         let log_path = self.logs.join(format!("{name}.log"));
         let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(self.bin.join("greeter-server"))
             .args(["--listen", &addr, "--instance-id", name, "--etcd", &self.etcd.join(",")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -299,6 +376,17 @@ impl Demo {
         }
         println!("  started {name} on {addr} (log: {})", log_path.display());
         Ok(())
+    }
+
+    /// The first line of a server's log that contains `text`, without colours and the
+    /// timestamp.
+    fn log_line(&self, name: &str, text: &str) -> anyhow::Result<String> {
+        let path = self.logs.join(format!("{name}.log"));
+        let log = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let line =
+            log.lines().find(|l| l.contains(text)).with_context(|| format!("no {text:?} in {}", path.display()))?;
+        let plain: String = strip_ansi(line);
+        Ok(plain.split_once(": ").map_or(plain.clone(), |(_, msg)| msg.to_string()))
     }
 
     /// Sends `signal` to one server.

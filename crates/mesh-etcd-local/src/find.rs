@@ -55,30 +55,47 @@ pub fn ensure_etcd() -> Result<PathBuf, Error> {
 /// Installs etcd with the system package manager: `apt-get` when root on Debian or Ubuntu,
 /// `brew` on macOS. Anything else is an error that says how to get etcd.
 pub fn install_etcd() -> Result<(), Error> {
+    install("etcd", &["etcd-server", "etcd-client"], "etcd", INSTALL_HINT)
+}
+
+/// Finds the tool `name` on `PATH`, installing it first where this machine allows: Debian's
+/// `apt_packages` with `apt-get` when root, or `brew_package` on macOS. The error says how to
+/// get it, with `hint`. Used for tools such as h2load (Debian's nghttp2-client).
+pub fn ensure_tool(name: &str, apt_packages: &[&str], brew_package: &str, hint: &str) -> Result<PathBuf, Error> {
+    if let Some(found) = on_path(name) {
+        return Ok(found);
+    }
+    install(name, apt_packages, brew_package, hint)?;
+    on_path(name)
+        .ok_or_else(|| Error::NotFound { detail: format!("{name} is still not on PATH after installing it; {hint}") })
+}
+
+/// Installs packages with `brew` (macOS) or `apt-get` (Linux, as root), updating the package
+/// lists once if the first attempt fails (a fresh machine has none).
+fn install(name: &str, apt_packages: &[&str], brew_package: &str, hint: &str) -> Result<(), Error> {
     if cfg!(target_os = "macos") && on_path("brew").is_some() {
-        return run_install(Command::new("brew").args(["install", "etcd"]));
+        return run_install(Command::new("brew").args(["install", brew_package]));
     }
     if cfg!(target_os = "linux") && on_path("apt-get").is_some() {
         if !nix::unistd::geteuid().is_root() {
             return Err(Error::NotFound {
-                detail: format!("etcd is missing and installing it with apt-get needs root; {INSTALL_HINT}"),
+                detail: format!("{name} is missing and installing it with apt-get needs root; {hint}"),
             });
         }
         let install = || {
             let mut cmd = Command::new("apt-get");
-            cmd.args(["install", "-y", "-q", "etcd-server", "etcd-client"]).env("DEBIAN_FRONTEND", "noninteractive");
+            cmd.args(["install", "-y", "-q"]).args(apt_packages).env("DEBIAN_FRONTEND", "noninteractive");
             cmd
         };
-        eprintln!("etcd not found; installing Debian's etcd-server and etcd-client with apt-get");
+        eprintln!("{name} not found; installing Debian's {} with apt-get", apt_packages.join(" and "));
         if run_install(&mut install()).is_ok() {
             return Ok(());
         }
-        // A fresh machine has no package lists yet.
         run_install(Command::new("apt-get").args(["update", "-q"]))?;
         return run_install(&mut install());
     }
     Err(Error::NotFound {
-        detail: format!("etcd is missing and this machine has no package manager mesh knows; {INSTALL_HINT}"),
+        detail: format!("{name} is missing and this machine has no package manager mesh knows; {hint}"),
     })
 }
 

@@ -31,7 +31,37 @@ pub struct Args {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Drive load and print throughput and latency percentiles.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
+    /// Check a server's health (grpc.health.v1) repeatedly and count the answers.
+    Health(HealthArgs),
+}
+
+/// Flags of `health`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthArgs {
+    /// The server to check, host:port or http://host:port.
+    #[arg(long)]
+    pub target: String,
+    /// Keep checking for this long; without it, check once.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Pause between checks.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub every: Duration,
+    /// Print one JSON object: checks, serving, and the other answers by name.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `health` reports.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HealthReport {
+    /// Checks made.
+    pub checks: u64,
+    /// Of those, answered SERVING.
+    pub serving: u64,
+    /// The other answers (a status name, or the error), counted.
+    pub other: BTreeMap<String, u64>,
 }
 
 /// Where calls go and how they are spread.
@@ -244,7 +274,8 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
 /// Runs the client; the error says what failed and where.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Some(Command::Bench(b)) => run_bench(b).await,
+        Some(Command::Bench(b)) => run_bench(*b).await,
+        Some(Command::Health(h)) => health(h).await,
         None => greet(args.greet).await,
     }
 }
@@ -381,6 +412,44 @@ fn state_name(state: EndpointState) -> &'static str {
         EndpointState::Connecting => "connecting",
         _ => "unreachable",
     }
+}
+
+async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut client = HealthClient::new(connect(&args.target).await?);
+    let until = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut report = HealthReport::default();
+    loop {
+        let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        request.set_timeout(Duration::from_secs(1));
+        report.checks += 1;
+        match client.check(request).await {
+            Ok(reply) if reply.get_ref().status == ServingStatus::Serving as i32 => report.serving += 1,
+            Ok(reply) => {
+                let name =
+                    ServingStatus::try_from(reply.get_ref().status).map_or("unknown status", |s| s.as_str_name());
+                *report.other.entry(name.to_string()).or_default() += 1;
+            }
+            Err(status) => *report.other.entry(format!("{:?}: {}", status.code(), status.message())).or_default() += 1,
+        }
+        if until.is_none_or(|u| tokio::time::Instant::now() >= u) {
+            break;
+        }
+        tokio::time::sleep(args.every).await;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report).context("encoding the report")?);
+    } else {
+        println!("{} checks, {} SERVING, other: {:?}", report.checks, report.serving, report.other);
+    }
+    anyhow::ensure!(
+        report.serving == report.checks,
+        "{} of {} checks were not SERVING",
+        report.checks - report.serving,
+        report.checks
+    );
+    Ok(())
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {

@@ -28,7 +28,7 @@ mod cli;
 mod connect;
 mod stack;
 
-pub use cli::{Args, Command, EndpointReport, GreetReport, run};
+pub use cli::{Args, Command, EndpointReport, GreetReport, HealthReport, run};
 pub use connect::{balanced, connect, discovered};
 pub use stack::{
     EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience, default_service_breaker,
