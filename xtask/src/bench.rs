@@ -310,6 +310,8 @@ fn h2load_run(h2load: &std::path::Path, target: &str, c: u32, m: u32, secs: u64,
     let body = dir.join("say-hello.grpc");
     fs::write(&body, GRPC_REQUEST).with_context(|| format!("writing {}", body.display()))?;
     let log = dir.join("h2load.log");
+    // h2load appends to its log file: each run starts from none.
+    let _ = fs::remove_file(&log);
     let mut cmd = pinned(1, h2load.to_path_buf());
     cmd.args(["-c", &c.to_string(), "-m", &m.to_string(), "-t", "1", "-D", &secs.to_string()])
         .arg("-d")
@@ -334,6 +336,7 @@ fn h2load_run(h2load: &std::path::Path, target: &str, c: u32, m: u32, secs: u64,
         .lines()
         .filter_map(|l| l.split('\t').nth(2).and_then(|d| d.parse().ok()))
         .collect();
+    let _ = fs::remove_file(&log);
     latencies.sort_by(f64::total_cmp);
     let p99 = latencies.get(latencies.len().saturating_sub(1) * 99 / 100).copied().unwrap_or(0.0);
     Ok(H2Sample { throughput: done / secs as f64, p99_us: p99, cpu_us: cpu / done })
