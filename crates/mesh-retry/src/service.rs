@@ -126,7 +126,6 @@ where
         };
         let started = Instant::now();
         let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| started.checked_add(t));
-        let per_try = shared.policy.per_try_timeout;
         let again = Box::new(Again {
             shared: shared.clone(),
             method: parts.method.clone(),
@@ -136,12 +135,11 @@ where
             extensions: parts.extensions.clone(),
             bytes,
             deadline,
-            per_try,
             failed_at: Vec::new(),
         });
         let mut parts = parts;
         // The first attempt keeps the call's deadline, unless its own is shorter.
-        if per_try.is_some()
+        if shared.policy.per_try_timeout.is_some()
             && let Some(timeout) = again.attempt_timeout(started)
         {
             parts.headers.insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
@@ -290,8 +288,6 @@ struct Again<S> {
     extensions: http::Extensions,
     bytes: Bytes,
     deadline: Option<Instant>,
-    /// The deadline of each attempt, when shorter than what is left of the call's.
-    per_try: Option<std::time::Duration>,
     /// Endpoints earlier attempts failed at, for the balancer to avoid.
     failed_at: Vec<Arc<str>>,
 }
@@ -312,7 +308,7 @@ impl<S> Again<S> {
                     None => {
                         // An attempt that ran out of its own time, with time left on the call's.
                         let try_timed_out = code == Code::DeadlineExceeded
-                            && self.per_try.is_some()
+                            && self.shared.policy.per_try_timeout.is_some()
                             && self.deadline.is_none_or(|d| Instant::now() < d);
                         code != Code::Ok && (self.shared.policy.retry_on.contains(&code) || try_timed_out)
                     }
@@ -326,7 +322,7 @@ impl<S> Again<S> {
     /// deadline, or the per-try timeout if that is shorter.
     fn attempt_timeout(&self, now: Instant) -> Option<std::time::Duration> {
         let left = self.deadline.map(|d| d.saturating_duration_since(now));
-        match (left, self.per_try) {
+        match (left, self.shared.policy.per_try_timeout) {
             (Some(left), Some(per_try)) => Some(left.min(per_try)),
             (left, per_try) => left.or(per_try),
         }
