@@ -1,5 +1,5 @@
 //! What admitting a call costs: the limiter's bucket lookup and token take, for one
-//! server-wide budget, a method override, and per caller (a metadata key), on a bucket with
+//! server-wide budget, a method override, and per caller (a metadata key, the peer IP), on a bucket with
 //! tokens to spare. Each iteration builds the request too; `none` (the same service without
 //! the limiter) is the baseline to subtract. Run by `cargo xtask bench`.
 
@@ -34,6 +34,8 @@ fn request() -> http::Request<()> {
     let mut r = http::Request::new(());
     *r.uri_mut() = http::Uri::from_static("http://greeter/greeter.v1.Greeter/SayHello");
     r.headers_mut().insert("x-tenant", http::HeaderValue::from_static("tenant-7"));
+    let peer = Some(std::net::SocketAddr::from(([10, 0, 0, 7], 50_000)));
+    r.extensions_mut().insert(tonic::transport::server::TcpConnectInfo { local_addr: None, remote_addr: peer });
     r
 }
 
@@ -45,10 +47,14 @@ fn admit(c: &mut Criterion) {
         ("server", LimiterConfig::try_new(limit).expect("valid")),
         ("method", LimiterConfig::try_new(limit).expect("valid").with_method("/greeter.v1.Greeter/SayHello", limit)),
         (
-            "per_caller",
+            "per_caller_key",
             LimiterConfig::try_new(limit)
                 .expect("valid")
                 .with_per_caller(PerCaller::new(CallerKey::Metadata("x-tenant".into()))),
+        ),
+        (
+            "per_caller_ip",
+            LimiterConfig::try_new(limit).expect("valid").with_per_caller(PerCaller::new(CallerKey::PeerIp)),
         ),
     ];
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");

@@ -6,9 +6,10 @@
 //! than the burst (a refill beyond the bucket's size would spill), whose average is within
 //! 0.5% of r: 200/s is 1 token every 5 ms, 300/s 3 every 10 ms, 1500/s 3 every 2 ms, 0.5/s
 //! 1 every 2 s. When no such interval exists (300/s with a burst of 1 needs a token every
-//! 3.33 ms), the closest rate not above r is taken (250/s), never one above it. The burst is the bucket's size, and a new bucket starts
-//! full. Limits that wait are fair (first come, first served), which costs a lock per call;
-//! limits that reject take a token lock-free.
+//! 3.33 ms), the closest rate not above r is taken (250/s), never one above it. The burst
+//! is the bucket's size, and a new bucket starts full. Every bucket is fair: waiters are
+//! served first come, first served, and each call takes the bucket's lock (uncontended,
+//! tens of nanoseconds); see `Bucket::new` for why not the lock-free path.
 
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ use crate::config::Limit;
 pub(crate) struct Bucket {
     limiter: RateLimiter,
     pub(crate) limit: Limit,
+    /// The refill interval, in whole milliseconds: the pushback a rejection asks for.
+    pushback_ms: u64,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -29,12 +32,23 @@ impl std::fmt::Debug for Bucket {
 
 /// Tokens per refill (at most `burst`), and the interval between refills (whole
 /// milliseconds), for `rate` per second: the shortest interval within 0.5% of it, else the
-/// closest rate below it.
+/// closest rate below it. A rate slower than one call a minute is one token per interval.
+/// `Limit::validate` has made sure the burst can hold a millisecond's refill.
 pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
     let burst = f64::from(burst.max(1));
+    // One token at the rate, in whole milliseconds: below one a minute, that is the answer
+    // (within a millisecond in a minute).
+    let slowest = (1000.0 / rate).ceil().clamp(1.0, u64::MAX as f64) as u64;
+    if slowest > 60_000 {
+        return (1, Duration::from_millis(slowest));
+    }
     let mut best: Option<(usize, u64, f64)> = None;
     for ms in 1..=60_000u64 {
         let exact = rate * ms as f64 / 1000.0;
+        if exact.floor() > burst {
+            // Longer intervals need even more tokens than the bucket holds.
+            break;
+        }
         for tokens in [exact.round(), exact.floor()] {
             if tokens < 1.0 || tokens > burst {
                 continue;
@@ -52,7 +66,7 @@ pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
             }
         }
     }
-    let (tokens, ms, _) = best.unwrap_or((1, 60_000, 0.0));
+    let (tokens, ms, _) = best.unwrap_or((1, slowest, 0.0));
     (tokens, Duration::from_millis(ms))
 }
 
@@ -66,9 +80,13 @@ impl Bucket {
             .initial(initial.min(max))
             .refill(refill)
             .interval(interval)
+            // Fair, even for limits that never wait: leaky-bucket 1.1's lock-free path
+            // (`fair(false)`) writes back a stale balance when it fails, which loses tokens
+            // and can stop refills for good under contention (udoprog/leaky-bucket#39).
             .fair(true)
             .build();
-        Bucket { limiter, limit }
+        let pushback_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        Bucket { limiter, limit, pushback_ms }
     }
 
     /// A bucket for `limit`, full.
@@ -95,8 +113,7 @@ impl Bucket {
     /// How long a caller should wait before trying again: one refill interval, in whole
     /// milliseconds (at least 1).
     pub(crate) fn pushback_ms(&self) -> u64 {
-        let (_, interval) = refill_of(self.limit.rate_per_sec, self.limit.burst);
-        u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1)
+        self.pushback_ms
     }
 }
 

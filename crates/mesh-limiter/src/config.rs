@@ -32,8 +32,8 @@ pub struct Limit {
 pub enum CallerKey {
     /// The peer's IP address.
     PeerIp,
-    /// The value of a metadata key (a tenant or API key header); calls without it share
-    /// one bucket.
+    /// The value of a metadata key (a tenant or API key header); calls without it (or with
+    /// an empty or non-ASCII value) share one bucket.
     Metadata(String),
 }
 
@@ -119,6 +119,17 @@ impl Limit {
         }
         if self.burst == 0 {
             return bad("burst", "is 0; at least 1 call must get through".into());
+        }
+        if rate > f64::from(self.burst) * 1000.0 {
+            // Tokens come at most once a millisecond, and a refill cannot exceed the bucket.
+            return bad(
+                "burst",
+                format!(
+                    "is {}; at {rate}/s it must be at least {} (the bucket refills at most once a millisecond)",
+                    self.burst,
+                    (rate / 1000.0).ceil()
+                ),
+            );
         }
         if let Mode::Wait { max_wait } = self.mode
             && max_wait > Duration::from_secs(3600)

@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::bucket::Bucket;
-use crate::config::{CallerKey, InvalidLimit, LimiterConfig, Mode};
+use crate::config::{InvalidLimit, LimiterConfig, Mode};
 use crate::table::Table;
 
 /// Paths never limited: health checks must answer during a flood, and reflection is how
@@ -22,6 +22,14 @@ pub const PUSHBACK_KEY: &str = "grpc-retry-pushback-ms";
 #[derive(Debug)]
 struct Shared {
     table: ArcSwap<Table>,
+    counts: Counts,
+}
+
+/// Calls admitted and rejected, on a cache line of their own: every call writes them, and
+/// they must not evict the table pointer that every call reads.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Counts {
     admitted: AtomicU64,
     rejected: AtomicU64,
 }
@@ -52,8 +60,7 @@ impl RateLimitLayer {
     pub fn try_new(config: LimiterConfig) -> Result<Self, InvalidLimit> {
         config.validate()?;
         let table = Table::new(config, None);
-        let shared =
-            Shared { table: ArcSwap::from_pointee(table), admitted: AtomicU64::new(0), rejected: AtomicU64::new(0) };
+        let shared = Shared { table: ArcSwap::from_pointee(table), counts: Counts::default() };
         Ok(RateLimitLayer { shared: Arc::new(shared) })
     }
 
@@ -89,12 +96,12 @@ impl LimiterHandle {
 
     /// Calls admitted so far (exempt ones are not counted).
     pub fn admitted(&self) -> u64 {
-        self.shared.admitted.load(Ordering::Relaxed)
+        self.shared.counts.admitted.load(Ordering::Relaxed)
     }
 
     /// Calls rejected so far.
     pub fn rejected(&self) -> u64 {
-        self.shared.rejected.load(Ordering::Relaxed)
+        self.shared.counts.rejected.load(Ordering::Relaxed)
     }
 
     /// How many callers have buckets of their own (with limits per caller).
@@ -120,23 +127,9 @@ impl<S> RateLimit<S> {
     }
 }
 
-/// Who a call comes from, as the per-caller key says.
-fn caller_of<B>(key: &CallerKey, request: &http::Request<B>) -> Option<String> {
-    match key {
-        CallerKey::PeerIp => request
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|info| info.remote_addr())
-            .map(|addr| addr.ip().to_string()),
-        CallerKey::Metadata(name) => {
-            request.headers().get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_owned)
-        }
-    }
-}
-
 /// RESOURCE_EXHAUSTED naming the method, the limit and (per caller) the caller, with the
 /// pushback hint in its metadata.
-fn rejection<B: Default>(path: &str, caller: Option<&str>, bucket: &Bucket) -> http::Response<B> {
+fn rejection<B: Default>(path: &str, caller: Option<&dyn std::fmt::Display>, bucket: &Bucket) -> http::Response<B> {
     let limit = &bucket.limit;
     let who = caller.map(|c| format!(" from {c}")).unwrap_or_default();
     let mut status = tonic::Status::resource_exhausted(format!(
@@ -172,16 +165,16 @@ where
             return ResponseFuture::inner(self.inner.call(request));
         }
         let table = self.shared.table.load();
-        let caller = table.config.per_caller.as_ref().and_then(|p| caller_of(&p.key, &request));
-        let bucket = table.bucket(path, caller.as_deref());
-        if bucket.try_admit() {
-            self.shared.admitted.fetch_add(1, Ordering::Relaxed);
+        let caller = table.caller(&request);
+        // Admitted calls, the most common by far, touch the bucket without cloning it.
+        let Some(bucket) = table.with_bucket(path, caller, |b| (!b.try_admit()).then(|| b.clone())) else {
+            self.shared.counts.admitted.fetch_add(1, Ordering::Relaxed);
             return ResponseFuture::inner(self.inner.call(request));
-        }
+        };
         match bucket.limit.mode {
             Mode::Reject => {
-                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-                ResponseFuture::rejected(rejection(path, caller.as_deref(), &bucket))
+                self.shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                ResponseFuture::rejected(rejection(path, caller.as_ref().map(|c| c as _), &bucket))
             }
             Mode::Wait { max_wait } => {
                 // The instance polled ready goes with the call; this one takes a clone.
@@ -189,13 +182,14 @@ where
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let shared = self.shared.clone();
                 let path = path.to_owned();
+                let caller = caller.map(|c| c.to_string());
                 ResponseFuture::waiting(Box::pin(async move {
                     if bucket.admit_within(max_wait).await {
-                        shared.admitted.fetch_add(1, Ordering::Relaxed);
+                        shared.counts.admitted.fetch_add(1, Ordering::Relaxed);
                         inner.call(request).await
                     } else {
-                        shared.rejected.fetch_add(1, Ordering::Relaxed);
-                        Ok(rejection(&path, caller.as_deref(), &bucket))
+                        shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                        Ok(rejection(&path, caller.as_ref().map(|c| c as _), &bucket))
                     }
                 }))
             }

@@ -18,6 +18,8 @@ fn refills_come_in_whole_milliseconds_and_average_to_the_rate() {
     // A refill never spills over the burst, and the rate is never exceeded.
     assert_eq!(refill_of(300.0, 1), (1, Duration::from_millis(4)), "250/s, not 333/s");
     assert_eq!(refill_of(1500.0, 2), (1, Duration::from_millis(1)), "1000/s with a burst of 2");
+    assert_eq!(refill_of(0.01, 1), (1, Duration::from_secs(100)), "slower than one a minute");
+    assert_eq!(refill_of(1_000_000.0, 1000), (1000, Duration::from_millis(1)));
 }
 
 #[tokio::test(start_paused = true)]
@@ -69,4 +71,28 @@ async fn waiting_gets_a_token_within_max_wait_or_gives_up() {
     assert!(bucket.try_admit());
     assert!(bucket.admit_within(Duration::from_millis(150)).await, "a token comes every 100 ms");
     assert!(!bucket.admit_within(Duration::from_millis(50)).await, "none within 50 ms");
+}
+
+#[test]
+fn threads_racing_for_tokens_get_the_rate_and_the_bucket_keeps_refilling() {
+    // Four threads take tokens as fast as they can: every token refilled is taken once,
+    // none is lost, and refills never stop (leaky-bucket's lock-free path failed both).
+    let bucket = std::sync::Arc::new(Bucket::full(Limit::try_new(1000.0, 10).expect("valid")));
+    let started = std::time::Instant::now();
+    let lasting = Duration::from_millis(400);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let bucket = bucket.clone();
+            std::thread::spawn(move || {
+                let mut admitted = 0u64;
+                while started.elapsed() < lasting {
+                    admitted += u64::from(bucket.try_admit());
+                }
+                admitted
+            })
+        })
+        .collect();
+    let admitted: u64 = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+    let expected = 1000.0 * started.elapsed().as_secs_f64() + 10.0;
+    assert!((admitted as f64 - expected).abs() <= expected * 0.05, "{admitted} admitted, {expected:.0} expected");
 }

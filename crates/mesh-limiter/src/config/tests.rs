@@ -9,12 +9,14 @@ fn bad_rates_and_bursts_are_refused_in_words() {
         (f64::INFINITY, 10, "rate_per_sec", "infinite"),
         (1e12, 10, "rate_per_sec", "at most"),
         (100.0, 0, "burst", "at least 1"),
+        (50_000.0, 10, "burst", "must be at least 50 "),
     ] {
         let err = Limit::try_new(rate, burst).expect_err("refused");
         assert_eq!(err.setting, setting, "{rate} {burst}");
         assert!(err.to_string().contains(words), "{err}");
     }
     assert!(Limit::try_new(0.5, 1).is_ok(), "a rate below one per second is fine");
+    assert!(Limit::try_new(50_000.0, 50).is_ok(), "50 tokens every millisecond");
 }
 
 #[test]
