@@ -21,10 +21,21 @@ pub(crate) struct Opts {
     duration: u64,
     warmup: u64,
     concurrency: Vec<u32>,
+    /// The sections to run (`--only`); all when empty.
+    only: Vec<String>,
+}
+
+/// The sections of `cargo xtask bench`, in the order they run.
+const SECTIONS: [&str; 8] = ["clients", "servers", "pick", "channel", "breaker", "limiter", "update", "registry"];
+
+impl Opts {
+    fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 pub(crate) fn parse(rest: &[String]) -> anyhow::Result<Opts> {
-    let mut opts = Opts { runs: 5, duration: 3, warmup: 1, concurrency: vec![1, 16, 64] };
+    let mut opts = Opts { runs: 5, duration: 3, warmup: 1, concurrency: vec![1, 16, 64], only: Vec::new() };
     let mut args = rest.iter();
     while let Some(flag) = args.next() {
         let mut value = |name: &str| -> anyhow::Result<u64> {
@@ -38,7 +49,19 @@ pub(crate) fn parse(rest: &[String]) -> anyhow::Result<Opts> {
                 opts.runs = 2;
                 opts.duration = 1;
             }
-            other => bail!("unknown flag {other:?}; usage: cargo xtask bench [--runs N] [--duration SECS] [--quick]"),
+            "--only" => {
+                let list = args.next().context("--only needs a list of sections")?;
+                for section in list.split(',') {
+                    if !SECTIONS.contains(&section) {
+                        bail!("--only: no section {section:?}; the sections are {}", SECTIONS.join(", "));
+                    }
+                    opts.only.push(section.to_string());
+                }
+            }
+            other => bail!(
+                "unknown flag {other:?}; usage: cargo xtask bench [--runs N] [--duration SECS] [--quick] [--only {}]",
+                SECTIONS.join(",")
+            ),
         }
     }
     Ok(opts)
@@ -195,7 +218,8 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
 }
 
 fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
-    let command = format!("cargo xtask bench --runs {} --duration {}", opts.runs, opts.duration);
+    let only = if opts.only.is_empty() { String::new() } else { format!(" --only {}", opts.only.join(",")) };
+    let command = format!("cargo xtask bench --runs {} --duration {}{only}", opts.runs, opts.duration);
     let mut md = String::new();
     let _ = writeln!(md, "# mesh benchmarks\n");
     let _ = writeln!(
@@ -207,7 +231,7 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         pinning()
     );
-    for cmp in comparisons() {
+    for cmp in comparisons().into_iter().filter(|_| opts.runs("clients")) {
         eprintln!("== {} ==", cmp.title);
         let (_a_proc, a_target) = start(&cmp.a, bins)?;
         let (_b_proc, b_target) = if cmp.b.server == cmp.a.server {
@@ -253,13 +277,27 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
         }
         md.push('\n');
     }
-    md.push_str(&h2load_table(opts, bins)?);
-    md.push_str(&pick_table(opts)?);
-    md.push_str(&channel_table(opts)?);
-    md.push_str(&breaker_table(opts)?);
-    md.push_str(&limiter_table(opts)?);
-    md.push_str(&update_table()?);
-    md.push_str(&registry_table()?);
+    if opts.runs("servers") {
+        md.push_str(&h2load_table(opts, bins)?);
+    }
+    if opts.runs("pick") {
+        md.push_str(&pick_table(opts)?);
+    }
+    if opts.runs("channel") {
+        md.push_str(&channel_table(opts)?);
+    }
+    if opts.runs("breaker") {
+        md.push_str(&breaker_table(opts)?);
+    }
+    if opts.runs("limiter") {
+        md.push_str(&limiter_table(opts)?);
+    }
+    if opts.runs("update") {
+        md.push_str(&update_table()?);
+    }
+    if opts.runs("registry") {
+        md.push_str(&registry_table()?);
+    }
     println!("{md}");
     let dir = util::root().join("target").join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

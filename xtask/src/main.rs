@@ -17,8 +17,10 @@ cargo xtask <command>
   etcd-down               stop it (its data stays under target/etcd/)
   etcd-status             show what runs and whether it is healthy
   codegen [--check]       regenerate crates/mesh-proto from proto/; --check fails if stale
-  bench [--runs N] [--duration SECS] [--quick]
+  bench [--runs N] [--duration SECS] [--quick] [--only SECTION,...]
                           benchmark suite; prints a markdown table, saved under target/bench/
+                          (sections: clients, servers, pick, channel, breaker, limiter,
+                          update, registry)
 ";
 
 fn main() -> ExitCode {
