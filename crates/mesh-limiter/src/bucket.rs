@@ -2,11 +2,11 @@
 //!
 //! leaky-bucket adds `refill` tokens every `interval`, up to `max`, and counts intervals in
 //! whole milliseconds (an interval of 3.33 ms refills every 3 ms). So a rate of r per second
-//! becomes the shortest whole-millisecond interval, with a whole number of tokens no more
-//! than the burst (a refill beyond the bucket's size would spill), whose average is within
-//! 0.5% of r: 200/s is 1 token every 5 ms, 300/s 3 every 10 ms, 1500/s 3 every 2 ms, 0.5/s
-//! 1 every 2 s. When no such interval exists (300/s with a burst of 1 needs a token every
-//! 3.33 ms), the closest rate not above r is taken (250/s), never one above it. The burst
+//! becomes a whole-millisecond interval, with a whole number of tokens no more than the
+//! burst (a refill beyond the bucket's size would spill), whose average is r exactly or,
+//! failing that, within 0.5% of it: 200/s is 1 token every 5 ms, 300/s 3 every 10 ms,
+//! 1500/s 3 every 2 ms, 0.5/s 1 every 2 s. When no such interval exists (300/s with a burst
+//! of 1 needs a token every 3.33 ms), the closest rate below r is taken (250/s). The burst
 //! is the bucket's size, and a new bucket starts full. Every bucket is fair: waiters are
 //! served first come, first served, and each call takes the bucket's lock (uncontended,
 //! tens of nanoseconds); see `Bucket::new` for why not the lock-free path.
@@ -31,8 +31,9 @@ impl std::fmt::Debug for Bucket {
 }
 
 /// Tokens per refill (at most `burst`), and the interval between refills (whole
-/// milliseconds), for `rate` per second: the shortest interval within 0.5% of it, else the
-/// closest rate below it. A rate slower than one call a minute is one token per interval.
+/// milliseconds), for `rate` per second: an exact match if one comes within ten times the
+/// shortest interval within 0.5% of the rate, else that one, else the closest rate below
+/// it. A rate slower than one call a minute is one token per interval.
 /// `Limit::validate` has made sure the burst can hold a millisecond's refill.
 pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
     let burst = f64::from(burst.max(1));
@@ -42,11 +43,12 @@ pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
     if slowest > 60_000 {
         return (1, Duration::from_millis(slowest));
     }
+    let mut within: Option<(usize, u64)> = None;
     let mut best: Option<(usize, u64, f64)> = None;
     for ms in 1..=60_000u64 {
         let exact = rate * ms as f64 / 1000.0;
-        if exact.floor() > burst {
-            // Longer intervals need even more tokens than the bucket holds.
+        if exact.floor() > burst || within.is_some_and(|(_, first)| ms > first * 10) {
+            // Longer intervals need more tokens than the bucket holds, or are too coarse.
             break;
         }
         for tokens in [exact.round(), exact.floor()] {
@@ -58,15 +60,18 @@ pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
                 continue;
             }
             let error = (got - rate).abs() / rate;
-            if error <= 0.005 {
+            if error <= 1e-9 {
                 return (tokens as usize, Duration::from_millis(ms));
+            }
+            if error <= 0.005 && within.is_none() {
+                within = Some((tokens as usize, ms));
             }
             if best.is_none_or(|b| error < b.2) {
                 best = Some((tokens as usize, ms, error));
             }
         }
     }
-    let (tokens, ms, _) = best.unwrap_or((1, slowest, 0.0));
+    let (tokens, ms) = within.or(best.map(|(t, ms, _)| (t, ms))).unwrap_or((1, slowest));
     (tokens, Duration::from_millis(ms))
 }
 

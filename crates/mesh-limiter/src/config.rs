@@ -99,6 +99,20 @@ impl Limit {
         self
     }
 
+    /// The rate this limit really admits under a flood. Tokens come in whole milliseconds,
+    /// at most a burst at a time, so a rate no such refill matches within 0.5% is rounded
+    /// down: 300/s with a burst of 1 admits 250/s (one token every 4 ms).
+    pub fn effective_rate_per_sec(&self) -> f64 {
+        let (tokens, interval) = crate::bucket::refill_of(self.rate_per_sec, self.burst);
+        tokens as f64 / interval.as_secs_f64()
+    }
+
+    /// The smallest burst with which this limit admits its full rate (within 0.5%).
+    pub fn burst_for_full_rate(&self) -> u32 {
+        let (tokens, _) = crate::bucket::refill_of(self.rate_per_sec, u32::MAX);
+        u32::try_from(tokens).unwrap_or(u32::MAX).max(1)
+    }
+
     fn validate(&self, prefix: &str) -> Result<(), InvalidLimit> {
         let bad = |setting: &str, reason: String| Err(InvalidLimit { setting: format!("{prefix}{setting}"), reason });
         let rate = self.rate_per_sec;

@@ -61,23 +61,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             EtcdOptions::parse_endpoints(&args.etcd).with_context(|| format!("invalid --etcd {:?}", args.etcd))?,
         ))
     };
+    if let Some(a) = &args.advertise {
+        mesh_registry::check_addr(a).with_context(|| format!("invalid --advertise {a:?}"))?;
+    }
+    let fault = args.fault();
+    let limits = args.limits()?;
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("listening on {} (--listen)", args.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
     info!(address = %local, "greeter-server listening on {local}");
     let advertise = match &args.advertise {
-        Some(a) => {
-            mesh_registry::check_addr(a).with_context(|| format!("invalid --advertise {a:?}"))?;
-            a.clone()
-        }
+        Some(a) => a.clone(),
         None if local.ip().is_unspecified() => anyhow::bail!(
             "listening on {local}, which clients cannot dial; pass --advertise HOST:{} with this host's address",
             local.port()
         ),
         None => local.to_string(),
     };
-    let fault = args.fault();
-    let limits = args.limits()?;
     let instance_id = args.instance_id.unwrap_or_else(|| advertise.clone());
     let registry = etcd.map(|etcd| RegistryOptions {
         etcd,
@@ -117,7 +117,16 @@ fn describe(config: &mesh_limiter::LimiterConfig) -> String {
             mesh_limiter::Mode::Reject => "reject".to_string(),
             mesh_limiter::Mode::Wait { max_wait } => format!("wait up to {max_wait:?}"),
         };
-        format!("{}/s, burst {}, {mode}", l.rate_per_sec, l.burst)
+        let admits = l.effective_rate_per_sec();
+        let rounded = if (admits - l.rate_per_sec).abs() > l.rate_per_sec * 0.005 {
+            format!(
+                " (admits {admits}/s: tokens come in whole milliseconds; a burst of {} gives the full rate)",
+                l.burst_for_full_rate()
+            )
+        } else {
+            String::new()
+        };
+        format!("{}/s, burst {}{rounded}, {mode}", l.rate_per_sec, l.burst)
     };
     let mut out = one(&config.default);
     for (path, limit) in &config.methods {

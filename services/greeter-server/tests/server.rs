@@ -131,3 +131,28 @@ async fn shutdown_reports_not_serving_to_watchers_then_exits_cleanly() {
         .expect("join")
         .expect("clean exit");
 }
+
+#[test]
+fn bad_flags_are_refused_in_words_before_the_port_is_taken() {
+    // The port is held here: a server that bound before checking its flags would report
+    // the address in use instead of the bad flag.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    for (flags, words) in [
+        (&["--rate", "10", "--burst", "0"][..], "burst: is 0"),
+        (&["--rate", "50000", "--burst", "10"][..], "it must be at least 50"),
+        (&["--rate", "10", "--limit-per-caller", "metadata:bad key"][..], "\"bad key\" is not a metadata key"),
+        (&["--rate", "10", "--limit-method", "SayHello=5"][..], "--limit-method"),
+        (&["--advertise", "no-port"][..], "invalid --advertise"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_greeter-server"))
+            .args(["--no-register", "--listen", &addr])
+            .args(flags)
+            .output()
+            .expect("run greeter-server");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} accepted");
+        assert!(stderr.contains(words), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("listening"), "{flags:?} bound first: {stderr}");
+    }
+}

@@ -38,3 +38,13 @@ fn method_overrides_are_checked_and_found() {
         .with_per_caller(PerCaller::new(CallerKey::Metadata("bad key".into())));
     assert_eq!(bad.validate().expect_err("refused").setting, "per_caller.key");
 }
+
+#[test]
+fn a_rate_that_whole_millisecond_refills_cannot_match_says_what_it_admits() {
+    let limit = Limit::try_new(300.0, 1).expect("valid");
+    assert_eq!(limit.effective_rate_per_sec(), 250.0);
+    assert_eq!(limit.burst_for_full_rate(), 3, "3 tokens every 10 ms");
+    let fine = Limit::try_new(200.0, 20).expect("valid");
+    assert_eq!(fine.effective_rate_per_sec(), 200.0);
+    assert_eq!(Limit::try_new(0.5, 1).expect("valid").effective_rate_per_sec(), 0.5);
+}
