@@ -205,6 +205,30 @@ async fn one_callers_flood_leaves_another_callers_rate_intact_and_a_method_overr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_told_apart_by_peer_ip_get_a_budget_each_and_a_rejection_names_the_address() {
+    // One token a second and a burst of 2: the third quick call from one address is over.
+    let limit = Limit::try_new(1.0, 2).expect("valid");
+    let config = LimiterConfig::try_new(limit).expect("valid").with_per_caller(PerCaller::new(CallerKey::PeerIp));
+    let (server, handle) = serve(config, Counting::default()).await;
+    // Two callers on loopback addresses of their own (all of 127.0.0.0/8 is local on Linux).
+    let from = |ip: [u8; 4]| {
+        let endpoint = Channel::from_shared(server.uri()).expect("uri").local_address(Some(ip.into()));
+        async move { GreeterClient::new(endpoint.connect().await.expect("connect")) }
+    };
+    let (mut a, mut b) = (from([127, 0, 0, 2]).await, from([127, 0, 0, 3]).await);
+    let hello = || HelloRequest { name: "ip".into() };
+    a.say_hello(hello()).await.expect("a's first");
+    a.say_hello(hello()).await.expect("a's second");
+    let status = a.say_hello(hello()).await.expect_err("a's third is over its burst");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(status.message(), "rate limit exceeded for /greeter.v1.Greeter/SayHello from 127.0.0.2: 1/s, burst 2");
+    assert_eq!(status.metadata().get(PUSHBACK_KEY).and_then(|v| v.to_str().ok()), Some("1000"));
+    b.say_hello(hello()).await.expect("b's first: a's calls took nothing from b");
+    b.say_hello(hello()).await.expect("b's second");
+    assert_eq!(handle.callers(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_update_during_a_flood_sets_the_admitted_rate_and_calls_in_flight_complete() {
     let greeter = Counting { delay: Duration::from_millis(50), ..Counting::default() };
     let (server, handle) =

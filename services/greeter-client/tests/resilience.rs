@@ -1,6 +1,7 @@
 //! Circuit breakers and retries of the client stack against real in-process servers: an
 //! endpoint that keeps failing is ejected and probed back, retries stay inside their
-//! budget, and an open service breaker sends nothing.
+//! budget, an open service breaker sends nothing, and a rate-limited server is retried after
+//! the pause it asks for without tripping a breaker.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -267,4 +268,52 @@ async fn connections_closed_by_the_server_fail_no_call_through_the_whole_stack()
         }
         assert!(ok > 200, "{callers} callers: {ok} calls");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_server_is_retried_after_its_pushback_and_trips_no_breaker() {
+    use mesh_limiter::{Limit, LimiterConfig, RateLimitLayer};
+    use tower_layer::Layer as _;
+
+    let greeter = Flaky::new("a", false);
+    // One token every 200 ms, a burst of 1: back-to-back calls are over the limit, and a
+    // rejection asks for a 200 ms pause.
+    let limit = Limit::try_new(5.0, 1).expect("valid");
+    let limiter = RateLimitLayer::try_new(LimiterConfig::try_new(limit).expect("valid")).expect("valid");
+    let limits = limiter.handle();
+    let server = TestServer::serve(limiter.layer(GreeterServer::new(greeter.clone()))).await.expect("serve");
+    // Breakers that would open after 2 failures in a row, if a limit counted as a failure.
+    let mut r = resilience(BreakerConfig::default().with_failure_threshold(2), 3);
+    r.service_breaker = BreakerConfig::default().with_failure_threshold(2);
+    let mesh = mesh(std::slice::from_ref(&server), &r);
+    let mut client = GreeterClient::new(mesh.channel.clone());
+    let started = Instant::now();
+    for i in 0..6 {
+        assert_eq!(hello(&mut client).await.map_err(|s| s.message().to_string()), Ok("a".into()), "call {i}");
+    }
+    // Six calls admitted at 5/s from a burst of 1 cannot end sooner than 1 s in.
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!((limits.admitted(), greeter.calls()), (6, 6));
+    // Each retry waited for the pushback, when the next token was due, and got it: no call
+    // was rejected twice (a retry after the usual 20 ms backoff would have been).
+    let rejected = limits.rejected();
+    assert!((1..=5).contains(&rejected), "{rejected} rejections for 6 calls");
+    assert_eq!(mesh.retries.retries(), rejected);
+    assert_eq!(mesh.service_breaker.state(), State::Closed);
+    let endpoint = mesh.endpoint_breaker(&server.addr().to_string()).expect("the endpoint's breaker");
+    assert_eq!(endpoint.state(), State::Closed);
+
+    // Deadlines shorter than the pushback: not retried; the limit's answer is the call's.
+    // Three in a row would open both breakers (2 failures in a row) if a limit counted.
+    for _ in 0..3 {
+        let mut request = Request::new(HelloRequest { name: "t".into() });
+        request.set_timeout(Duration::from_millis(50));
+        let status = client.say_hello(request).await.expect_err("over the limit, no time to wait");
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.message(), "rate limit exceeded for /greeter.v1.Greeter/SayHello: 5/s, burst 1");
+    }
+    assert_eq!(mesh.retries.retries(), rejected, "no retry for them");
+    assert_eq!(mesh.service_breaker.state(), State::Closed);
+    assert_eq!(endpoint.state(), State::Closed);
+    assert_eq!(hello(&mut client).await.map_err(|s| s.message().to_string()), Ok("a".into()));
 }
