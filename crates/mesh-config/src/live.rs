@@ -1,0 +1,201 @@
+//! The document in etcd, watched and applied over the layers below it.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use mesh_etcd::{Etcd, KeyValue, ListWatch, ViewStatus, WatchEvent};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{info, warn};
+
+use crate::{ConfigError, Document, Layers};
+
+/// Watches one etcd key holding a JSON document, merged over [`Layers`] into a `T`.
+#[derive(Debug)]
+pub struct ConfigWatcher<T> {
+    etcd: Etcd,
+    key: String,
+    base: Value,
+    base_config: Arc<T>,
+    _document: PhantomData<fn() -> T>,
+}
+
+/// A running watch: the configuration in force, and how it got there. The task behind it
+/// stops when this and its clones are dropped (receivers already handed out then see no
+/// more changes).
+#[derive(Debug)]
+pub struct LiveConfig<T> {
+    value: watch::Receiver<Arc<T>>,
+    status: watch::Receiver<ConfigStatus>,
+    view: watch::Receiver<ViewStatus>,
+    _task: Arc<AbortOnDropHandle<()>>,
+}
+
+impl<T> Clone for LiveConfig<T> {
+    fn clone(&self) -> Self {
+        LiveConfig {
+            value: self.value.clone(),
+            status: self.status.clone(),
+            view: self.view.clone(),
+            _task: self._task.clone(),
+        }
+    }
+}
+
+/// Where the configuration in force comes from, and the last document refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ConfigStatus {
+    /// The revision of the etcd document applied; `None` while the file and flag settings
+    /// (and defaults) alone are in force.
+    pub revision: Option<i64>,
+    /// The last document refused, and why; it stays until a later one is applied.
+    pub last_rejection: Option<Rejection>,
+    /// Documents applied since the start.
+    pub applied: u64,
+}
+
+/// A document refused: its revision and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Rejection {
+    /// The revision of the refused document.
+    pub revision: i64,
+    /// Why, in words, naming the field.
+    pub reason: String,
+}
+
+/// The key of `service`'s configuration under `root`: `{root}/config/{service}`.
+pub fn config_key(root: &str, service: &str) -> String {
+    format!("{}/config/{service}", root.trim_end_matches('/'))
+}
+
+impl<T: Document> ConfigWatcher<T> {
+    /// Watches `key` over `layers`; the error says what is wrong with the layers alone (a
+    /// bad file or flag), which a process should refuse to start with.
+    pub fn new(etcd: Etcd, key: impl Into<String>, layers: &Layers) -> Result<Self, ConfigError> {
+        let base_config = Arc::new(layers.build::<T>()?);
+        Ok(ConfigWatcher {
+            etcd,
+            key: key.into(),
+            base: layers.document().clone(),
+            base_config,
+            _document: PhantomData,
+        })
+    }
+
+    /// Spawns the task that lists and watches the key. The file and flag settings are in
+    /// force at once, whether or not etcd answers; the document in etcd is applied when it
+    /// is read. Must be called within a tokio runtime.
+    pub fn spawn(self) -> LiveConfig<T> {
+        let (value_tx, value) = watch::channel(self.base_config.clone());
+        let (status_tx, status) = watch::channel(ConfigStatus::default());
+        let list_watch = ListWatch::key(self.etcd.clone(), self.key.clone());
+        let view = list_watch.status();
+        let task = AbortOnDropHandle::new(tokio::spawn(self.run(list_watch, value_tx, status_tx)));
+        LiveConfig { value, status, view, _task: Arc::new(task) }
+    }
+
+    async fn run(
+        self,
+        mut list_watch: ListWatch,
+        value_tx: watch::Sender<Arc<T>>,
+        status_tx: watch::Sender<ConfigStatus>,
+    ) {
+        let mut applier = Applier { watcher: &self, value_tx, status_tx, seen: 0 };
+        loop {
+            match list_watch.next().await {
+                WatchEvent::Reset { kvs, rebuilt, revision } => {
+                    if rebuilt {
+                        // Another cluster, or a restored one: its revisions start over.
+                        applier.seen = 0;
+                    }
+                    match kvs.into_iter().find(|kv| kv.key == self.key) {
+                        Some(kv) => applier.consider(kv),
+                        None if rebuilt => info!(
+                            key = %self.key,
+                            "etcd was rebuilt and holds no document; the configuration in force stays"
+                        ),
+                        None => applier.removed(revision),
+                    }
+                }
+                WatchEvent::Put(kv) => applier.consider(kv),
+                WatchEvent::Delete { revision, .. } => applier.removed(revision),
+            }
+            if applier.value_tx.is_closed() {
+                return;
+            }
+        }
+    }
+}
+
+struct Applier<'a, T> {
+    watcher: &'a ConfigWatcher<T>,
+    value_tx: watch::Sender<Arc<T>>,
+    status_tx: watch::Sender<ConfigStatus>,
+    /// The highest revision of the key considered: anything older is stale.
+    seen: i64,
+}
+
+impl<T: Document> Applier<'_, T> {
+    fn consider(&mut self, kv: KeyValue) {
+        let key = &self.watcher.key;
+        let revision = kv.mod_revision;
+        if revision <= self.seen {
+            // A relisting shows what was already considered, or an older revision.
+            return;
+        }
+        self.seen = revision;
+        let origin = format!("{key} at revision {revision}");
+        match crate::parse::<T>(&self.watcher.base, &kv.value, &origin) {
+            Ok(config) => {
+                self.value_tx.send_replace(Arc::new(config));
+                self.status_tx.send_modify(|s| {
+                    s.revision = Some(revision);
+                    s.applied += 1;
+                });
+                info!(key = %key, revision, "configuration applied");
+            }
+            Err(e) => {
+                warn!(key = %key, revision, "configuration refused, the last good one stays: {}", e.reason);
+                self.status_tx.send_modify(|s| s.last_rejection = Some(Rejection { revision, reason: e.reason }));
+            }
+        }
+    }
+
+    /// The key is gone from a live etcd: back to the file and flag settings.
+    fn removed(&mut self, revision: i64) {
+        if revision < self.seen || self.status_tx.borrow().revision.is_none() {
+            return;
+        }
+        self.seen = revision;
+        self.value_tx.send_replace(self.watcher.base_config.clone());
+        self.status_tx.send_modify(|s| s.revision = None);
+        info!(key = %self.watcher.key, revision, "configuration deleted; back to the file and flag settings");
+    }
+}
+
+impl<T> LiveConfig<T> {
+    /// The configuration in force now.
+    pub fn current(&self) -> Arc<T> {
+        self.value.borrow().clone()
+    }
+
+    /// A receiver of every configuration put in force from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<T>> {
+        self.value.clone()
+    }
+
+    /// Where the configuration in force comes from, and the last refusal.
+    pub fn status(&self) -> watch::Receiver<ConfigStatus> {
+        self.status.clone()
+    }
+
+    /// How fresh the watch of the key is: in sync or not, when etcd last answered, how many
+    /// times it listed.
+    pub fn view(&self) -> watch::Receiver<ViewStatus> {
+        self.view.clone()
+    }
+}

@@ -1,0 +1,161 @@
+//! A live configuration against a real etcd: puts applied, bad documents refused with the
+//! last good kept, 1000 rapid updates, etcd down at the start, the document deleted, and
+//! etcd rebuilt without it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_config::{ConfigStatus, ConfigWatcher, Document, Layers, LiveConfig, config_key};
+use mesh_etcd::{Etcd, EtcdOptions};
+use serde_json::json;
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Server {
+    greeting: String,
+    rate_per_sec: f64,
+    burst: u32,
+}
+
+impl Document for Server {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.rate_per_sec > 0.0 && self.rate_per_sec <= 1e6) {
+            return Err(format!("rate_per_sec is {}; it must be above 0 and at most 1e6", self.rate_per_sec));
+        }
+        Ok(())
+    }
+}
+
+const KEY: &str = "/mesh/config/greeter";
+
+fn client(etcd: &mesh_testkit::Etcd) -> Etcd {
+    Etcd::new(
+        EtcdOptions::new(etcd.endpoints())
+            .expect("endpoints")
+            .with_request_timeout(Duration::from_millis(800))
+            .with_connect_timeout(Duration::from_millis(300))
+            .with_watch_progress_interval(Duration::from_millis(500)),
+    )
+}
+
+/// Defaults, and a flag that sets the burst.
+fn layers() -> Layers {
+    let defaults = Server { greeting: "Hello, {name}!".into(), rate_per_sec: 100.0, burst: 10 };
+    Layers::defaults(&defaults).expect("defaults").patch("flags", json!({"burst": 20})).expect("flags")
+}
+
+fn watch(etcd: &mesh_testkit::Etcd) -> LiveConfig<Server> {
+    ConfigWatcher::<Server>::new(client(etcd), KEY, &layers()).expect("valid layers").spawn()
+}
+
+async fn until_status(config: &LiveConfig<Server>, what: &str, check: impl Fn(&ConfigStatus) -> bool) -> ConfigStatus {
+    let mut status = config.status();
+    let seen = tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| check(s))).await;
+    match seen {
+        Ok(Ok(s)) => s.clone(),
+        _ => panic!("{what}: status stayed {:?}", config.status().borrow()),
+    }
+}
+
+#[tokio::test]
+async fn a_put_is_applied_over_the_flags_and_bad_documents_are_refused_whole_keeping_the_last_good() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    assert_eq!(config_key("/mesh/", "greeter"), KEY);
+    let config = watch(&etcd);
+    let base = config.current();
+    assert_eq!((base.greeting.as_str(), base.rate_per_sec, base.burst), ("Hello, {name}!", 100.0, 20));
+
+    let good = etcd.put(KEY, r#"{"greeting":"Hi, {name}","rate_per_sec":250}"#).await.expect("put");
+    until_status(&config, "applied", |s| s.revision == Some(good)).await;
+    let applied = config.current();
+    // What the document names changes; the rest stays as the defaults and flags say.
+    assert_eq!(*applied, Server { greeting: "Hi, {name}".into(), rate_per_sec: 250.0, burst: 20 });
+
+    for (doc, words) in [
+        ("{\"greeting\": ", "not JSON"),
+        (r#"{"rate_per_sec": "fast"}"#, "rate_per_sec: invalid type: string \"fast\", expected f64"),
+        (r#"{"rate": 5}"#, "unknown field `rate`"),
+        (r#"{"rate_per_sec": 0}"#, "rate_per_sec is 0"),
+        (r#"{"rate_per_sec": -5}"#, "rate_per_sec is -5"),
+        (r#"{"rate_per_sec": "NaN"}"#, "invalid type: string \"NaN\""),
+        (r#"{"rate_per_sec": 1e300}"#, "at most 1e6"),
+        (r#"{"burst": 99999999999}"#, "burst: invalid value: integer `99999999999`"),
+        (r#"{"greeting": "x", "rate_per_sec": 5, "extra": {}}"#, "unknown field `extra`"),
+        ("[]", "must be a JSON object"),
+    ] {
+        let revision = etcd.put(KEY, doc).await.expect("put");
+        let status =
+            until_status(&config, doc, |s| s.last_rejection.as_ref().is_some_and(|r| r.revision == revision)).await;
+        let reason = status.last_rejection.map(|r| r.reason).unwrap_or_default();
+        assert!(reason.contains(words), "{doc}: {reason}");
+        assert_eq!(status.revision, Some(good), "{doc}: the last good stays applied");
+        assert!(Arc::ptr_eq(&config.current(), &applied), "{doc}: the same configuration, untouched");
+    }
+    // A good one after them is applied; the last refusal stays visible.
+    let later = etcd.put(KEY, r#"{"rate_per_sec": 300}"#).await.expect("put");
+    let status = until_status(&config, "applied after refusals", |s| s.revision == Some(later)).await;
+    assert_eq!(config.current().rate_per_sec, 300.0);
+    assert_eq!(status.applied, 2);
+    assert!(status.last_rejection.is_some());
+}
+
+#[tokio::test]
+async fn a_thousand_rapid_updates_end_at_the_last_one_put() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let config = watch(&etcd);
+    let writer = client(&etcd);
+    let mut last = 0;
+    for i in 1..=1000 {
+        last = writer.put(KEY, format!(r#"{{"rate_per_sec": {i}}}"#), None).await.expect("put");
+    }
+    until_status(&config, "the last update", |s| s.revision == Some(last)).await;
+    assert_eq!(config.current().rate_per_sec, 1000.0);
+}
+
+#[tokio::test]
+async fn etcd_down_at_the_start_runs_on_the_flags_and_the_stored_document_applies_when_it_comes() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let stored = etcd.put(KEY, r#"{"greeting": "stored"}"#).await.expect("put");
+    etcd.kill(0).expect("kill");
+    let config = watch(&etcd);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(config.current().greeting, "Hello, {name}!", "the defaults and flags, at once");
+    assert_eq!(config.status().borrow().revision, None);
+    etcd.restart(0).await.expect("restart");
+    until_status(&config, "applied once etcd came", |s| s.revision == Some(stored)).await;
+    assert_eq!(config.current().greeting, "stored");
+}
+
+#[tokio::test]
+async fn a_deleted_document_goes_back_to_the_flags_and_a_rebuilt_etcd_keeps_the_last_good() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let config = watch(&etcd);
+    let first = etcd.put(KEY, r#"{"greeting": "from etcd", "burst": 5}"#).await.expect("put");
+    until_status(&config, "applied", |s| s.revision == Some(first)).await;
+    assert_eq!(config.current().burst, 5);
+
+    // Deleted on a live etcd: back to the defaults and flags.
+    etcd.delete(KEY).await.expect("delete");
+    until_status(&config, "back to the flags", |s| s.revision.is_none()).await;
+    assert_eq!((config.current().greeting.as_str(), config.current().burst), ("Hello, {name}!", 20));
+
+    // Put again, then etcd rebuilt on an empty data dir: the document is gone, and the
+    // configuration in force stays; an outage is not a deletion.
+    let second = etcd.put(KEY, r#"{"greeting": "kept"}"#).await.expect("put");
+    until_status(&config, "applied again", |s| s.revision == Some(second)).await;
+    let resets = config.view().borrow().resets;
+    etcd.restart_fresh().await.expect("fresh etcd");
+    let mut view = config.view();
+    tokio::time::timeout(Duration::from_secs(10), view.wait_for(|v| v.resets > resets && v.in_sync))
+        .await
+        .expect("the watch relisted the fresh etcd")
+        .expect("the watch runs");
+    assert_eq!(config.current().greeting, "kept");
+    assert_eq!(config.status().borrow().revision, Some(second));
+
+    // A document put in the new cluster has a lower revision than the old one, and applies.
+    let fresh = etcd.put(KEY, r#"{"greeting": "new cluster"}"#).await.expect("put");
+    assert!(fresh < second, "{fresh} < {second}");
+    until_status(&config, "applied in the new cluster", |s| s.revision == Some(fresh)).await;
+    assert_eq!(config.current().greeting, "new cluster");
+}
