@@ -18,6 +18,10 @@
 //! file and flag settings. etcd rebuilt (another cluster, the document gone): the
 //! configuration in force stays.
 //!
+//! [`StatusReport`] writes what an instance applied (the revision, and the last refusal
+//! with its reason) to `{root}/status/{service}/{instance_id}` under a lease of its own, so
+//! that `etcdctl get --prefix /mesh/status/` shows which instance runs what.
+//!
 //! ```no_run
 //! use mesh_config::{ConfigWatcher, Document, Layers, config_key};
 //! use mesh_etcd::{Etcd, EtcdOptions};
@@ -54,10 +58,12 @@
 mod layers;
 mod live;
 mod parse;
+mod status;
 
 pub use layers::{Layers, merge};
 pub use live::{ConfigStatus, ConfigWatcher, LiveConfig, Rejection, config_key};
 pub use parse::parse;
+pub use status::{AppliedStatus, RejectionRecord, StatusReport, status_key};
 
 /// A configuration document: a serde type with the checks types cannot express. Use
 /// `#[serde(deny_unknown_fields)]` on it, so that a misspelt field is an error, not a

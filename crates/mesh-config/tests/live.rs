@@ -159,3 +159,53 @@ async fn a_deleted_document_goes_back_to_the_flags_and_a_rebuilt_etcd_keeps_the_
     until_status(&config, "applied in the new cluster", |s| s.revision == Some(fresh)).await;
     assert_eq!(config.current().greeting, "new cluster");
 }
+
+#[tokio::test]
+async fn each_instance_reports_what_it_applied_and_refused_under_its_own_lease() {
+    use mesh_config::{AppliedStatus, StatusReport, status_key};
+
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let config = watch(&etcd);
+    let key = status_key("/mesh", "greeter", "10.0.0.5:50051");
+    assert_eq!(key, "/mesh/status/greeter/10.0.0.5:50051");
+    let report = StatusReport::spawn(client(&etcd), &key, "10.0.0.5:50051", Duration::from_secs(2), config.status());
+    let read = |etcd: &mesh_testkit::Etcd| {
+        let etcd_endpoints = etcd.endpoints();
+        let key = key.clone();
+        async move {
+            let c = Etcd::new(EtcdOptions::new(etcd_endpoints).expect("endpoints"));
+            let kv = c.get(&key).await.ok().flatten()?;
+            serde_json::from_slice::<AppliedStatus>(&kv.value).ok().map(|s| (s, kv.lease))
+        }
+    };
+    let (status, lease) = eventually_some("the first report", || read(&etcd)).await;
+    assert_eq!((status.instance.as_str(), status.revision, status.applied), ("10.0.0.5:50051", None, 0));
+    assert!(lease != 0, "written under a lease");
+
+    let good = etcd.put(KEY, r#"{"greeting": "reported"}"#).await.expect("put");
+    let bad = etcd.put(KEY, r#"{"rate_per_sec": 0}"#).await.expect("put");
+    let (status, _) = eventually_some("the refusal reported", || async {
+        read(&etcd).await.filter(|(s, _)| s.last_rejection.as_ref().is_some_and(|r| r.revision == bad))
+    })
+    .await;
+    assert_eq!(status.revision, Some(good));
+    assert!(status.last_rejection.is_some_and(|r| r.reason.contains("rate_per_sec is 0")));
+
+    // etcd rebuilt: the lease is gone with everything else; the status comes back under a
+    // new one, still saying what runs.
+    etcd.restart_fresh().await.expect("fresh etcd");
+    let (status, _) = eventually_some("reported again in the new cluster", || read(&etcd)).await;
+    assert_eq!(status.revision, Some(good));
+
+    report.stop(Duration::from_secs(2)).await.expect("stopped");
+    assert!(read(&etcd).await.is_none(), "the key leaves with the lease");
+}
+
+/// Polls `check` every 50 ms for up to 10 s.
+async fn eventually_some<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    mesh_testkit::eventually(what, Duration::from_secs(10), &mut check).await.expect(what)
+}
