@@ -12,7 +12,9 @@
 //! stack once per connection, and all of them draw from the same buckets, so twenty
 //! connections get the server's rate, not twenty times it. [`LimiterHandle::update`]
 //! changes the limits while calls run, keeping every bucket whose limit did not change and
-//! what the others held.
+//! what the others held. A server whose limits may come later (from live configuration)
+//! starts with [`RateLimitLayer::off`], which limits nothing until it is given limits, and
+//! [`LimiterHandle::turn_off`] stops limiting again.
 //!
 //! ```
 //! use mesh_limiter::{Limit, LimiterConfig, RateLimitLayer};

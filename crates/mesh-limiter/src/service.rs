@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -21,7 +21,8 @@ pub const PUSHBACK_KEY: &str = "grpc-retry-pushback-ms";
 
 #[derive(Debug)]
 struct Shared {
-    table: ArcSwap<Table>,
+    /// The buckets of the limits in force; none while the limiter is off.
+    table: ArcSwapOption<Table>,
     counts: Counts,
 }
 
@@ -60,8 +61,15 @@ impl RateLimitLayer {
     pub fn try_new(config: LimiterConfig) -> Result<Self, InvalidLimit> {
         config.validate()?;
         let table = Table::new(config, None);
-        let shared = Shared { table: ArcSwap::from_pointee(table), counts: Counts::default() };
+        let shared = Shared { table: ArcSwapOption::from_pointee(table), counts: Counts::default() };
         Ok(RateLimitLayer { shared: Arc::new(shared) })
+    }
+
+    /// A layer that limits nothing until [`LimiterHandle::update`] gives it limits: for a
+    /// server whose limits may come later, from live configuration.
+    pub fn off() -> Self {
+        let shared = Shared { table: ArcSwapOption::empty(), counts: Counts::default() };
+        RateLimitLayer { shared: Arc::new(shared) }
     }
 
     /// A handle to change the limits live and read the counters.
@@ -85,13 +93,19 @@ impl LimiterHandle {
     pub fn update(&self, config: LimiterConfig) -> Result<(), InvalidLimit> {
         config.validate()?;
         let previous = self.shared.table.load();
-        self.shared.table.store(Arc::new(Table::new(config, Some(&previous))));
+        self.shared.table.store(Some(Arc::new(Table::new(config, previous.as_deref()))));
         Ok(())
     }
 
-    /// The settings in force.
-    pub fn config(&self) -> LimiterConfig {
-        self.shared.table.load().config.clone()
+    /// Stops limiting, from the next call on; [`LimiterHandle::update`] starts again, with
+    /// full buckets.
+    pub fn turn_off(&self) {
+        self.shared.table.store(None);
+    }
+
+    /// The settings in force; `None` while the limiter is off.
+    pub fn config(&self) -> Option<LimiterConfig> {
+        self.shared.table.load().as_ref().map(|t| t.config.clone())
     }
 
     /// Calls admitted so far (exempt ones are not counted).
@@ -106,7 +120,7 @@ impl LimiterHandle {
 
     /// How many callers have buckets of their own (with limits per caller).
     pub fn callers(&self) -> usize {
-        self.shared.table.load().callers()
+        self.shared.table.load().as_ref().map_or(0, |t| t.callers())
     }
 }
 
@@ -164,7 +178,10 @@ where
         if EXEMPT.iter().any(|p| path.starts_with(p)) {
             return ResponseFuture::inner(self.inner.call(request));
         }
-        let table = self.shared.table.load();
+        let guard = self.shared.table.load();
+        let Some(table) = guard.as_deref() else {
+            return ResponseFuture::inner(self.inner.call(request));
+        };
         let caller = table.caller(&request);
         // Admitted calls, the most common by far, touch the bucket without cloning it.
         let Some(bucket) = table.with_bucket(path, caller, |b| (!b.try_admit()).then(|| b.clone())) else {

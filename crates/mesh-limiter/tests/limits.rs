@@ -193,7 +193,8 @@ async fn one_callers_flood_leaves_another_callers_rate_intact_and_a_method_overr
     assert_eq!(handle.callers(), 2);
     // A method override: SayHello down to 1 per second, burst 1, for everyone.
     let slow = Limit::try_new(1.0, 1).expect("valid");
-    handle.update(handle.config().with_method("/greeter.v1.Greeter/SayHello", slow)).expect("valid");
+    let config = handle.config().expect("limits in force");
+    handle.update(config.with_method("/greeter.v1.Greeter/SayHello", slow)).expect("valid");
     let mut client = GreeterClient::new(channel(&server).await);
     let mut request = Request::new(HelloRequest { name: "x".into() });
     request.metadata_mut().insert("x-tenant", "c".parse().expect("ascii"));
@@ -240,4 +241,29 @@ async fn a_live_update_during_a_flood_sets_the_admitted_rate_and_calls_in_flight
     assert!((360..=440).contains(&ok_fast), "{ok_fast} admitted in 1 s at 400/s");
     assert!(statuses.iter().all(|s| s.code() == Code::ResourceExhausted), "in-flight calls completed");
     assert!(statuses.iter().all(|s| s.message().contains("400/s")), "the new limit is named");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limiter_that_starts_off_limits_once_given_limits_and_stops_when_turned_off() {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GreeterServer<Counting>>().await;
+    let routes = tonic::service::Routes::new(GreeterServer::new(Counting::default())).add_service(health_service);
+    let layer = RateLimitLayer::off();
+    let handle = layer.handle();
+    let server = TestServer::serve(layer.layer(routes)).await.expect("serve");
+    let mut client = GreeterClient::new(channel(&server).await);
+    let hello = || HelloRequest { name: "off".into() };
+    for _ in 0..5 {
+        client.say_hello(hello()).await.expect("no limits yet");
+    }
+    assert_eq!((handle.config(), handle.admitted()), (None, 0));
+    handle.update(LimiterConfig::try_new(Limit::try_new(1.0, 1).expect("valid")).expect("valid")).expect("valid");
+    client.say_hello(hello()).await.expect("the burst of 1");
+    let status = client.say_hello(hello()).await.expect_err("over 1/s");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    handle.turn_off();
+    for _ in 0..5 {
+        client.say_hello(hello()).await.expect("off again");
+    }
+    assert_eq!((handle.admitted(), handle.rejected()), (1, 1));
 }
