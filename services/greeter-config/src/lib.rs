@@ -34,6 +34,9 @@ pub struct GreeterConfig {
     pub client: ClientSection,
 }
 
+/// The greeting of a server with no configuration.
+pub const DEFAULT_GREETING: &str = "Hello, {name}!";
+
 /// The longest greeting template, in bytes.
 pub const MAX_GREETING_BYTES: usize = 1024;
 
@@ -51,7 +54,7 @@ pub struct ServerSection {
 
 impl Default for ServerSection {
     fn default() -> Self {
-        ServerSection { limiter: None, greeting: "Hello, {name}!".into(), log_level: None }
+        ServerSection { limiter: None, greeting: DEFAULT_GREETING.into(), log_level: None }
     }
 }
 

@@ -7,6 +7,10 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "greeter-server", version, about = "The reference greeter.v1 server of mesh")]
 pub struct Args {
+    /// Instead of serving: check, put or show the service's configuration document.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to listen on; port 0 picks a free port (the bound address is logged).
     #[arg(long, env = "MESH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -31,15 +35,15 @@ pub struct Args {
     pub advertise: Option<String>,
 
     /// The service name to register under.
-    #[arg(long, env = "MESH_SERVICE", default_value = "greeter")]
+    #[arg(long, env = "MESH_SERVICE", default_value = "greeter", global = true)]
     pub service: String,
 
     /// etcd endpoints, comma-separated.
-    #[arg(long, env = "MESH_ETCD", default_value = "http://127.0.0.1:2379")]
+    #[arg(long, env = "MESH_ETCD", default_value = "http://127.0.0.1:2379", global = true)]
     pub etcd: String,
 
     /// Root prefix of mesh's keys in etcd.
-    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh")]
+    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh", global = true)]
     pub etcd_prefix: String,
 
     /// Lease TTL of the registration: how long the key outlives a crashed server.
@@ -54,9 +58,18 @@ pub struct Args {
     #[arg(long, env = "MESH_ZONE")]
     pub zone: Option<String>,
 
-    /// Do not register in etcd (serve only).
+    /// Do not use etcd at all: no registration, and no live configuration (serve only).
     #[arg(long, env = "MESH_NO_REGISTER")]
     pub no_register: bool,
+
+    /// A configuration file (TOML, or JSON by any other name) with the same sections as the
+    /// document in etcd; the flags and then the document in etcd override it.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Do not watch `{etcd-prefix}/config/{service}`: run on the file and flag settings.
+    #[arg(long, env = "MESH_NO_CONFIG")]
+    pub no_config: bool,
 
     /// Limit the server to this many calls per second (health and reflection exempt); no
     /// limit without it.
@@ -77,8 +90,8 @@ pub struct Args {
     pub limit_max_wait: Duration,
 
     /// Give each caller its own budget: `peer-ip`, or `metadata:KEY` (a tenant header).
-    #[arg(long, env = "MESH_LIMIT_PER_CALLER", value_parser = parse_caller)]
-    pub limit_per_caller: Option<mesh_limiter::CallerKey>,
+    #[arg(long, env = "MESH_LIMIT_PER_CALLER", value_parser = checked_caller)]
+    pub limit_per_caller: Option<String>,
 
     /// A method's own limit, `PATH=RATE` or `PATH=RATE/BURST`, e.g.
     /// `/greeter.v1.Greeter/SayHello=50/5`; repeatable.
@@ -92,7 +105,7 @@ pub struct Args {
 
     /// FAULT INJECTION: the status code of injected failures, by name (unavailable,
     /// internal, deadline_exceeded, resource_exhausted, …) or number.
-    #[arg(long, env = "MESH_FAULT_CODE", default_value = "unavailable", value_parser = parse_code)]
+    #[arg(long, env = "MESH_FAULT_CODE", default_value = "unavailable", value_parser = greeter_config::parse_code)]
     pub fault_code: tonic::Code,
 
     /// FAULT INJECTION: delay every greeter call by this much, e.g. `200ms`.
@@ -100,10 +113,35 @@ pub struct Args {
     pub fault_delay: Duration,
 }
 
+/// What `greeter-server` does instead of serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// The service's configuration document in etcd (`{etcd-prefix}/config/{service}`).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `greeter-server config …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Checks a JSON document: exit 0, or 1 with the reason.
+    Validate {
+        /// The document.
+        file: std::path::PathBuf,
+    },
+    /// Checks a JSON document, then puts it in etcd, where every instance applies it.
+    Apply {
+        /// The document.
+        file: std::path::PathBuf,
+    },
+    /// Prints the document in etcd and what each instance applied.
+    Show,
+}
+
 impl Args {
-    /// The rate limits the flags ask for: none without --rate; an error names the flag.
-    pub fn limits(&self) -> anyhow::Result<Option<mesh_limiter::LimiterConfig>> {
-        use anyhow::Context as _;
+    /// The rate limits the flags ask for, as the configuration's `server.limiter` section:
+    /// none without --rate.
+    pub fn limiter_section(&self) -> anyhow::Result<Option<greeter_config::LimiterSection>> {
         let Some(rate) = self.rate else {
             anyhow::ensure!(
                 self.burst.is_none() && self.limit_methods.is_empty() && self.limit_per_caller.is_none(),
@@ -111,24 +149,49 @@ impl Args {
             );
             return Ok(None);
         };
-        let limit = |rate: f64, burst: Option<u32>, flag: &str| -> anyhow::Result<mesh_limiter::Limit> {
-            let burst = burst.unwrap_or_else(|| default_burst(rate));
-            let limit = mesh_limiter::Limit::try_new(rate, burst).with_context(|| format!("invalid {flag}"))?;
-            Ok(match self.limit_mode.as_str() {
-                "wait" => limit.waiting(self.limit_max_wait),
-                _ => limit,
+        let methods = self
+            .limit_methods
+            .iter()
+            .map(|(path, rate, burst)| {
+                (path.clone(), greeter_config::MethodLimit { rate_per_sec: *rate, burst: *burst })
             })
+            .collect();
+        Ok(Some(greeter_config::LimiterSection {
+            rate_per_sec: rate,
+            burst: self.burst,
+            mode: self.limit_mode.clone(),
+            max_wait_ms: u64::try_from(self.limit_max_wait.as_millis()).unwrap_or(u64::MAX),
+            per_caller: self.limit_per_caller.clone(),
+            methods,
+        }))
+    }
+
+    /// The rate limits the flags ask for: none without --rate; an error names the flags.
+    pub fn limits(&self) -> anyhow::Result<Option<mesh_limiter::LimiterConfig>> {
+        let Some(section) = self.limiter_section()? else {
+            return Ok(None);
         };
-        let mut config = mesh_limiter::LimiterConfig::try_new(limit(rate, self.burst, "--rate/--burst")?)
-            .context("invalid --rate/--burst")?;
-        for (path, rate, burst) in &self.limit_methods {
-            config = config.with_method(path.clone(), limit(*rate, *burst, "--limit-method")?);
-        }
-        if let Some(key) = &self.limit_per_caller {
-            config = config.with_per_caller(mesh_limiter::PerCaller::new(key.clone()));
-        }
-        config.validate().context("invalid --limit-method or --limit-per-caller")?;
+        let config = section.limiter_config().map_err(|e| {
+            anyhow::anyhow!("invalid --rate/--burst/--limit-method/--limit-per-caller/--limit-max-wait: {e}")
+        })?;
         Ok(Some(config))
+    }
+
+    /// The configuration's layers below etcd: defaults, then --config FILE, then the flags
+    /// that set something (the limits); the error names the file or the flags.
+    pub fn layers(&self) -> anyhow::Result<mesh_config::Layers> {
+        let mut layers = mesh_config::Layers::defaults(&greeter_config::GreeterConfig::default())?;
+        if let Some(file) = &self.config {
+            layers = layers.file(file)?;
+        }
+        self.limits()?;
+        if let Some(section) = self.limiter_section()? {
+            let patch = serde_json::json!({ "server": { "limiter": section } });
+            layers = layers.patch("the limit flags", patch)?;
+        }
+        // Checked here, so that a bad file or flag stops the start with its reason.
+        layers.build::<greeter_config::GreeterConfig>()?;
+        Ok(layers)
     }
 
     /// The faults the flags ask for (none by default).
@@ -137,19 +200,8 @@ impl Args {
     }
 }
 
-/// A tenth of `rate`, at least 1.
-fn default_burst(rate: f64) -> u32 {
-    if rate.is_finite() && rate > 0.0 { ((rate / 10.0).ceil() as u32).max(1) } else { 1 }
-}
-
-fn parse_caller(s: &str) -> Result<mesh_limiter::CallerKey, String> {
-    match s {
-        "peer-ip" => Ok(mesh_limiter::CallerKey::PeerIp),
-        _ => match s.strip_prefix("metadata:") {
-            Some(key) if !key.is_empty() => Ok(mesh_limiter::CallerKey::Metadata(key.to_ascii_lowercase())),
-            _ => Err(format!("{s:?}: give peer-ip or metadata:KEY, e.g. metadata:x-tenant")),
-        },
-    }
+fn checked_caller(s: &str) -> Result<String, String> {
+    greeter_config::parse_caller(s).map(|_| s.to_string())
 }
 
 fn parse_method_limit(s: &str) -> Result<(String, f64, Option<u32>), String> {
@@ -167,34 +219,6 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("{s:?}: give a share from 0 to 1, e.g. 0.5")),
     }
-}
-
-/// A gRPC status code by its name (any case, `_` or `-`) or its number.
-pub fn parse_code(s: &str) -> Result<tonic::Code, String> {
-    if let Ok(n) = s.parse::<i32>() {
-        return match tonic::Code::from_i32(n) {
-            tonic::Code::Unknown if n != 2 => Err(format!("{s:?} is not a gRPC status code (0 to 16)")),
-            code => Ok(code),
-        };
-    }
-    let wanted = s.to_ascii_lowercase().replace('-', "_");
-    (0..=16)
-        .map(tonic::Code::from_i32)
-        .find(|c| code_name(*c) == wanted)
-        .ok_or_else(|| format!("{s:?} is not a gRPC status code; try unavailable, internal or deadline_exceeded"))
-}
-
-/// `unavailable`, `deadline_exceeded`, …: a code's name in snake case.
-pub fn code_name(code: tonic::Code) -> String {
-    let debug = format!("{code:?}");
-    let mut out = String::new();
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -246,7 +270,6 @@ mod tests {
         .expect("valid");
         assert_eq!(args.fault().code, tonic::Code::DeadlineExceeded);
         assert_eq!(args.fault().delay, Duration::from_millis(200));
-        assert_eq!(parse_code("14"), Ok(tonic::Code::Unavailable));
         for (flag, value) in [
             ("--fault-error-rate", "1.5"),
             ("--fault-error-rate", "NaN"),
@@ -282,7 +305,10 @@ mod tests {
         assert_eq!(config.per_caller.map(|p| p.key), Some(mesh_limiter::CallerKey::Metadata("x-tenant".into())));
 
         for (argv, words) in [
-            (vec!["--rate", "0"], "invalid --rate/--burst: invalid rate limit rate_per_sec"),
+            (
+                vec!["--rate", "0"],
+                "invalid --rate/--burst/--limit-method/--limit-per-caller/--limit-max-wait: invalid rate limit rate_per_sec",
+            ),
             (vec!["--rate", "NaN"], "not a number"),
             (vec!["--rate", "10", "--burst", "0"], "burst"),
             (vec!["--burst", "5"], "need --rate"),

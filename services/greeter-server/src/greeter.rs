@@ -1,6 +1,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use mesh_proto::pb::greeter_server;
 use mesh_proto::pb::{HelloReply, HelloRequest, HelloStreamRequest};
 use tokio_stream::Stream;
@@ -16,6 +18,8 @@ pub const MAX_STREAM_COUNT: u32 = 10_000;
 pub struct Greeter {
     instance: Arc<str>,
     fault: Fault,
+    /// The reply, `{name}` replaced by the caller's name; changed live by configuration.
+    greeting: Arc<ArcSwap<String>>,
 }
 
 /// Faults injected into greeter calls, for tests and the demo: off by default.
@@ -56,7 +60,14 @@ impl Fault {
 impl Greeter {
     /// A greeter that reports `instance` (its instance id) as `served_by`.
     pub fn new(instance: impl Into<Arc<str>>) -> Self {
-        Greeter { instance: instance.into(), fault: Fault::default() }
+        let greeting = Arc::new(ArcSwap::from_pointee(greeter_config::DEFAULT_GREETING.to_string()));
+        Greeter { instance: instance.into(), fault: Fault::default(), greeting }
+    }
+
+    /// The greeting template it replies with, shared: storing a new one changes the replies
+    /// from the next call on.
+    pub fn greeting(&self) -> Arc<ArcSwap<String>> {
+        self.greeting.clone()
     }
 
     /// Injects `fault` into every greeter call.
@@ -66,7 +77,7 @@ impl Greeter {
     }
 
     fn reply(&self, name: &str) -> HelloReply {
-        HelloReply { message: format!("Hello, {name}!"), served_by: self.instance.to_string() }
+        HelloReply { message: self.greeting.load().replace("{name}", name), served_by: self.instance.to_string() }
     }
 }
 

@@ -16,9 +16,11 @@
 //! ```
 
 mod cli;
+mod config_cmd;
 mod greeter;
 mod server;
 
-pub use cli::{Args, code_name, parse_code};
+pub use cli::{Args, Command, ConfigCommand};
 pub use greeter::{Fault, Greeter, MAX_NAME_BYTES, MAX_STREAM_COUNT};
-pub use server::{ServeOptions, run, serve};
+pub use greeter_config::{code_name, parse_code};
+pub use server::{LogFilter, ServeOptions, run, serve};

@@ -1,22 +1,37 @@
 //! `greeter-server`: see `greeter-server --help`.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = greeter_server::Args::parse();
-    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
-        Ok(f) => (f, None),
-        Err(e) => (EnvFilter::new("info"), std::env::var("RUST_LOG").ok().map(|v| (v, e))),
+    let (startup, bad_filter) = match EnvFilter::try_from_default_env() {
+        Ok(_) => (std::env::var("RUST_LOG").unwrap_or_default(), None),
+        Err(e) => ("info".to_string(), std::env::var("RUST_LOG").ok().map(|v| (v, e))),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // The filter can be reloaded: the configuration's server.log_level sets it live.
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(EnvFilter::new(&startup));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
     if let Some((value, e)) = bad_filter.filter(|(value, _)| !value.is_empty()) {
         tracing::warn!("ignoring RUST_LOG={value:?}: {e}; logging at info");
     }
-    match greeter_server::run(args).await {
+    let log_filter: greeter_server::LogFilter = Arc::new(move |level: Option<&str>| {
+        let filter = match level {
+            Some(level) => EnvFilter::try_new(level).map_err(|e| e.to_string())?,
+            None => EnvFilter::new(&startup),
+        };
+        reload.reload(filter).map_err(|e| e.to_string())
+    });
+    match greeter_server::run(args, Some(log_filter)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("greeter-server: error: {e:#}");

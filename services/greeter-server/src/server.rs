@@ -1,6 +1,12 @@
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use greeter_config::GreeterConfig;
+use mesh_config::{ConfigWatcher, StatusReport};
+use tokio::sync::watch;
 
 use anyhow::Context as _;
 use mesh_proto::pb::greeter_server::GreeterServer;
@@ -13,7 +19,7 @@ use tracing::{info, warn};
 use mesh_etcd::{Etcd, EtcdOptions};
 use mesh_registry::{Instance, Registrar, RegistrarConfig};
 
-use crate::{Args, Greeter};
+use crate::{Args, Command, Greeter};
 
 /// Requests larger than this are refused by tonic before they reach the greeter: a name is
 /// at most 1 KiB, so anything near this size is a mistake or an attack.
@@ -23,8 +29,11 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// key then expires with its lease).
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Sets the process's log filter: a filter string, or `None` for the one it started with.
+pub type LogFilter = Arc<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
+
 /// What [`serve`] needs besides a listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// Reported as `served_by`.
     pub instance_id: String,
@@ -36,8 +45,26 @@ pub struct ServeOptions {
     pub registry: Option<RegistryOptions>,
     /// Faults to inject into greeter calls (none by default).
     pub fault: crate::Fault,
-    /// The rate limiter's settings; `None` for no limit.
-    pub limits: Option<mesh_limiter::LimiterConfig>,
+    /// The configuration in force and its changes (from a sender that is gone, it never
+    /// changes): the limits, the greeting and the log level are applied as they come.
+    pub config: watch::Receiver<Arc<GreeterConfig>>,
+    /// Sets the process's log filter (`None`: back to the one it started with), when the
+    /// server owns its logging; the configuration's `server.log_level` goes through it.
+    pub log_filter: Option<LogFilter>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("instance_id", &self.instance_id)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("registry", &self.registry)
+            .field("fault", &self.fault)
+            .field("config", &*self.config.borrow())
+            .field("log_filter", &self.log_filter.as_ref().map(|_| "set"))
+            .finish()
+    }
 }
 
 /// The registration of a server.
@@ -51,8 +78,12 @@ pub struct RegistryOptions {
     pub instance: Instance,
 }
 
-/// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns
+/// (or runs a `config` command). `log_filter` lets the configuration set the log level.
+pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()> {
+    if let Some(Command::Config(command)) = &args.command {
+        return crate::config_cmd::run(&args, command).await;
+    }
     // Flags are checked before anything binds, so a typo costs no port.
     let etcd = if args.no_register {
         None
@@ -65,7 +96,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mesh_registry::check_addr(a).with_context(|| format!("invalid --advertise {a:?}"))?;
     }
     let fault = args.fault();
-    let limits = args.limits()?;
+    let layers = args.layers()?;
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("listening on {} (--listen)", args.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
@@ -99,15 +130,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             fault.delay
         );
     }
+    // Live configuration: the file and flag settings at once, the document in etcd when
+    // it is read; what this instance applied is reported beside its registration.
+    let etcd = registry.as_ref().map(|r| r.etcd.clone()).filter(|_| !args.no_config);
+    let live = match &etcd {
+        Some(etcd) => {
+            let key = mesh_config::config_key(&args.etcd_prefix, &args.service);
+            info!(key = %key, "watching the configuration");
+            Some(ConfigWatcher::<GreeterConfig>::new(etcd.clone(), key, &layers)?.spawn())
+        }
+        None => None,
+    };
+    let config = match &live {
+        Some(live) => live.subscribe(),
+        None => watch::channel(Arc::new(layers.build::<GreeterConfig>()?)).1,
+    };
+    let report = live.as_ref().zip(etcd).map(|(live, etcd)| {
+        let key = mesh_config::status_key(&args.etcd_prefix, &args.service, &instance_id);
+        StatusReport::spawn(etcd, key, instance_id.clone(), args.ttl, live.status())
+    });
     let options = ServeOptions {
         instance_id,
         drain_timeout: args.drain_timeout,
         shutdown_grace: args.shutdown_grace,
         registry,
         fault,
-        limits,
+        config,
+        log_filter,
     };
-    serve(listener, options, shutdown_signal()).await
+    let result = serve(listener, options, shutdown_signal()).await;
+    if let Some(report) = report
+        && let Err(e) = report.stop(DEREGISTER_TIMEOUT).await
+    {
+        warn!("removing the config status: {e}");
+    }
+    result
 }
 
 /// The limits in a log line: "200/s, burst 20, reject; /a.B/C 5/s, burst 1, reject".
@@ -158,22 +215,39 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
-    let greeter = GreeterServer::new(Greeter::new(options.instance_id.clone()).with_fault(options.fault.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let initial = options.config.borrow().clone();
+    let greeter = Greeter::new(options.instance_id.clone()).with_fault(options.fault.clone());
+    let greeting = greeter.greeting();
+    greeting.store(Arc::new(initial.server.greeting.clone()));
+    let greeter = GreeterServer::new(greeter).max_decoding_message_size(MAX_REQUEST_BYTES);
 
-    let limiter = match &options.limits {
-        Some(config) => {
-            let layer = mesh_limiter::RateLimitLayer::try_new(config.clone()).context("the rate limit")?;
-            info!("rate limit: {}", describe(config));
-            Some(layer)
+    // The limiter is always in place, off without limits, so that configuration can turn
+    // it on.
+    let limiter = match &initial.server.limiter {
+        Some(section) => {
+            let config = section.limiter_config().map_err(|e| anyhow::anyhow!("the rate limit: {e}"))?;
+            info!("rate limit: {}", describe(&config));
+            mesh_limiter::RateLimitLayer::try_new(config).context("the rate limit")?
         }
-        None => None,
+        None => mesh_limiter::RateLimitLayer::off(),
     };
+    if let (Some(set), Some(level)) = (&options.log_filter, &initial.server.log_level)
+        && let Err(e) = set(Some(level))
+    {
+        warn!("log level {level:?} not applied: {e}");
+    }
+    let applier = tokio::spawn(apply_changes(
+        options.config.clone(),
+        limiter.handle(),
+        greeting,
+        options.log_filter.clone(),
+        initial,
+    ));
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
-            .layer(tower::util::option_layer(limiter))
+            .layer(limiter)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -206,6 +280,7 @@ pub async fn serve(
         info!(grace = ?options.shutdown_grace, "deregistered; serving out the grace period");
         tokio::time::sleep(options.shutdown_grace).await;
     }
+    applier.abort();
     let _ = stop.send(());
     info!(timeout = ?options.drain_timeout, "draining in-flight calls");
     match tokio::time::timeout(options.drain_timeout, &mut server).await {
@@ -219,6 +294,50 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Applies each new configuration: the limits (kept buckets where unchanged), the greeting
+/// and the log level, each only when it changed.
+async fn apply_changes(
+    mut config: watch::Receiver<Arc<GreeterConfig>>,
+    limits: mesh_limiter::LimiterHandle,
+    greeting: Arc<ArcSwap<String>>,
+    log_filter: Option<LogFilter>,
+    mut previous: Arc<GreeterConfig>,
+) {
+    while config.changed().await.is_ok() {
+        let next = config.borrow_and_update().clone();
+        let (old, new) = (&previous.server, &next.server);
+        if old.limiter != new.limiter {
+            match &new.limiter {
+                // The document was checked before it was published.
+                Some(section) => match section.limiter_config() {
+                    Ok(c) => match limits.update(c.clone()) {
+                        Ok(()) => info!("rate limit now: {}", describe(&c)),
+                        Err(e) => warn!("rate limit not applied: {e}"),
+                    },
+                    Err(e) => warn!("rate limit not applied: {e}"),
+                },
+                None => {
+                    limits.turn_off();
+                    info!("rate limit now off");
+                }
+            }
+        }
+        if old.greeting != new.greeting {
+            greeting.store(Arc::new(new.greeting.clone()));
+            info!(greeting = %new.greeting, "greeting now");
+        }
+        if old.log_level != new.log_level
+            && let Some(set) = &log_filter
+        {
+            match set(new.log_level.as_deref()) {
+                Ok(()) => info!(level = ?new.log_level, "log level now"),
+                Err(e) => warn!("log level {:?} not applied: {e}", new.log_level),
+            }
+        }
+        previous = next;
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -391,3 +391,85 @@ async fn two_servers_with_one_instance_id_do_not_fight_and_the_second_takes_over
     .expect("taken over");
     println!("the second server took the key {:?} after the first exited", exited.elapsed());
 }
+
+/// Runs `greeter-server config …` against `etcd`; (exit success, stdout, stderr).
+fn config_command(etcd: &mesh_testkit::Etcd, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
+        .args(["--etcd", &etcd.endpoints().join(","), "config"])
+        .args(args)
+        .output()
+        .expect("run greeter-server config");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_server_applies_a_new_greeting_and_limit_refuses_a_bad_document_and_says_so() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let s1 = Server::start("s1", &etcd);
+    registered(&etcd, &[&s1], Duration::from_secs(10)).await;
+    let mut client = GreeterClient::new(
+        Channel::from_shared(format!("http://{}", s1.addr)).expect("uri").connect().await.expect("connect"),
+    );
+    let greet = |mut c: GreeterClient<Channel>| async move {
+        c.say_hello(HelloRequest { name: "Ada".into() }).await.map(|r| r.into_inner().message)
+    };
+    assert_eq!(greet(client.clone()).await.expect("call"), "Hello, Ada!");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, r#"{"server": {"greeting": "Hi, {name}.", "limiter": {"rate_per_sec": 1, "burst": 1}}}"#)
+        .expect("write");
+    let (ok, out, err) = config_command(&etcd, &["apply", good.to_str().expect("utf-8 path")]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("applied as /mesh/config/greeter at revision"), "{out}");
+    let applied = eventually("the new greeting", Duration::from_secs(5), || {
+        let c = client.clone();
+        async move { greet(c).await.ok().filter(|m| m == "Hi, {name}.".replace("{name}", "Ada").as_str()) }
+    })
+    .await;
+    assert!(applied.is_ok(), "{}", s1.log());
+    // The limit applies too: 1 per second with a burst of 1, so the next call is over it.
+    let status = greet(client.clone()).await.expect_err("over the limit");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+
+    // A bad document: `validate` and `apply` refuse it and write nothing.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"server": {"limiter": {"rate_per_sec": -1}}}"#).expect("write");
+    let before = etcd.revision().await.expect("revision");
+    for command in ["validate", "apply"] {
+        let (ok, _, err) = config_command(&etcd, &[command, bad.to_str().expect("utf-8 path")]);
+        assert!(!ok && err.contains("server.limiter: invalid rate limit rate_per_sec: is -1"), "{command}: {err}");
+    }
+    assert_eq!(etcd.revision().await.expect("revision"), before, "nothing written");
+
+    // Put past the command (as an operator with etcdctl would): refused by the server,
+    // which keeps serving as before and reports why.
+    let refused = etcd.put("/mesh/config/greeter", r#"{"server": {"greeting": ""}}"#).await.expect("put");
+    let shown = eventually("the refusal in the status", Duration::from_secs(5), || async {
+        let (_, out, _) = config_command(&etcd, &["show"]);
+        out.contains(&format!("revision {refused}: server.greeting is 0 bytes")).then_some(out)
+    })
+    .await
+    .expect("reported");
+    assert!(shown.contains("s1 "), "{shown}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client = GreeterClient::new(
+        Channel::from_shared(format!("http://{}", s1.addr)).expect("uri").connect().await.expect("connect"),
+    );
+    assert_eq!(greet(client.clone()).await.expect("call"), "Hi, Ada.", "the last good greeting stays");
+    assert!(s1.log().contains("configuration refused"), "{}", s1.log());
+
+    // The document deleted: back to the flags (no limit, the default greeting).
+    etcd.delete("/mesh/config/greeter").await.expect("delete");
+    eventually("back to the defaults", Duration::from_secs(5), || {
+        let c = client.clone();
+        async move { greet(c).await.ok().filter(|m| m == "Hello, Ada!") }
+    })
+    .await
+    .expect("default greeting");
+    for _ in 0..5 {
+        greet(client.clone()).await.expect("no limit any more");
+    }
+    assert_eq!(s1.stop().code(), Some(0));
+    assert_eq!(etcd.get("/mesh/status/greeter/s1").await.expect("get"), None, "the status leaves with the server");
+}

@@ -31,7 +31,8 @@ async fn start(instance: &str) -> Running {
         shutdown_grace: Duration::ZERO,
         registry: None,
         fault: Default::default(),
-        limits: None,
+        config: tokio::sync::watch::channel(Default::default()).1,
+        log_filter: None,
     };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;

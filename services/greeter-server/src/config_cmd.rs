@@ -1,0 +1,76 @@
+//! `greeter-server config validate|apply|show`: the service's configuration document, checked
+//! before it goes live, put, and shown with what every instance applied.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use greeter_config::GreeterConfig;
+use mesh_config::{AppliedStatus, Layers};
+use mesh_etcd::{Etcd, EtcdOptions};
+
+use crate::{Args, ConfigCommand};
+
+pub(crate) async fn run(args: &Args, command: &ConfigCommand) -> anyhow::Result<()> {
+    let key = mesh_config::config_key(&args.etcd_prefix, &args.service);
+    match command {
+        ConfigCommand::Validate { file } => {
+            check(file)?;
+            println!("{}: valid", file.display());
+            Ok(())
+        }
+        ConfigCommand::Apply { file } => {
+            let document = check(file)?;
+            let revision = etcd(args)?.put(&key, document, None).await.with_context(|| format!("putting {key}"))?;
+            println!("{} applied as {key} at revision {revision}; every instance applies it now", file.display());
+            Ok(())
+        }
+        ConfigCommand::Show => show(args, &key).await,
+    }
+}
+
+/// Reads and checks a document as every instance will; the document, or why not.
+fn check(file: &Path) -> anyhow::Result<Vec<u8>> {
+    let document = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let layers = Layers::defaults(&GreeterConfig::default())?;
+    mesh_config::parse::<GreeterConfig>(layers.document(), &document, &file.display().to_string())?;
+    Ok(document)
+}
+
+fn etcd(args: &Args) -> anyhow::Result<Etcd> {
+    let options =
+        EtcdOptions::parse_endpoints(&args.etcd).with_context(|| format!("invalid --etcd {:?}", args.etcd))?;
+    Ok(Etcd::new(options))
+}
+
+async fn show(args: &Args, key: &str) -> anyhow::Result<()> {
+    let etcd = etcd(args)?;
+    match etcd.get(key).await.with_context(|| format!("reading {key}"))? {
+        Some(kv) => {
+            let text = String::from_utf8_lossy(&kv.value);
+            let pretty = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or_else(|_| text.to_string());
+            println!("{key} at revision {}:\n{pretty}", kv.mod_revision);
+        }
+        None => println!("{key}: no document; every instance runs on its file and flag settings"),
+    }
+    let prefix = format!("{}/", mesh_config::status_key(&args.etcd_prefix, &args.service, "").trim_end_matches('/'));
+    let listing = etcd.list(&prefix).await.with_context(|| format!("reading {prefix}"))?;
+    if listing.kvs.is_empty() {
+        println!("\nno instance reports a status under {prefix}");
+        return Ok(());
+    }
+    println!("\n{:<28} {:>9} {:>8}  last refused", "instance", "revision", "applied");
+    for kv in &listing.kvs {
+        match serde_json::from_slice::<AppliedStatus>(&kv.value) {
+            Ok(s) => {
+                let revision = s.revision.map_or("flags".to_string(), |r| r.to_string());
+                let refused =
+                    s.last_rejection.map_or("-".to_string(), |r| format!("revision {}: {}", r.revision, r.reason));
+                println!("{:<28} {revision:>9} {:>8}  {refused}", s.instance, s.applied);
+            }
+            Err(e) => println!("{:<28} (unreadable status: {e})", kv.key.trim_start_matches(&prefix)),
+        }
+    }
+    Ok(())
+}
