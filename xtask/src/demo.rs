@@ -363,6 +363,9 @@ impl Demo {
         let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(self.bin.join("greeter-server"))
             .args(["--listen", &addr, "--instance-id", name, "--etcd", &self.etcd.join(",")])
+            // These chapters show the flags at work: a configuration document a user left in
+            // this etcd must not change them.
+            .arg("--no-config")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
