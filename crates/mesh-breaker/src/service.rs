@@ -5,6 +5,7 @@ use tonic::body::Body;
 use tower_service::Service;
 
 use crate::classify::Classify;
+use crate::config::{BreakerConfig, InvalidBreakerConfig};
 use crate::error::BreakerOpen;
 use crate::future::{Recorder, ResponseFuture};
 use crate::shared::Shared;
@@ -56,6 +57,19 @@ pub struct BreakerHandle {
 }
 
 impl BreakerHandle {
+    /// Changes the settings of the circuit every clone of this breaker shares, from the next
+    /// call on (see [`crate::Circuit::reconfigure`]); the error names a bad setting.
+    pub fn reconfigure(&self, config: BreakerConfig) -> Result<(), InvalidBreakerConfig> {
+        config.validate()?;
+        self.shared.reconfigure(config);
+        Ok(())
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> BreakerConfig {
+        self.shared.config()
+    }
+
     /// What the breaker guards.
     pub fn name(&self) -> &str {
         &self.shared.name

@@ -96,6 +96,22 @@ impl Shared {
         self.lock().state()
     }
 
+    /// New settings (valid ones) for the circuit, from the next call on.
+    pub(crate) fn reconfigure(&self, config: BreakerConfig) {
+        let now = now();
+        let mut circuit = self.lock();
+        let before = circuit.state();
+        // Successes waiting for the old window go in first.
+        let waiting = self.batched.swap(0, Ordering::Relaxed);
+        circuit.record_successes(now, waiting);
+        circuit.reconfigure(config);
+        self.after(before, &circuit, now);
+    }
+
+    pub(crate) fn config(&self) -> BreakerConfig {
+        self.lock().config().clone()
+    }
+
     pub(crate) fn transitions(&self) -> u64 {
         self.lock().transitions()
     }

@@ -120,6 +120,18 @@ impl Circuit {
         &self.config
     }
 
+    /// New settings from now on (`config` must be valid). The state stays: failures counted
+    /// so far count toward the new threshold (the next failure trips if they reach it), an
+    /// open spell ends when it was due to, and the next trip takes the new times. A new
+    /// failure-rate window (another length, or none before) starts empty.
+    pub fn reconfigure(&mut self, config: BreakerConfig) {
+        let window_of = |c: &BreakerConfig| c.failure_rate.map(|r| r.window);
+        if window_of(&config) != window_of(&self.config) {
+            self.window = config.failure_rate.map(|r| Window::new(r.window));
+        }
+        self.config = config;
+    }
+
     /// The state, as last moved by [`Circuit::admit`] or [`Circuit::record`]: an open
     /// circuit whose time has passed reads Open until a call asks to go through.
     pub fn state(&self) -> State {

@@ -294,3 +294,23 @@ fn config_with_rate() -> BreakerConfig {
     let rate = crate::FailureRate::new(0.5, Duration::from_secs(10), 20);
     BreakerConfig::default().with_failure_threshold(0).with_failure_rate(rate)
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handle_changes_the_settings_every_clone_shares_and_refuses_bad_ones() {
+    let endpoint = Endpoint::new(Answer::TrailersOnly(Code::Unavailable));
+    let layer = BreakerLayer::try_new("a", config().with_failure_threshold(100)).expect("config");
+    let mut breaker = layer.layer(endpoint.clone());
+    let mut clone = breaker.clone();
+    let handle = breaker.handle();
+    assert_eq!(call(&mut breaker).await, Ok(Code::Unavailable));
+    let bad = config().with_failure_threshold(0);
+    let err = handle.reconfigure(bad).expect_err("no threshold and no rate");
+    assert_eq!(err.setting, "failure_threshold");
+    assert_eq!(handle.config().failure_threshold, 100, "a refused setting changes nothing");
+    handle.reconfigure(config().with_failure_threshold(2)).expect("valid");
+    assert_eq!(handle.config().failure_threshold, 2);
+    // The failure counted before, and one more through a clone: open.
+    assert_eq!(call(&mut clone).await, Ok(Code::Unavailable));
+    assert_eq!(handle.state(), State::Open);
+    assert!(call(&mut breaker).await.is_err(), "refused by every clone");
+}

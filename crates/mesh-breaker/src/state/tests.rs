@@ -274,3 +274,31 @@ fn bad_settings_are_refused_by_name() {
     }
     BreakerConfig::default().validate().expect("the defaults are valid");
 }
+
+#[test]
+fn new_settings_keep_the_state_and_apply_from_the_next_call() {
+    let t0 = Instant::now();
+    let mut c = circuit(BreakerConfig::default().with_failure_threshold(5).with_jitter(0.0));
+    for _ in 0..3 {
+        call(&mut c, t0, Outcome::Failure);
+    }
+    // Down to 2: the 3 failures counted stay counted, and the next one trips it.
+    c.reconfigure(
+        BreakerConfig::default().with_failure_threshold(2).with_jitter(0.0).with_open_time(ms(200), ms(1000)),
+    );
+    assert_eq!((c.state(), c.consecutive_failures()), (State::Closed, 3));
+    call(&mut c, t0, Outcome::Failure);
+    assert_eq!(c.state(), State::Open);
+    assert_eq!(c.admit(t0 + ms(199)), Admission::Refused { until: Some(t0 + ms(200)) }, "the new open time");
+
+    // A failure-rate window set later starts empty.
+    let mut c = circuit(BreakerConfig::default().with_failure_threshold(100).with_jitter(0.0));
+    let rate = FailureRate::new(0.5, Duration::from_secs(10), 4);
+    c.reconfigure(BreakerConfig::default().with_failure_threshold(100).with_failure_rate(rate).with_jitter(0.0));
+    for outcome in [Outcome::Success, Outcome::Failure, Outcome::Success] {
+        call(&mut c, t0, outcome);
+    }
+    assert_eq!(c.state(), State::Closed, "3 calls, below the minimum of 4");
+    call(&mut c, t0, Outcome::Failure);
+    assert_eq!(c.state(), State::Open, "2 of 4 failed");
+}
