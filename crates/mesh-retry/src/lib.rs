@@ -60,6 +60,6 @@ mod layer;
 mod policy;
 mod service;
 
-pub use layer::RetryLayer;
+pub use layer::{RetryHandle, RetryLayer};
 pub use policy::{InvalidRetryPolicy, RetryPolicy};
 pub use service::{ResponseFuture, Retry, RetryStats};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame};
 use mesh_balancer::{AvoidEndpoints, FailedAt};
@@ -12,10 +13,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::body::Body;
-use tower::retry::budget::{Budget as _, TpsBudget};
+use tower::retry::budget::Budget as _;
 use tower_service::Service;
 
-use crate::policy::RetryPolicy;
+use crate::layer::Live;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,8 +48,8 @@ impl RetryStats {
 }
 
 pub(crate) struct Shared<S> {
-    pub(crate) policy: RetryPolicy,
-    pub(crate) budget: Arc<TpsBudget>,
+    /// The policy and budget in force, shared with the layer's handle.
+    pub(crate) live: Arc<ArcSwap<Live>>,
     pub(crate) stats: Arc<RetryStats>,
     /// The service retries are sent through: a clone of it per retry.
     prototype: S,
@@ -56,14 +57,14 @@ pub(crate) struct Shared<S> {
 
 impl<S> std::fmt::Debug for Shared<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("policy", &self.policy).field("budget", &self.budget).finish_non_exhaustive()
+        f.debug_struct("Shared").field("live", &self.live).finish_non_exhaustive()
     }
 }
 
 impl<S: Clone> Retry<S> {
-    pub(crate) fn new(inner: S, policy: RetryPolicy, budget: Arc<TpsBudget>, stats: Arc<RetryStats>) -> Self {
+    pub(crate) fn new(inner: S, live: Arc<ArcSwap<Live>>, stats: Arc<RetryStats>) -> Self {
         let prototype = inner.clone();
-        Retry { inner, shared: Arc::new(Shared { policy, budget, stats, prototype }) }
+        Retry { inner, shared: Arc::new(Shared { live, stats, prototype }) }
     }
 }
 
@@ -111,13 +112,14 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let shared = &self.shared;
-        shared.budget.deposit();
-        if !shared.policy.is_retryable(request.uri().path()) {
+        let live = shared.live.load();
+        live.budget.deposit();
+        if !live.policy.is_retryable(request.uri().path()) {
             let deadline = grpc::grpc_timeout(request.headers()).and_then(|t| Instant::now().checked_add(t));
             return ResponseFuture { state: State::Once { inner: self.inner.call(request) }, deadline };
         }
         let (parts, body) = request.into_parts();
-        let (body, replay) = buffer(body, shared.policy.max_buffered);
+        let (body, replay) = buffer(body, live.policy.max_buffered);
         let Some(bytes) = replay else {
             // Too large, or a stream not ready to be read: sent once.
             let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| Instant::now().checked_add(t));
@@ -139,7 +141,7 @@ where
         });
         let mut parts = parts;
         // The first attempt keeps the call's deadline, unless its own is shorter.
-        if shared.policy.per_try_timeout.is_some()
+        if live.policy.per_try_timeout.is_some()
             && let Some(timeout) = again.attempt_timeout(started)
         {
             parts.headers.insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
@@ -307,10 +309,11 @@ impl<S> Again<S> {
                     Some(Pushback::Never) => false,
                     None => {
                         // An attempt that ran out of its own time, with time left on the call's.
+                        let live = self.shared.live.load();
                         let try_timed_out = code == Code::DeadlineExceeded
-                            && self.shared.policy.per_try_timeout.is_some()
+                            && live.policy.per_try_timeout.is_some()
                             && self.deadline.is_none_or(|d| Instant::now() < d);
-                        code != Code::Ok && (self.shared.policy.retry_on.contains(&code) || try_timed_out)
+                        code != Code::Ok && (live.policy.retry_on.contains(&code) || try_timed_out)
                     }
                 }
             }),
@@ -322,7 +325,7 @@ impl<S> Again<S> {
     /// deadline, or the per-try timeout if that is shorter.
     fn attempt_timeout(&self, now: Instant) -> Option<std::time::Duration> {
         let left = self.deadline.map(|d| d.saturating_duration_since(now));
-        match (left, self.shared.policy.per_try_timeout) {
+        match (left, self.shared.live.load().policy.per_try_timeout) {
             (Some(left), Some(per_try)) => Some(left.min(per_try)),
             (left, per_try) => left.or(per_try),
         }
@@ -493,7 +496,9 @@ where
     use tower::ServiceExt as _;
 
     let shared = again.shared.clone();
-    let policy = &shared.policy;
+    // The policy as the first retry finds it, for the rest of the call.
+    let live = shared.live.load_full();
+    let policy = &live.policy;
     let mut backoff = mesh_util::Backoff::new(policy.backoff, policy.max_backoff);
     let mut attempts = 1;
     loop {
@@ -515,7 +520,7 @@ where
         if again.deadline.is_some_and(|d| Instant::now() + delay >= d) {
             return last;
         }
-        if !shared.budget.withdraw() {
+        if !live.budget.withdraw() {
             shared.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
             return last;
         }

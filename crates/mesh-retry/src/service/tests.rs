@@ -268,3 +268,26 @@ fn bad_policies_are_refused_by_name() {
     assert!(p.is_retryable(SAY_HELLO));
     assert!(!p.is_retryable("/other.v1.Other/SayHello"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handle_changes_the_policy_of_every_service_the_layer_made() {
+    let layer = RetryLayer::try_new(policy().with_max_attempts(2)).expect("policy");
+    let handle = layer.handle();
+    let mut answers = vec![(Code::Unavailable, "a"); 2];
+    answers.extend([(Code::Internal, "b"); 10]);
+    let script = Script::new(&answers);
+    let svc = layer.layer(script.clone());
+    let response = svc.clone().oneshot(request(SAY_HELLO, None)).await.expect("response");
+    assert_eq!((code_of(&response), script.seen().len()), (Code::Unavailable, 2));
+
+    // More attempts, and INTERNAL retried too, for the service made before.
+    handle.update(policy().with_max_attempts(4).with_retry_on(&[Code::Unavailable, Code::Internal])).expect("valid");
+    let response = svc.oneshot(request(SAY_HELLO, None)).await.expect("response");
+    assert_eq!((code_of(&response), script.seen().len()), (Code::Internal, 2 + 4));
+    assert_eq!(layer.policy().max_attempts, 4);
+
+    // A bad policy changes nothing.
+    let err = handle.update(policy().with_max_attempts(0)).expect_err("refused");
+    assert_eq!(err.setting, "max_attempts");
+    assert_eq!(handle.policy().max_attempts, 4);
+}
