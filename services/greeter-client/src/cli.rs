@@ -92,6 +92,10 @@ pub struct TargetArgs {
     /// Circuit breakers and retries.
     #[command(flatten)]
     pub resilience: ResilienceArgs,
+    /// Do not follow the `client` section of `{etcd-prefix}/config/{service}` (it is
+    /// followed only when discovering through etcd).
+    #[arg(long, env = "MESH_NO_CONFIG")]
+    pub no_config: bool,
 }
 
 /// Flags of the circuit breakers (one per endpoint, one for the service) and the retries.
@@ -280,17 +284,52 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn mesh(t: &TargetArgs) -> anyhow::Result<Mesh> {
+/// The client stack, and, when it discovers through etcd, the service's configuration
+/// document followed: its `client` section over the flags (and `timeout` as the start of
+/// the call timeout).
+struct Client {
+    mesh: Mesh,
+    timeout: crate::LiveTimeout,
+    _following:
+        Option<(mesh_config::LiveConfig<greeter_config::GreeterConfig>, tokio_util::task::AbortOnDropHandle<()>)>,
+}
+
+async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
     let resilience = t.resilience.resilience()?;
-    if t.target.is_empty() {
-        discovered(&t.etcd, &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience).await
+    let mesh = if t.target.is_empty() {
+        discovered(&t.etcd, &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience).await?
     } else {
-        balanced(&t.target, &t.weights, t.strategy.clone(), &resilience).await
-    }
+        balanced(&t.target, &t.weights, t.strategy.clone(), &resilience).await?
+    };
+    let live_timeout = crate::LiveTimeout::new(timeout);
+    let following = if t.target.is_empty() && !t.no_config {
+        let options =
+            mesh_etcd::EtcdOptions::parse_endpoints(&t.etcd).with_context(|| format!("invalid --etcd {:?}", t.etcd))?;
+        let layers = mesh_config::Layers::defaults(&greeter_config::GreeterConfig::default())?;
+        let key = mesh_config::config_key(&t.etcd_prefix, &t.service);
+        let live = mesh_config::ConfigWatcher::<greeter_config::GreeterConfig>::new(
+            mesh_etcd::Etcd::new(options),
+            key,
+            &layers,
+        )?
+        .spawn();
+        let base = crate::ClientBase {
+            strategy: t.strategy.clone(),
+            endpoint_breaker: resilience.endpoint_breaker.clone(),
+            retry: resilience.retry.clone(),
+            timeout,
+        };
+        let task = tokio::spawn(crate::follow(live.subscribe(), mesh.clone(), base, live_timeout.clone()));
+        Some((live, tokio_util::task::AbortOnDropHandle::new(task)))
+    } else {
+        None
+    };
+    Ok(Client { mesh, timeout: live_timeout, _following: following })
 }
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {
-    let mesh = mesh(&args.targets).await?;
+    let client_stack = client(&args.targets, args.timeout).await?;
+    let mesh = &client_stack.mesh;
     let mut client = GreeterClient::new(mesh.channel.clone());
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
     let mut order = Vec::new();
@@ -312,12 +351,12 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
         if let (Some(at), Some(every)) = (next_table, args.table_every)
             && tokio::time::Instant::now() >= at
         {
-            print!("{}", table(&mesh, &replies));
+            print!("{}", table(mesh, &replies));
             next_table = Some(at + every);
         }
         made += 1;
         let mut request = tonic::Request::new(HelloRequest { name: args.name.clone() });
-        request.set_timeout(args.timeout);
+        request.set_timeout(client_stack.timeout.get());
         if let Some(key) = &args.targets.hash_key {
             let key = key.replace("{i}", &i.to_string());
             let value = key.parse().with_context(|| format!("--hash-key {key:?} is not a valid header value"))?;
@@ -352,7 +391,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .map(|e| EndpointReport {
                     state: state_name(e.state).into(),
-                    breaker: breaker_state(&mesh, &e.id),
+                    breaker: breaker_state(mesh, &e.id),
                     breaker_transitions: mesh.endpoint_breaker(&e.id).map_or(0, |b| b.transitions()),
                     id: e.id,
                     address: e.address,
@@ -366,7 +405,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
         };
         println!("{}", serde_json::to_string(&report).context("encoding the report")?);
     } else {
-        print!("{}", table(&mesh, &replies));
+        print!("{}", table(mesh, &replies));
     }
     if failed > 0 {
         anyhow::bail!("{failed} of {made} calls failed");
@@ -466,7 +505,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         bench::run(connect(target).await?, &config).await
     } else {
-        bench::run(mesh(&args.targets).await?.channel, &config).await
+        // The configuration's client section is followed, except the timeout: --timeout.
+        let stack = client(&args.targets, args.timeout).await?;
+        bench::run(stack.mesh.channel.clone(), &config).await
     };
     if args.json {
         println!("{}", serde_json::to_string(&report).context("encoding the report")?);

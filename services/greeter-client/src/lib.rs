@@ -26,10 +26,12 @@
 pub mod bench;
 mod cli;
 mod connect;
+mod live;
 mod stack;
 
 pub use cli::{Args, Command, EndpointReport, GreetReport, HealthReport, run};
 pub use connect::{balanced, connect, discovered};
+pub use live::{ClientBase, LiveTimeout, follow};
 pub use stack::{
     EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience, default_service_breaker,
 };

@@ -12,7 +12,7 @@ use std::time::Duration;
 use mesh_breaker::{
     Breaker, BreakerConfig, BreakerHandle, BreakerLayer, FailureRate, GrpcClassifier, InvalidBreakerConfig,
 };
-use mesh_retry::{InvalidRetryPolicy, Retry, RetryLayer, RetryPolicy, RetryStats};
+use mesh_retry::{InvalidRetryPolicy, Retry, RetryHandle, RetryLayer, RetryPolicy, RetryStats};
 use tonic::transport::Channel;
 use tower_layer::Layer as _;
 
@@ -81,6 +81,9 @@ pub struct Mesh {
     /// Retries made and refused.
     pub retries: Arc<RetryStats>,
     endpoint_breakers: Arc<Mutex<HashMap<String, BreakerHandle>>>,
+    /// The settings of endpoint breakers, for the endpoints still to come too.
+    endpoint_config: Arc<Mutex<BreakerConfig>>,
+    retry: RetryHandle,
 }
 
 impl Mesh {
@@ -91,6 +94,9 @@ impl Mesh {
     {
         let service = config.service.clone();
         let endpoint_layer = BreakerLayer::try_new(service.clone(), resilience.endpoint_breaker.clone())?;
+        let endpoint_config = Arc::new(Mutex::new(resilience.endpoint_breaker.clone()));
+        let current = endpoint_config.clone();
+        let endpoint_service = service.clone();
         let service_layer = BreakerLayer::try_new(service, resilience.service_breaker.clone())?.fail_fast();
         let retry_layer = RetryLayer::try_new(resilience.retry.clone())?;
         let endpoint_breakers: Arc<Mutex<HashMap<String, BreakerHandle>>> = Arc::default();
@@ -98,7 +104,10 @@ impl Mesh {
         let balanced = Balancer::spawn_with(
             config,
             move |endpoint: &Endpoint, channel| {
-                let breaker = endpoint_layer.clone().with_name(endpoint.address.clone()).layer(channel);
+                // A new endpoint takes the settings in force now (checked when they were set).
+                let layer = BreakerLayer::try_new(endpoint_service.clone(), lock(&current).clone())
+                    .unwrap_or_else(|_| endpoint_layer.clone());
+                let breaker = layer.with_name(endpoint.address.clone()).layer(channel);
                 lock(&handles).insert(endpoint.id.clone(), breaker.handle());
                 breaker
             },
@@ -108,10 +117,38 @@ impl Mesh {
         Ok(Mesh {
             service_breaker: channel.handle(),
             retries: retry_layer.stats(),
+            retry: retry_layer.handle(),
             channel,
             balanced,
             endpoint_breakers,
+            endpoint_config,
         })
+    }
+
+    /// New settings for every endpoint's breaker, those to come included; the error names a
+    /// bad setting and changes nothing.
+    pub fn set_endpoint_breaker(&self, config: BreakerConfig) -> Result<(), InvalidBreakerConfig> {
+        config.validate()?;
+        *lock(&self.endpoint_config) = config.clone();
+        for handle in lock(&self.endpoint_breakers).values() {
+            handle.reconfigure(config.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The settings of endpoint breakers in force.
+    pub fn endpoint_breaker_config(&self) -> BreakerConfig {
+        lock(&self.endpoint_config).clone()
+    }
+
+    /// A new retry policy, from the next call on; the error names a bad setting.
+    pub fn set_retry(&self, policy: RetryPolicy) -> Result<(), InvalidRetryPolicy> {
+        self.retry.update(policy)
+    }
+
+    /// The retry policy in force.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry.policy()
     }
 
     /// The breaker of the endpoint with `id`, once the balancer has built its stack.
