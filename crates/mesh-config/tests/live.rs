@@ -209,3 +209,29 @@ where
 {
     mesh_testkit::eventually(what, Duration::from_secs(10), &mut check).await.expect(what)
 }
+
+#[tokio::test]
+async fn an_etcd_outage_changes_nothing_and_the_watch_resumes_after_it() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let config = watch(&etcd);
+    let applied = etcd.put(KEY, r#"{"greeting": "through the outage"}"#).await.expect("put");
+    until_status(&config, "applied", |s| s.revision == Some(applied)).await;
+    let before = config.current();
+    etcd.kill(0).expect("kill");
+    let mut view = config.view();
+    tokio::time::timeout(Duration::from_secs(10), view.wait_for(|v| !v.in_sync))
+        .await
+        .expect("the outage noticed")
+        .expect("watching");
+    assert!(Arc::ptr_eq(&config.current(), &before), "no fallback during the outage");
+    assert_eq!(config.status().borrow().revision, Some(applied));
+    etcd.restart(0).await.expect("restart");
+    tokio::time::timeout(Duration::from_secs(10), view.wait_for(|v| v.in_sync))
+        .await
+        .expect("back in sync")
+        .expect("watching");
+    assert!(Arc::ptr_eq(&config.current(), &before), "the same document, not applied twice");
+    let next = etcd.put(KEY, r#"{"greeting": "after"}"#).await.expect("put");
+    until_status(&config, "a put after the outage", |s| s.revision == Some(next)).await;
+    assert_eq!(config.status().borrow().applied, 2);
+}
