@@ -26,7 +26,8 @@ pub(crate) struct Opts {
 }
 
 /// The sections of `cargo xtask bench`, in the order they run.
-const SECTIONS: [&str; 8] = ["clients", "servers", "pick", "channel", "breaker", "limiter", "update", "registry"];
+const SECTIONS: [&str; 9] =
+    ["clients", "servers", "pick", "channel", "breaker", "limiter", "update", "registry", "config"];
 
 impl Opts {
     fn runs(&self, section: &str) -> bool {
@@ -297,6 +298,9 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     }
     if opts.runs("registry") {
         md.push_str(&registry_table()?);
+    }
+    if opts.runs("config") {
+        md.push_str(&config_table()?);
     }
     println!("{md}");
     let dir = util::root().join("target").join("bench");
@@ -647,6 +651,21 @@ fn registry_table() -> anyhow::Result<String> {
     }
     md.push('\n');
     Ok(md)
+}
+
+/// Runs greeter-server's config benchmark: a document put → in force at a running server.
+fn config_table() -> anyhow::Result<String> {
+    eprintln!("== config put → applied (100 updates, real etcd on loopback) ==");
+    let v = bench_report("greeter-server", "config_apply")?;
+    let ms = |k: &str| v["put_to_applied"][k].as_f64().map_or(f64::NAN, |us| us / 1000.0);
+    Ok(format!(
+        "## live configuration (etcd on loopback, 100 updates, ms)\n\n\
+         | path | p50 | p99 | max | target p99 |\n|---|---:|---:|---:|---|\n\
+         | config put → a server replies with the new greeting | {:.2} | {:.2} | {:.2} | < 50 |\n\n",
+        ms("p50_us"),
+        ms("p99_us"),
+        ms("max_us")
+    ))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

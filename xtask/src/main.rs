@@ -20,7 +20,7 @@ cargo xtask <command>
   bench [--runs N] [--duration SECS] [--quick] [--only SECTION,...]
                           benchmark suite; prints a markdown table, saved under target/bench/
                           (sections: clients, servers, pick, channel, breaker, limiter,
-                          update, registry)
+                          update, registry, config)
 ";
 
 fn main() -> ExitCode {
