@@ -8,7 +8,7 @@ use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use mesh_etcd_local::Signal;
@@ -57,6 +57,7 @@ fn chapters(demo: &mut Demo) -> anyhow::Result<()> {
     chapter_registry(demo)?;
     chapter_failover(demo)?;
     chapter_limiter(demo)?;
+    chapter_config(demo)?;
     Ok(())
 }
 
@@ -260,6 +261,93 @@ fn chapter_limiter(demo: &mut Demo) -> anyhow::Result<()> {
     demo.stop_server(name)
 }
 
+/// The service of chapter 6: its own configuration key, so that nothing of a user's is
+/// touched.
+const CONFIG_SERVICE: &str = "greeter-demo-config";
+
+fn chapter_config(demo: &mut Demo) -> anyhow::Result<()> {
+    println!("\n-- 6. live configuration from etcd --");
+    println!("  watch: a new greeting and a new rate in force with no restart, and a bad document");
+    println!("  refused with its reason while the server goes on as it was");
+    let dir = util::root().join("target").join("demo");
+    let write = |name: &str, doc: &str| -> anyhow::Result<String> {
+        let path = dir.join(name);
+        fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path.display().to_string())
+    };
+    // Start from no settings in etcd (an empty document: the flags rule).
+    demo.config(&["apply", &write("config-empty.json", "{}")?])?;
+    let name = "greeter-configured";
+    let addr = format!("127.0.0.1:{}", mesh_etcd_local::free_port()?);
+    demo.spawn_server_args(name, &addr, &["--service", CONFIG_SERVICE])?;
+    println!("  before: {}", demo.hello(&addr)?);
+
+    let first = r#"{"server": {"greeting": "Good day, {name}!", "limiter": {"rate_per_sec": 50, "burst": 5}}}"#;
+    println!("  config apply {first}");
+    let put = Instant::now();
+    println!("    {}", demo.config(&["apply", &write("config-1.json", first)?])?);
+    demo.until_greeting(&addr, "Good day, demo!", Duration::from_secs(1))?;
+    println!("  the client sees \"Good day, demo!\" {} ms after `config apply` started", put.elapsed().as_millis());
+    let (admitted, calls) = flood(demo, &addr, 3)?;
+    println!("  a 3 s flood of {calls} calls: {admitted} admitted (50/s × 3 s + burst 5 = 155)");
+    ensure!((admitted as f64 - 155.0).abs() <= 155.0 * 0.05, "{admitted} admitted at 50/s, expected 155 ± 5%");
+
+    let second = r#"{"server": {"greeting": "Good evening, {name}!", "limiter": {"rate_per_sec": 200, "burst": 20}}}"#;
+    println!("  config apply {second}");
+    demo.config(&["apply", &write("config-2.json", second)?])?;
+    demo.until_greeting(&addr, "Good evening, demo!", Duration::from_secs(1))?;
+    let (admitted, calls) = flood(demo, &addr, 3)?;
+    println!("  a 3 s flood of {calls} calls: {admitted} admitted (200/s × 3 s + burst 20 = 620)");
+    ensure!((admitted as f64 - 620.0).abs() <= 620.0 * 0.05, "{admitted} admitted at 200/s, expected 620 ± 5%");
+
+    let bad = r#"{"server": {"limiter": {"rate_per_sec": 0}}}"#;
+    println!("  config apply {bad}");
+    let refused = demo.config(&["apply", &write("config-bad.json", bad)?]);
+    let reason = refused.as_ref().err().map(|e| format!("{e:#}")).context("config apply took a rate of 0")?;
+    let reason = reason.rsplit_once("error: ").map_or(reason.as_str(), |(_, r)| r).trim();
+    println!("    refused, nothing written: {reason}");
+    // Put past the check, as `etcdctl put` would: the server refuses it and says why.
+    if let Some(etcdctl) = mesh_etcd_local::find_etcdctl() {
+        let key = format!("/mesh/config/{CONFIG_SERVICE}");
+        util::output(Command::new(etcdctl).env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &demo.etcd.join(","),
+            "put",
+            &key,
+            bad,
+        ]))?;
+        let shown = demo.until_shown("rate_per_sec: is 0", Duration::from_secs(2))?;
+        println!("  etcdctl put it anyway; `greeter-server config show` then says:");
+        for line in shown.lines().filter(|l| !l.trim().is_empty()).skip_while(|l| !l.starts_with("instance")) {
+            println!("    {line}");
+        }
+    }
+    println!("  and the server goes on as it was: {}", demo.hello(&addr)?);
+    ensure!(demo.hello(&addr)?.starts_with("Good evening, demo!"), "the last good greeting stays");
+    demo.config(&["apply", &write("config-empty.json", "{}")?])?;
+    demo.stop_server(name)
+}
+
+/// Four callers as fast as they can for `secs` seconds, retries off: (admitted, calls).
+fn flood(demo: &Demo, addr: &str, secs: u64) -> anyhow::Result<(u64, u64)> {
+    // A new limit keeps what the bucket held (a change is not a free burst): let it fill to
+    // its burst first, so that the count is rate × time + burst.
+    std::thread::sleep(Duration::from_millis(300));
+    let duration = format!("{secs}s");
+    let out = util::output(demo.client().args(["bench", "--target", addr, "--concurrency", "4"]).args([
+        "--duration",
+        &duration,
+        "--warmup",
+        "0s",
+        "--max-attempts",
+        "1",
+        "--json",
+    ]))?;
+    let report = report(&out)?;
+    let admitted = report["ok"].as_u64().unwrap_or(0);
+    Ok((admitted, admitted + report["errors"].as_u64().unwrap_or(0)))
+}
+
 /// `line` without ANSI colour codes.
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
@@ -358,14 +446,21 @@ impl Demo {
     /// Starts a greeter-server at `addr` with `extra` flags and waits until it accepts
     /// connections.
     fn spawn_server_with(&mut self, name: &str, addr: &str, extra: &[&str]) -> anyhow::Result<()> {
+        // These chapters show the flags at work: a configuration document a user left in
+        // this etcd must not change them.
+        let mut args = vec!["--no-config"];
+        args.extend_from_slice(extra);
+        self.spawn_server_args(name, addr, &args)
+    }
+
+    /// Starts a greeter-server at `addr` with exactly `extra` besides its address, name and
+    /// etcd, and waits until it accepts connections.
+    fn spawn_server_args(&mut self, name: &str, addr: &str, extra: &[&str]) -> anyhow::Result<()> {
         let addr = addr.to_string();
         let log_path = self.logs.join(format!("{name}.log"));
         let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(self.bin.join("greeter-server"))
             .args(["--listen", &addr, "--instance-id", name, "--etcd", &self.etcd.join(",")])
-            // These chapters show the flags at work: a configuration document a user left in
-            // this etcd must not change them.
-            .arg("--no-config")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -383,6 +478,44 @@ impl Demo {
 
     /// The first line of a server's log that contains `text`, without colours and the
     /// timestamp.
+    /// `greeter-server config ARGS` for chapter 6's service: its output, or an error with it.
+    fn config(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(self.bin.join("greeter-server"));
+        cmd.args(["--etcd", &self.etcd.join(","), "--service", CONFIG_SERVICE, "config"]).args(args);
+        Ok(util::output(&mut cmd)?.trim().to_string())
+    }
+
+    /// One SayHello to `addr`: the reply line.
+    fn hello(&self, addr: &str) -> anyhow::Result<String> {
+        let out = util::output(self.client().args(["--target", addr, "--count", "1", "--name", "demo"]))?;
+        out.lines().next().map(str::to_string).context("greeter-client printed no reply")
+    }
+
+    /// Calls `addr` until it greets with `want`, at most `within`.
+    fn until_greeting(&self, addr: &str, want: &str, within: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if self.hello(addr)?.starts_with(want) {
+                return Ok(());
+            }
+            ensure!(started.elapsed() < within, "no {want:?} within {within:?} of the put");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `config show` once it contains `text`, at most `within`.
+    fn until_shown(&self, text: &str, within: Duration) -> anyhow::Result<String> {
+        let started = Instant::now();
+        loop {
+            let shown = self.config(&["show"])?;
+            if shown.contains(text) {
+                return Ok(shown);
+            }
+            ensure!(started.elapsed() < within, "`config show` did not show {text:?}: {shown}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn log_line(&self, name: &str, text: &str) -> anyhow::Result<String> {
         let path = self.logs.join(format!("{name}.log"));
         let log = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
