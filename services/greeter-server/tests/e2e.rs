@@ -403,7 +403,7 @@ fn config_command(etcd: &mesh_testkit::Etcd, args: &[&str]) -> (bool, String, St
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_server_applies_a_new_greeting_and_limit_refuses_a_bad_document_and_says_so() {
+async fn a_running_server_applies_a_new_greeting_limit_and_log_level_and_refuses_a_bad_document_saying_why() {
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
     let s1 = Server::start("s1", &etcd);
     registered(&etcd, &[&s1], Duration::from_secs(10)).await;
@@ -470,6 +470,20 @@ async fn a_running_server_applies_a_new_greeting_and_limit_refuses_a_bad_documen
     for _ in 0..5 {
         greet(client.clone()).await.expect("no limit any more");
     }
+
+    // The log level, live: debug lines appear once it is applied.
+    assert!(!s1.log().contains("DEBUG"), "started at info");
+    etcd.put("/mesh/config/greeter", r#"{"server": {"log_level": "debug"}}"#).await.expect("put");
+    eventually("debug logging", Duration::from_secs(5), || {
+        let c = client.clone();
+        let log = s1.log();
+        async move {
+            let _ = greet(c).await;
+            (log.contains("log level now") && log.contains("DEBUG")).then_some(())
+        }
+    })
+    .await
+    .expect("debug lines in the log");
     assert_eq!(s1.stop().code(), Some(0));
     assert_eq!(etcd.get("/mesh/status/greeter/s1").await.expect("get"), None, "the status leaves with the server");
 }
