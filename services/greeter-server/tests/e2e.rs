@@ -467,6 +467,7 @@ async fn a_running_server_applies_a_new_greeting_limit_and_log_level_and_refuses
     })
     .await
     .expect("default greeting");
+    assert!(s1.log().contains("configuration deleted; back to the file and flag settings"), "{}", s1.log());
     for _ in 0..5 {
         greet(client.clone()).await.expect("no limit any more");
     }
