@@ -56,7 +56,12 @@ impl Layers {
 
     /// The merged document as a `T`, checked; the error says what is wrong.
     pub fn build<T: Document>(&self) -> Result<T, ConfigError> {
-        crate::parse::decode(&self.document, "the file and flag settings")
+        self.build_as("the file and flag settings")
+    }
+
+    /// [`Layers::build`], naming the layers `origin` in errors (say, the file just merged).
+    pub fn build_as<T: Document>(&self, origin: &str) -> Result<T, ConfigError> {
+        crate::parse::decode(&self.document, origin)
     }
 }
 

@@ -183,6 +183,7 @@ impl Args {
         let mut layers = mesh_config::Layers::defaults(&greeter_config::GreeterConfig::default())?;
         if let Some(file) = &self.config {
             layers = layers.file(file)?;
+            layers.build_as::<greeter_config::GreeterConfig>(&format!("config file {}", file.display()))?;
         }
         self.limits()?;
         if let Some(section) = self.limiter_section()? {

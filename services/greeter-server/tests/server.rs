@@ -139,7 +139,14 @@ fn bad_flags_are_refused_in_words_before_the_port_is_taken() {
     // the address in use instead of the bad flag.
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = held.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad_file = dir.path().join("greeter.toml");
+    std::fs::write(&bad_file, "[server]\ncolour = \"blue\"\n").expect("write");
+    let bad_file = bad_file.to_str().expect("utf-8 path");
+    let bad_file_words = format!("config file {bad_file}: server.colour: unknown field `colour`");
     for (flags, words) in [
+        (&["--config", bad_file][..], bad_file_words.as_str()),
+        (&["--config", "/no/such/greeter.toml"][..], "config file /no/such/greeter.toml: No such file"),
         (&["--rate", "10", "--burst", "0"][..], "burst: is 0"),
         (&["--rate", "50000", "--burst", "10"][..], "it must be at least 50"),
         (&["--rate", "10", "--limit-per-caller", "metadata:bad key"][..], "\"bad key\" is not a metadata key"),
