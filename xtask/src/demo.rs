@@ -228,18 +228,7 @@ fn chapter_limiter(demo: &mut Demo) -> anyhow::Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting the health checker")?;
-    // Four callers as fast as they can (several times the rate). Retries off, to count what
-    // the server says, not what a retry makes of it.
-    let out = util::output(demo.client().args(["bench", "--target", &addr, "--concurrency", "4"]).args([
-        "--duration",
-        "3s",
-        "--warmup",
-        "0s",
-        "--max-attempts",
-        "1",
-        "--json",
-    ]))?;
-    let report = report(&out)?;
+    let report = flood_report(demo, &addr, 3)?;
     let admitted = report["ok"].as_u64().unwrap_or(0);
     let failed = report["errors"].as_u64().unwrap_or(0);
     let exhausted = report["errors_by_code"]["ResourceExhausted"].as_u64().unwrap_or(0);
@@ -328,11 +317,9 @@ fn chapter_config(demo: &mut Demo) -> anyhow::Result<()> {
     demo.stop_server(name)
 }
 
-/// Four callers as fast as they can for `secs` seconds, retries off: (admitted, calls).
-fn flood(demo: &Demo, addr: &str, secs: u64) -> anyhow::Result<(u64, u64)> {
-    // A new limit keeps what the bucket held (a change is not a free burst): let it fill to
-    // its burst first, so that the count is rate × time + burst.
-    std::thread::sleep(Duration::from_millis(300));
+/// Four callers as fast as they can (several times a demo's rate) for `secs` seconds: the
+/// bench report. Retries off, to count what the server says, not what a retry makes of it.
+fn flood_report(demo: &Demo, addr: &str, secs: u64) -> anyhow::Result<Value> {
     let duration = format!("{secs}s");
     let out = util::output(demo.client().args(["bench", "--target", addr, "--concurrency", "4"]).args([
         "--duration",
@@ -343,7 +330,15 @@ fn flood(demo: &Demo, addr: &str, secs: u64) -> anyhow::Result<(u64, u64)> {
         "1",
         "--json",
     ]))?;
-    let report = report(&out)?;
+    report(&out)
+}
+
+/// [`flood_report`] once the bucket is full: (admitted, calls).
+fn flood(demo: &Demo, addr: &str, secs: u64) -> anyhow::Result<(u64, u64)> {
+    // A new limit keeps what the bucket held (a change is not a free burst): let it fill to
+    // its burst first, so that the count is rate × time + burst.
+    std::thread::sleep(Duration::from_millis(300));
+    let report = flood_report(demo, addr, secs)?;
     let admitted = report["ok"].as_u64().unwrap_or(0);
     Ok((admitted, admitted + report["errors"].as_u64().unwrap_or(0)))
 }

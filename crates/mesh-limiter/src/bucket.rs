@@ -4,9 +4,11 @@
 //! whole milliseconds (an interval of 3.33 ms refills every 3 ms). So a rate of r per second
 //! becomes a whole-millisecond interval, with a whole number of tokens no more than the
 //! burst (a refill beyond the bucket's size would spill), whose average is r exactly or,
-//! failing that, within 0.5% of it: 200/s is 1 token every 5 ms, 300/s 3 every 10 ms,
-//! 1500/s 3 every 2 ms, 0.5/s 1 every 2 s. When no such interval exists (300/s with a burst
-//! of 1 needs a token every 3.33 ms), the closest rate below r is taken (250/s). The burst
+//! failing that, within 0.5% of it, preferably 20 ms apart or more (leaky-bucket loses a
+//! fraction of a millisecond on every refill): 200/s is 4 tokens every 20 ms, 300/s 6 every
+//! 20 ms, 0.5/s 1 every 2 s, and 200/s with a burst of 2 is 1 every 5 ms. When no such
+//! interval exists (300/s with a burst of 1 needs a token every 3.33 ms), the closest rate
+//! below r is taken (250/s). The burst
 //! is the bucket's size, and a new bucket starts full. Every bucket is fair: waiters are
 //! served first come, first served, and each call takes the bucket's lock (uncontended,
 //! tens of nanoseconds); see `Bucket::new` for why not the lock-free path.
@@ -30,11 +32,19 @@ impl std::fmt::Debug for Bucket {
     }
 }
 
+/// Refill intervals shorter than this are used only when the burst cannot hold this long's
+/// tokens. leaky-bucket schedules the next refill from the moment a caller takes the due
+/// one, less the whole milliseconds it was late: the fraction of a millisecond is lost on
+/// every refill. Under a flood that is about 0.1–0.3 ms, which costs 2–6% of the rate with
+/// a 5 ms interval and under 1.5% with 20 ms.
+const PREFERRED_INTERVAL_MS: u64 = 20;
+
 /// Tokens per refill (at most `burst`), and the interval between refills (whole
-/// milliseconds), for `rate` per second: an exact match if one comes within ten times the
-/// shortest interval within 0.5% of the rate, else that one, else the closest rate below
-/// it. A rate slower than one call a minute is one token per interval.
-/// `Limit::validate` has made sure the burst can hold a millisecond's refill.
+/// milliseconds), for `rate` per second: the first of an exact match or one within 0.5% of
+/// the rate, among intervals of at least 20 ms (see [`PREFERRED_INTERVAL_MS`]) and then
+/// shorter ones; else the closest rate below it. A rate slower than one call a minute is
+/// one token per interval. `Limit::validate` has made sure the burst can hold a
+/// millisecond's refill.
 pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
     let burst = f64::from(burst.max(1));
     // One token at the rate, in whole milliseconds: below one a minute, that is the answer
@@ -43,9 +53,50 @@ pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
     if slowest > 60_000 {
         return (1, Duration::from_millis(slowest));
     }
+    let long = search(rate, burst, PREFERRED_INTERVAL_MS);
+    if let Found::Match(tokens, ms) = long {
+        return (tokens, Duration::from_millis(ms));
+    }
+    let (tokens, ms) = match (long, search(rate, burst, 1)) {
+        (_, Found::Match(tokens, ms)) => (tokens, ms),
+        (Found::Best(a, ms_a, err_a), Found::Best(b, ms_b, err_b)) => {
+            if err_a <= err_b {
+                (a, ms_a)
+            } else {
+                (b, ms_b)
+            }
+        }
+        (Found::Best(t, ms, _), Found::Nothing) | (Found::Nothing, Found::Best(t, ms, _)) => (t, ms),
+        _ => (1, slowest),
+    };
+    (tokens, Duration::from_millis(ms))
+}
+
+/// The fewest tokens per refill that give `rate` exactly or within 0.5%: the smallest burst
+/// for the full rate.
+pub(crate) fn fewest_tokens_for(rate: f64) -> usize {
+    match search(rate, f64::from(u32::MAX), 1) {
+        Found::Match(tokens, _) | Found::Best(tokens, _, _) => tokens,
+        Found::Nothing => 1,
+    }
+}
+
+/// What a search of refill intervals found.
+#[derive(Debug, Clone, Copy)]
+enum Found {
+    /// An exact match, or the first interval within 0.5%: (tokens, ms).
+    Match(usize, u64),
+    /// The closest rate not above it: (tokens, ms, relative error).
+    Best(usize, u64, f64),
+    Nothing,
+}
+
+/// Searches intervals from `from_ms` up: an exact match if one comes within ten times the
+/// first interval within 0.5%, else that one, else the closest.
+fn search(rate: f64, burst: f64, from_ms: u64) -> Found {
     let mut within: Option<(usize, u64)> = None;
     let mut best: Option<(usize, u64, f64)> = None;
-    for ms in 1..=60_000u64 {
+    for ms in from_ms..=60_000u64 {
         let exact = rate * ms as f64 / 1000.0;
         if exact.floor() > burst || within.is_some_and(|(_, first)| ms > first * 10) {
             // Longer intervals need more tokens than the bucket holds, or are too coarse.
@@ -61,7 +112,7 @@ pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
             }
             let error = (got - rate).abs() / rate;
             if error <= 1e-9 {
-                return (tokens as usize, Duration::from_millis(ms));
+                return Found::Match(tokens as usize, ms);
             }
             if error <= 0.005 && within.is_none() {
                 within = Some((tokens as usize, ms));
@@ -71,8 +122,11 @@ pub(crate) fn refill_of(rate: f64, burst: u32) -> (usize, Duration) {
             }
         }
     }
-    let (tokens, ms) = within.or(best.map(|(t, ms, _)| (t, ms))).unwrap_or((1, slowest));
-    (tokens, Duration::from_millis(ms))
+    match (within, best) {
+        (Some((tokens, ms)), _) => Found::Match(tokens, ms),
+        (None, Some((tokens, ms, error))) => Found::Best(tokens, ms, error),
+        (None, None) => Found::Nothing,
+    }
 }
 
 impl Bucket {

@@ -109,8 +109,7 @@ impl Limit {
 
     /// The smallest burst with which this limit admits its full rate (within 0.5%).
     pub fn burst_for_full_rate(&self) -> u32 {
-        let (tokens, _) = crate::bucket::refill_of(self.rate_per_sec, u32::MAX);
-        u32::try_from(tokens).unwrap_or(u32::MAX).max(1)
+        u32::try_from(crate::bucket::fewest_tokens_for(self.rate_per_sec)).unwrap_or(u32::MAX).max(1)
     }
 
     fn validate(&self, prefix: &str) -> Result<(), InvalidLimit> {

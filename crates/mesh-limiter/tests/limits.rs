@@ -133,7 +133,7 @@ async fn twenty_connections_flooding_at_5x_get_the_servers_rate_not_20x_and_heal
     for status in &statuses {
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.message(), "rate limit exceeded for /greeter.v1.Greeter/SayHello: 200/s, burst 20");
-        assert_eq!(status.metadata().get(PUSHBACK_KEY).and_then(|v| v.to_str().ok()), Some("5"));
+        assert_eq!(status.metadata().get(PUSHBACK_KEY).and_then(|v| v.to_str().ok()), Some("20"));
     }
     let answers = checker.await.expect("checker");
     assert!(answers.len() > 50, "{} health checks", answers.len());

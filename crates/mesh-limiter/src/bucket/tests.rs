@@ -13,8 +13,11 @@ fn refills_come_in_whole_milliseconds_and_average_to_the_rate() {
         let got = refill as f64 / interval.as_secs_f64();
         assert!((got - rate).abs() / rate <= 0.005, "{rate}/s became {got}/s ({refill} every {interval:?})");
     }
-    assert_eq!(refill_of(200.0, 20), (1, Duration::from_millis(5)));
-    assert_eq!(refill_of(300.0, 30), (3, Duration::from_millis(10)));
+    // 20 ms apart or more when the burst holds that long's tokens.
+    assert_eq!(refill_of(200.0, 20), (4, Duration::from_millis(20)));
+    assert_eq!(refill_of(300.0, 30), (6, Duration::from_millis(20)));
+    assert_eq!(refill_of(333.0, 34), (7, Duration::from_millis(21)), "333.3/s, within 0.5%");
+    assert_eq!(refill_of(200.0, 2), (1, Duration::from_millis(5)), "a burst of 2 cannot wait 20 ms");
     // A refill never spills over the burst, and the rate is never exceeded.
     assert_eq!(refill_of(300.0, 1), (1, Duration::from_millis(4)), "250/s, not 333/s");
     assert_eq!(refill_of(1500.0, 2), (1, Duration::from_millis(1)), "1000/s with a burst of 2");
@@ -49,7 +52,7 @@ async fn a_full_bucket_admits_its_burst_then_the_rate() {
         }
     }
     assert!((99..=101).contains(&admitted), "{admitted} in 1 s at 100/s");
-    assert_eq!(bucket.pushback_ms(), 10);
+    assert_eq!(bucket.pushback_ms(), 20, "2 tokens every 20 ms");
 }
 
 #[tokio::test(start_paused = true)]
