@@ -168,13 +168,7 @@ impl Args {
 
     /// The rate limits the flags ask for: none without --rate; an error names the flags.
     pub fn limits(&self) -> anyhow::Result<Option<mesh_limiter::LimiterConfig>> {
-        let Some(section) = self.limiter_section()? else {
-            return Ok(None);
-        };
-        let config = section.limiter_config().map_err(|e| {
-            anyhow::anyhow!("invalid --rate/--burst/--limit-method/--limit-per-caller/--limit-max-wait: {e}")
-        })?;
-        Ok(Some(config))
+        self.limiter_section()?.as_ref().map(flag_limits).transpose()
     }
 
     /// The configuration's layers below etcd: defaults, then --config FILE, then the flags
@@ -185,8 +179,8 @@ impl Args {
             layers = layers.file(file)?;
             layers.build_as::<greeter_config::GreeterConfig>(&format!("config file {}", file.display()))?;
         }
-        self.limits()?;
         if let Some(section) = self.limiter_section()? {
+            flag_limits(&section)?;
             let patch = serde_json::json!({ "server": { "limiter": section } });
             layers = layers.patch("the limit flags", patch)?;
         }
@@ -199,6 +193,13 @@ impl Args {
     pub fn fault(&self) -> crate::Fault {
         crate::Fault { error_rate: self.fault_error_rate, code: self.fault_code, delay: self.fault_delay }
     }
+}
+
+/// The limits the flags' section sets; the error names the flags.
+fn flag_limits(section: &greeter_config::LimiterSection) -> anyhow::Result<mesh_limiter::LimiterConfig> {
+    section
+        .limiter_config()
+        .map_err(|e| anyhow::anyhow!("invalid --rate/--burst/--limit-method/--limit-per-caller/--limit-max-wait: {e}"))
 }
 
 fn checked_caller(s: &str) -> Result<String, String> {
