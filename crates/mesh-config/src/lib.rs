@@ -63,7 +63,7 @@ mod status;
 pub use layers::{Layers, merge};
 pub use live::{ConfigStatus, ConfigWatcher, LiveConfig, Rejection, config_key};
 pub use parse::parse;
-pub use status::{AppliedStatus, RejectionRecord, StatusReport, status_key};
+pub use status::{AppliedStatus, StatusReport, status_key};
 
 /// A configuration document: a serde type with the checks types cannot express. Use
 /// `#[serde(deny_unknown_fields)]` on it, so that a misspelt field is an error, not a

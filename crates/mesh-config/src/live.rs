@@ -1,6 +1,5 @@
 //! The document in etcd, watched and applied over the layers below it.
 
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 use mesh_etcd::{Etcd, KeyValue, ListWatch, ViewStatus, WatchEvent};
@@ -19,7 +18,6 @@ pub struct ConfigWatcher<T> {
     key: String,
     base: Value,
     base_config: Arc<T>,
-    _document: PhantomData<fn() -> T>,
 }
 
 /// A running watch: the configuration in force, and how it got there. The task behind it
@@ -58,7 +56,7 @@ pub struct ConfigStatus {
 }
 
 /// A document refused: its revision and the reason.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct Rejection {
     /// The revision of the refused document.
@@ -77,13 +75,7 @@ impl<T: Document> ConfigWatcher<T> {
     /// bad file or flag), which a process should refuse to start with.
     pub fn new(etcd: Etcd, key: impl Into<String>, layers: &Layers) -> Result<Self, ConfigError> {
         let base_config = Arc::new(layers.build::<T>()?);
-        Ok(ConfigWatcher {
-            etcd,
-            key: key.into(),
-            base: layers.document().clone(),
-            base_config,
-            _document: PhantomData,
-        })
+        Ok(ConfigWatcher { etcd, key: key.into(), base: layers.document().clone(), base_config })
     }
 
     /// Spawns the task that lists and watches the key. The file and flag settings are in

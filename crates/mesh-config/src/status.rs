@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::ConfigStatus;
+use crate::{ConfigStatus, Rejection};
 
 /// The key of an instance's applied status: `{root}/status/{service}/{instance_id}`.
 pub fn status_key(root: &str, service: &str, instance_id: &str) -> String {
@@ -29,17 +29,7 @@ pub struct AppliedStatus {
     /// Documents applied since it started.
     pub applied: u64,
     /// The last document it refused.
-    pub last_rejection: Option<RejectionRecord>,
-}
-
-/// A refused document, as the status records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[non_exhaustive]
-pub struct RejectionRecord {
-    /// Its revision.
-    pub revision: i64,
-    /// Why it was refused.
-    pub reason: String,
+    pub last_rejection: Option<Rejection>,
 }
 
 impl AppliedStatus {
@@ -48,10 +38,7 @@ impl AppliedStatus {
             instance: instance.to_string(),
             revision: status.revision,
             applied: status.applied,
-            last_rejection: status
-                .last_rejection
-                .as_ref()
-                .map(|r| RejectionRecord { revision: r.revision, reason: r.reason.clone() }),
+            last_rejection: status.last_rejection.clone(),
         }
     }
 }
