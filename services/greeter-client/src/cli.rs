@@ -10,7 +10,7 @@ use mesh_proto::pb::greeter_client::GreeterClient;
 use mesh_retry::RetryPolicy;
 
 use crate::bench::{self, BenchConfig};
-use crate::connect::{balanced, connect, discovered};
+use crate::connect::{balanced, connect, discovered_through};
 use crate::stack::{GREETER_IDEMPOTENT, Mesh, Resilience};
 
 /// `greeter-client`: greet, or `bench` to drive load.
@@ -296,33 +296,36 @@ struct Client {
 
 async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
     let resilience = t.resilience.resilience()?;
-    let mesh = if t.target.is_empty() {
-        discovered(&t.etcd, &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience).await?
-    } else {
-        balanced(&t.target, &t.weights, t.strategy.clone(), &resilience).await?
-    };
-    let live_timeout = crate::LiveTimeout::new(timeout);
-    let following = if t.target.is_empty() && !t.no_config {
+    // Discovery and configuration share one etcd client.
+    let etcd = if t.target.is_empty() {
         let options =
             mesh_etcd::EtcdOptions::parse_endpoints(&t.etcd).with_context(|| format!("invalid --etcd {:?}", t.etcd))?;
-        let layers = mesh_config::Layers::defaults(&greeter_config::GreeterConfig::default())?;
-        let key = mesh_config::config_key(&t.etcd_prefix, &t.service);
-        let live = mesh_config::ConfigWatcher::<greeter_config::GreeterConfig>::new(
-            mesh_etcd::Etcd::new(options),
-            key,
-            &layers,
-        )?
-        .spawn();
-        let base = crate::ClientBase {
-            strategy: t.strategy.clone(),
-            endpoint_breaker: resilience.endpoint_breaker.clone(),
-            retry: resilience.retry.clone(),
-            timeout,
-        };
-        let task = tokio::spawn(crate::follow(live.subscribe(), mesh.clone(), base, live_timeout.clone()));
-        Some((live, tokio_util::task::AbortOnDropHandle::new(task)))
+        Some(mesh_etcd::Etcd::new(options))
     } else {
         None
+    };
+    let mesh = match &etcd {
+        Some(etcd) => {
+            discovered_through(etcd.clone(), &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience).await?
+        }
+        None => balanced(&t.target, &t.weights, t.strategy.clone(), &resilience).await?,
+    };
+    let live_timeout = crate::LiveTimeout::new(timeout);
+    let following = match etcd.filter(|_| !t.no_config) {
+        Some(etcd) => {
+            let layers = mesh_config::Layers::defaults(&greeter_config::GreeterConfig::default())?;
+            let key = mesh_config::config_key(&t.etcd_prefix, &t.service);
+            let live = mesh_config::ConfigWatcher::<greeter_config::GreeterConfig>::new(etcd, key, &layers)?.spawn();
+            let base = crate::ClientBase {
+                strategy: t.strategy.clone(),
+                endpoint_breaker: resilience.endpoint_breaker.clone(),
+                retry: resilience.retry.clone(),
+                timeout,
+            };
+            let task = tokio::spawn(crate::follow(live.subscribe(), mesh.clone(), base, live_timeout.clone()));
+            Some((live, tokio_util::task::AbortOnDropHandle::new(task)))
+        }
+        None => None,
     };
     Ok(Client { mesh, timeout: live_timeout, _following: following })
 }

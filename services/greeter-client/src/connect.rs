@@ -65,17 +65,29 @@ pub async fn discovered(
     resilience: &Resilience,
 ) -> anyhow::Result<Mesh> {
     let options = EtcdOptions::parse_endpoints(etcd).with_context(|| format!("invalid --etcd {etcd:?}"))?;
-    let resolver = EtcdResolver::new(Etcd::new(options), root, service);
+    discovered_through(Etcd::new(options), root, service, strategy, resilience).await
+}
+
+/// [`discovered`] through an etcd handle the caller also uses (say, for configuration).
+pub async fn discovered_through(
+    etcd: Etcd,
+    root: &str,
+    service: &str,
+    strategy: Strategy,
+    resilience: &Resilience,
+) -> anyhow::Result<Mesh> {
+    let endpoints = etcd.endpoints();
+    let resolver = EtcdResolver::new(etcd, root, service);
     let prefix = resolver.prefix().to_string();
     let resolution = resolver.spawn();
     let listed = resolution.wait_listed(DISCOVERY_TIMEOUT).await.with_context(|| {
         format!(
-            "cannot discover {service}: no answer from etcd at {etcd} within {DISCOVERY_TIMEOUT:?} \
+            "cannot discover {service}: no answer from etcd at {endpoints} within {DISCOVERY_TIMEOUT:?} \
              (start a local one with `cargo xtask etcd-up`, or give --target)"
         )
     })?;
     if listed.is_empty() {
-        bail!("no servers of {service} are registered in etcd at {etcd} (under {prefix})");
+        bail!("no servers of {service} are registered in etcd at {endpoints} (under {prefix})");
     }
     let config = BalancerConfig::new(service).with_strategy(strategy);
     let mesh = Mesh::spawn(config, resilience, resolution.updates())?;
