@@ -16,12 +16,26 @@ pub struct MemberSpec {
     pub peer_port: u16,
     /// The data directory (`--data-dir`).
     pub data_dir: PathBuf,
+    /// A plaintext port for `/health` and `/metrics` (`--listen-metrics-urls`), set when
+    /// the client port speaks TLS.
+    pub metrics_port: Option<u16>,
+    /// Whether the client port speaks TLS.
+    pub tls: bool,
 }
 
 impl MemberSpec {
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` under TLS).
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Where `/health` answers in plaintext: the metrics port if set, else the client URL.
+    pub fn health_url(&self) -> String {
+        match self.metrics_port {
+            Some(port) => format!("http://127.0.0.1:{port}"),
+            None => self.client_url(),
+        }
     }
 
     /// The peer URL, `http://127.0.0.1:PORT`.
@@ -38,6 +52,8 @@ pub struct ClusterSpec {
     pub token: String,
     /// The members, in order.
     pub members: Vec<MemberSpec>,
+    /// TLS and auth, when set.
+    pub security: Option<crate::Security>,
 }
 
 /// A signal to send to an etcd process.
@@ -65,10 +81,26 @@ impl ClusterSpec {
                 client_port,
                 peer_port,
                 data_dir: dir.join(format!("m{i}.etcd")),
+                metrics_port: None,
+                tls: false,
             })
             .collect();
         let token = format!("mesh-{}-{}", std::process::id(), ports.first().map_or(0, |p| p.0));
-        ClusterSpec { token, members }
+        ClusterSpec { token, members, security: None }
+    }
+
+    /// The same cluster with TLS on its client ports and `/health` on a plaintext metrics
+    /// port per member (`metrics_ports`, one per member; free ones when empty).
+    pub fn with_security(mut self, security: crate::Security, metrics_ports: &[u16]) -> Result<Self, Error> {
+        for (i, m) in self.members.iter_mut().enumerate() {
+            m.metrics_port = Some(match metrics_ports.get(i) {
+                Some(&p) => p,
+                None => free_port()?,
+            });
+            m.tls = true;
+        }
+        self.security = Some(security);
+        Ok(self)
     }
 
     /// A cluster of `size` members under `dir` on ports that were free a moment ago.
@@ -92,7 +124,7 @@ impl ClusterSpec {
 
     /// Waits until every member reports healthy.
     pub fn wait_healthy(&self, timeout: Duration) -> Result<(), Error> {
-        let urls = self.client_urls();
+        let urls: Vec<String> = self.members.iter().map(MemberSpec::health_url).collect();
         let probe = Duration::from_millis(500);
         if wait_until(timeout, || urls.iter().all(|u| is_healthy(u, probe))) {
             return Ok(());
@@ -125,6 +157,18 @@ pub fn start_member(etcd: &Path, cluster: &ClusterSpec, index: usize) -> Command
             .args(["--initial-cluster-token", &cluster.token])
             .args(["--initial-cluster-state", "new"])
             .args(["--logger", "zap", "--log-outputs", "stderr"]);
+        if let Some(s) = &cluster.security {
+            cmd.arg("--cert-file").arg(&s.cert).arg("--key-file").arg(&s.key).arg("--trusted-ca-file").arg(&s.ca);
+            if s.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
+            if let Some(ttl) = s.auth_token_ttl {
+                cmd.args(["--auth-token", "simple", "--auth-token-ttl", &ttl.to_string()]);
+            }
+        }
+        if let Some(port) = m.metrics_port {
+            cmd.args(["--listen-metrics-urls", &format!("http://127.0.0.1:{port}")]);
+        }
     }
     cmd
 }

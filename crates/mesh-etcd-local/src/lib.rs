@@ -25,18 +25,28 @@
 //! # }
 //! ```
 //!
+//! With the `pki` feature it also makes the certificates of a local etcd under TLS
+//! ([`pki`]); [`Security`] and [`setup_auth`] start one with TLS and auth on and mesh's
+//! least-privilege roles ([`server_role`], [`client_role`], [`admin_role`]).
+//!
 //! What it does not do: manage membership (adding or removing members of a running cluster),
-//! TLS, or run etcd in a container.
+//! or run etcd in a container.
 
 mod error;
 mod find;
 mod health;
 mod launch;
+#[cfg(feature = "pki")]
+pub mod pki;
+mod secure;
 
 pub use error::Error;
 pub use find::{INSTALL_HINT, ensure_etcd, ensure_tool, find_etcd, find_etcdctl, install_etcd};
 pub use health::{gateway_post, is_healthy, wait_until};
 pub use launch::{ClusterSpec, MemberSpec, Signal, free_port, process_is_etcd, signal, start_member};
+pub use secure::{
+    Access, Permission, Role, Security, User, admin_role, client_role, random_password, server_role, setup_auth,
+};
 
 #[cfg(test)]
 mod tests;

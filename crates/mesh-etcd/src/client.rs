@@ -91,6 +91,7 @@ impl Etcd {
             .inner
             .client
             .get_or_try_init(|| async {
+                opts.check()?;
                 // Without auth this does not touch the network; with auth it logs in, and a
                 // failure leaves the cell empty so the next call tries again.
                 let connect = Client::connect(&opts.endpoints, Some(opts.client_options()));

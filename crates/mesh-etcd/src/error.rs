@@ -26,6 +26,12 @@ pub enum ErrorKind {
     /// The revision asked for has been compacted away.
     #[error("revision compacted (oldest kept: {0})")]
     Compacted(i64),
+    /// The etcd user's roles do not allow the operation.
+    #[error("permission denied ({0}): the etcd user has no role that allows this")]
+    PermissionDenied(String),
+    /// etcd refused the user name and password, or wants them and got none.
+    #[error("authentication failed ({0}): check --etcd-user and its password")]
+    AuthFailed(String),
     /// Bad options or arguments: not etcd's fault and not worth retrying.
     #[error("{0}")]
     Invalid(String),
@@ -83,6 +89,13 @@ fn classify(e: &etcd_client::Error) -> ErrorKind {
             let message = status.message();
             if message.contains("lease not found") {
                 ErrorKind::LeaseNotFound
+            } else if status.code() == tonic::Code::PermissionDenied || message.contains("permission denied") {
+                ErrorKind::PermissionDenied(message.to_string())
+            } else if message.contains("authentication failed")
+                || message.contains("user name is empty")
+                || message.contains("invalid auth token")
+            {
+                ErrorKind::AuthFailed(message.to_string())
             } else if message.contains("compacted") {
                 ErrorKind::Compacted(0)
             } else {

@@ -34,5 +34,5 @@ pub use client::{Etcd, KeyValue, Lease, Listing};
 pub use error::{ErrorKind, EtcdError};
 pub use lease::LeaseKeepAlive;
 pub use mesh_util::Backoff;
-pub use options::EtcdOptions;
+pub use options::{EtcdOptions, EtcdTls, PASSWORD_ENV, read_password};
 pub use watch::{ListWatch, ViewStatus, WatchEvent};

@@ -1,6 +1,50 @@
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::EtcdError;
+
+/// The environment variable the etcd password is read from when no file is given.
+pub const PASSWORD_ENV: &str = "MESH_ETCD_PASSWORD";
+
+/// TLS to etcd: the CA its certificate chains to and, when etcd requires client
+/// certificates, ours. Read when set, so a missing file is a start-up error.
+#[derive(Clone)]
+pub struct EtcdTls {
+    ca: PathBuf,
+    identity: Option<PathBuf>,
+    options: etcd_client::TlsOptions,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Paths only: never the key.
+        f.debug_struct("EtcdTls").field("ca", &self.ca).field("cert", &self.identity).finish_non_exhaustive()
+    }
+}
+
+fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|e| EtcdError::invalid(format!("{what} {}: cannot be read: {e}", path.display())))
+}
+
+/// The etcd password: the first line of `file` when given, else the value of
+/// `MESH_ETCD_PASSWORD`; `None` when neither is set. Never taken from a command line, where
+/// any user of the machine could read it.
+pub fn read_password(file: Option<&Path>) -> Result<Option<String>, EtcdError> {
+    let raw = match file {
+        Some(path) => String::from_utf8(read_file("etcd password file", path)?)
+            .map_err(|_| EtcdError::invalid(format!("etcd password file {}: not UTF-8", path.display())))?,
+        None => match std::env::var(PASSWORD_ENV) {
+            Ok(p) => p,
+            Err(_) => return Ok(None),
+        },
+    };
+    let password = raw.lines().next().unwrap_or_default().to_string();
+    if password.is_empty() {
+        let from = file.map_or_else(|| PASSWORD_ENV.to_string(), |p| p.display().to_string());
+        return Err(EtcdError::invalid(format!("the etcd password in {from} is empty")));
+    }
+    Ok(Some(password))
+}
 
 /// How to reach etcd. Built with [`EtcdOptions::new`] or [`EtcdOptions::parse_endpoints`];
 /// nothing here touches the network.
@@ -21,6 +65,8 @@ pub struct EtcdOptions {
     pub require_leader: bool,
     /// User name and password, for an etcd with auth enabled.
     pub user: Option<(String, String)>,
+    /// TLS, for an etcd whose client URLs are `https://`.
+    pub tls: Option<EtcdTls>,
     /// How often a quiet watch asks etcd for a progress notification, to prove it is alive.
     pub watch_progress_interval: Duration,
     /// The longest pause between attempts to reach etcd again (watches; the registry also
@@ -40,6 +86,7 @@ impl std::fmt::Debug for EtcdOptions {
             .field("require_leader", &self.require_leader)
             // Never print the password.
             .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("tls", &self.tls)
             .field("watch_progress_interval", &self.watch_progress_interval)
             .field("retry_backoff_max", &self.retry_backoff_max)
             .finish()
@@ -74,6 +121,7 @@ impl EtcdOptions {
             keepalive_timeout: Duration::from_secs(3),
             require_leader: true,
             user: None,
+            tls: None,
             watch_progress_interval: Duration::from_secs(5),
             retry_backoff_max: Duration::from_secs(3),
         })
@@ -88,6 +136,26 @@ impl EtcdOptions {
     pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.user = Some((user.into(), password.into()));
         self
+    }
+
+    /// Speaks TLS to etcd: trusts the CA certificates in `ca` (PEM) and, when etcd requires
+    /// client certificates, presents `identity` (certificate and key, PEM). Endpoints given
+    /// as `http://` or `host:port` become `https://`.
+    pub fn with_tls(mut self, ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Self, EtcdError> {
+        let mut options = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read_file("etcd CA file", ca)?));
+        if let Some((cert, key)) = identity {
+            let cert_pem = read_file("etcd client certificate", cert)?;
+            let key_pem = read_file("etcd client key", key)?;
+            options = options.identity(etcd_client::Identity::from_pem(cert_pem, key_pem));
+        }
+        for e in &mut self.endpoints {
+            if let Some(rest) = e.strip_prefix("http://") {
+                *e = format!("https://{rest}");
+            }
+        }
+        self.tls = Some(EtcdTls { ca: ca.to_path_buf(), identity: identity.map(|(c, _)| c.to_path_buf()), options });
+        Ok(self)
     }
 
     /// Sets the per-request timeout.
@@ -116,20 +184,38 @@ impl EtcdOptions {
             .with_keep_alive_while_idle(true)
             .with_require_leader(self.require_leader);
         if let Some((user, password)) = &self.user {
+            // An expired or lost token (etcd restarted: simple tokens live in memory) is
+            // renewed by logging in again, and the request retried once.
             o = o.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
         }
+        if let Some(tls) = &self.tls {
+            o = o.with_tls(tls.options.clone());
+        }
         o
+    }
+
+    /// Refuses `https://` endpoints without TLS settings, which would fail obscurely.
+    pub(crate) fn check(&self) -> Result<(), EtcdError> {
+        if self.tls.is_none()
+            && let Some(e) = self.endpoints.iter().find(|e| e.starts_with("https://"))
+        {
+            return Err(EtcdError::invalid(format!(
+                "etcd endpoint {e} uses https; give the CA that signed its certificate (--etcd-ca)"
+            )));
+        }
+        Ok(())
     }
 }
 
 /// `http://host:port` for `host:port` or a URL; a readable error for anything else.
 fn normalize(endpoint: &str) -> Result<String, EtcdError> {
     let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-    let bad = |why: &str| EtcdError::invalid(format!("etcd endpoint {endpoint:?} {why}; expected http://host:port"));
+    let bad = |why: &str| {
+        EtcdError::invalid(format!("etcd endpoint {endpoint:?} {why}; expected http://host:port or https://host:port"))
+    };
     let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(bad("uses https, which this build does not support")),
+        Some("http" | "https") => {}
         _ => return Err(bad("has an unknown scheme")),
     }
     if uri.host().is_none_or(str::is_empty) {

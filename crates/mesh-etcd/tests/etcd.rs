@@ -29,12 +29,7 @@ async fn next(watch: &mut ListWatch, what: &str) -> WatchEvent {
 
 #[test]
 fn bad_endpoints_are_refused_with_the_endpoint_named() {
-    for (bad, why) in [
-        ("", "no etcd endpoints"),
-        ("ftp://x:1", "unknown scheme"),
-        ("127.0.0.1", "no port"),
-        ("https://127.0.0.1:2379", "https"),
-    ] {
+    for (bad, why) in [("", "no etcd endpoints"), ("ftp://x:1", "unknown scheme"), ("127.0.0.1", "no port")] {
         let err = EtcdOptions::parse_endpoints(bad).expect_err(bad);
         assert!(err.to_string().contains(why), "{bad}: {err}");
     }

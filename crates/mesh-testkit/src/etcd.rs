@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::Error;
 
 /// How long a member gets to become healthy.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one gateway call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -19,16 +19,16 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// its data removed) on drop.
 #[derive(Debug)]
 pub struct Etcd {
-    bin: PathBuf,
-    spec: ClusterSpec,
-    members: Vec<Member>,
+    pub(crate) bin: PathBuf,
+    pub(crate) spec: ClusterSpec,
+    pub(crate) members: Vec<Member>,
     // Dropped last, after the members are dead.
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 #[derive(Debug, Default)]
-struct Member {
-    child: Option<Child>,
+pub(crate) struct Member {
+    pub(crate) child: Option<Child>,
     paused: bool,
 }
 
@@ -162,7 +162,7 @@ impl Etcd {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.check_alive()?;
-            let urls: Vec<String> = self.live().map(|i| self.endpoint(i)).collect();
+            let urls: Vec<String> = self.live().map(|i| self.spec.members[i].health_url()).collect();
             let healthy = tokio::task::spawn_blocking(move || {
                 urls.iter().all(|u| mesh_etcd_local::is_healthy(u, Duration::from_millis(500)))
             })
@@ -279,7 +279,7 @@ impl Etcd {
 
     // === internals ===
 
-    fn spawn(&mut self, i: usize) -> Result<(), Error> {
+    pub(crate) fn spawn(&mut self, i: usize) -> Result<(), Error> {
         let log_path = self.dir.path().join(format!("m{i}.log"));
         let log = OpenOptions::new()
             .create(true)

@@ -25,11 +25,14 @@
 mod error;
 mod etcd;
 mod greeter;
+mod secure;
 mod server;
 mod wait;
 
 pub use error::Error;
 pub use etcd::{Etcd, KeyValue};
 pub use greeter::NamedGreeter;
+pub use mesh_etcd_local::pki;
+pub use secure::{Credentials, SecureOptions};
 pub use server::TestServer;
 pub use wait::eventually;

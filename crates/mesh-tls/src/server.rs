@@ -1,0 +1,301 @@
+//! The server side: a configuration that reloads, and an incoming stream of connections
+//! for tonic that does the handshakes off the accept loop.
+
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::{debug, warn};
+
+use crate::client::explain_server;
+use crate::load::{Identity, TlsError, server_config};
+use crate::reload::{Reloadable, Reloader};
+
+/// TLS for a server: its certificate and key, and for mTLS the CA that client
+/// certificates must chain to. Clones share one configuration; [`ServerTls::watch`] keeps
+/// it current as the files change, so a renewed certificate is served without a restart.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use mesh_tls::{Identity, ServerTls, incoming};
+///
+/// let tls = ServerTls::load(Identity::new("server.pem", "server.key"), Some("clients-ca.pem".into()))?;
+/// let _reloading = tls.watch(Duration::from_secs(1));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+/// // Handshakes run beside the accept loop; tonic gets only connections that completed one.
+/// let connections = incoming(listener, Some(tls), Duration::from_secs(10));
+/// # let _ = connections; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    config: Arc<Reloadable<ServerConfig>>,
+    mutual: bool,
+}
+
+impl ServerTls {
+    /// Presents `identity`; with `client_ca`, requires clients to present a certificate it
+    /// signed (mTLS), refusing others at the handshake.
+    pub fn load(identity: Identity, client_ca: Option<PathBuf>) -> Result<Self, TlsError> {
+        let mut files: Vec<PathBuf> = identity.files().map(PathBuf::from).to_vec();
+        files.extend(client_ca.clone());
+        let mutual = client_ca.is_some();
+        let load = Box::new(move || server_config(&identity, client_ca.as_deref()));
+        Ok(ServerTls { config: Arc::new(Reloadable::new("server certificate", files, load)?), mutual })
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn is_mutual(&self) -> bool {
+        self.mutual
+    }
+
+    /// Loads the files again now; new handshakes use them, established connections go on.
+    /// On error the configuration in use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        self.config.reload()
+    }
+
+    /// Reloads on SIGHUP and when a file changes (checked every `poll`) until dropped.
+    pub fn watch(&self, poll: Duration) -> Reloader {
+        self.config.watch(poll)
+    }
+
+    /// How many reloads succeeded, and how many were refused.
+    pub fn reloads(&self) -> (u64, u64) {
+        (self.config.reloads(), self.config.refusals())
+    }
+
+    /// The rustls configuration new handshakes use.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.current()
+    }
+}
+
+/// A connection a server accepted: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum ServerIo {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// A completed TLS handshake.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl ServerIo {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ServerIo::Plain(s) => s,
+            ServerIo::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+/// The peer's address, as for plain TCP, so that per-caller limits work the same with TLS.
+impl Connected for ServerIo {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.tcp().connect_info()
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_write(cx, data),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerIo::Plain(s) => s.is_write_vectored(),
+            ServerIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Handshakes under way at once; more connections wait to be accepted, so a flood of
+/// connections that never finish a handshake holds at most this many sockets.
+const MAX_HANDSHAKES: usize = 512;
+
+/// The connections `listener` accepts, for tonic's `serve_with_incoming`: plain TCP
+/// without `tls`; with it, only those that completed a handshake within
+/// `handshake_timeout`. Handshakes run in their own tasks, so a slow or silent client
+/// does not hold up the others. A plaintext HTTP/2 client is told, in a GOAWAY it can
+/// show, that this port speaks TLS; failed handshakes are logged with their cause (at
+/// most one line a second). Accepting stops when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<io::Result<ServerIo>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, tls, handshake_timeout, tx));
+    ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    handshake_timeout: Duration,
+    tx: mpsc::Sender<io::Result<ServerIo>>,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let throttle = Arc::new(Throttle::default());
+    loop {
+        let permit = tokio::select! {
+            () = tx.closed() => return,
+            permit = handshakes.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            () = tx.closed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                if throttle.allow() {
+                    warn!("accepting a connection failed: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!("setting TCP_NODELAY for {peer}: {e}");
+        }
+        let Some(tls) = &tls else {
+            if tx.send(Ok(ServerIo::Plain(tcp))).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let acceptor = TlsAcceptor::from(tls.config());
+        let (tx, throttle) = (tx.clone(), throttle.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let peer = peer.to_string();
+            match tokio::time::timeout(handshake_timeout, handshake(tcp, acceptor, &peer)).await {
+                Ok(Ok(stream)) => {
+                    let _ = tx.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
+                }
+                Ok(Err(why)) => {
+                    if throttle.allow() {
+                        warn!("{why}");
+                    } else {
+                        debug!("{why}");
+                    }
+                }
+                Err(_) => debug!("TLS handshake with {peer} did not finish within {handshake_timeout:?}; closed"),
+            }
+        });
+    }
+}
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+async fn handshake(mut tcp: TcpStream, acceptor: TlsAcceptor, peer: &str) -> Result<TlsStream<TcpStream>, String> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(0) => return Err(format!("{peer} closed the connection before a TLS handshake")),
+        Ok(_) if first[0] != TLS_HANDSHAKE => {
+            tell_plaintext_client(&mut tcp).await;
+            return Err(format!("{peer} spoke plaintext to this TLS port; refused (it must dial with TLS)"));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(format!("reading from {peer}: {e}")),
+    }
+    acceptor.accept(tcp).await.map_err(|e| explain_server(&e, peer))
+}
+
+/// Answers a plaintext HTTP/2 client with its settings and a GOAWAY whose debug data says
+/// why, so that the client's error names the cause instead of "connection reset".
+async fn tell_plaintext_client(tcp: &mut TcpStream) {
+    let mut preface = [0u8; H2_PREFACE.len()];
+    let read =
+        tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncReadExt::read_exact(tcp, &mut preface)).await;
+    if !matches!(read, Ok(Ok(_))) || preface != H2_PREFACE {
+        return;
+    }
+    const WHY: &[u8] = b"this server speaks TLS only: dial it with TLS";
+    let mut frames = Vec::with_capacity(9 + 9 + 8 + WHY.len());
+    // SETTINGS, empty.
+    frames.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    // GOAWAY: last stream 0, PROTOCOL_ERROR, the reason as debug data.
+    let len = (8 + WHY.len()) as u32;
+    frames.extend_from_slice(&len.to_be_bytes()[1..]);
+    frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&0u32.to_be_bytes());
+    frames.extend_from_slice(&1u32.to_be_bytes());
+    frames.extend_from_slice(WHY);
+    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&frames)).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// At most one warning a second, so a flood of bad handshakes does not flood the log.
+#[derive(Debug, Default)]
+struct Throttle {
+    last_ms: AtomicU64,
+}
+
+impl Throttle {
+    fn allow(&self) -> bool {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
