@@ -147,6 +147,9 @@ pub struct EndpointStatus {
     /// Of those, calls that failed there: a transport error, or a non-OK status other than
     /// CANCELLED (the caller's, not the endpoint's). A deadline that passed there counts.
     pub failures: u64,
+    /// Why the last connect failed, while it is unreachable: refused, timed out, or a TLS
+    /// handshake that failed ("its certificate is not signed by a CA this client trusts").
+    pub last_error: Option<String>,
 }
 
 /// Why [`BalancedChannel::wait_ready`] gave up.
@@ -226,6 +229,9 @@ impl<S> BalancedChannel<S> {
                     in_flight: stats.in_flight(),
                     requests: stats.requests(),
                     failures: stats.failures(),
+                    last_error: (state == EndpointState::Unreachable)
+                        .then(|| e.core.conn.last_error().map(|m| m.to_string()))
+                        .flatten(),
                 }
             })
             .collect()

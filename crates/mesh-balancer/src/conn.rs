@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::rt::TokioIo;
+use mesh_tls::{ClientIo, ClientTls};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -49,8 +50,10 @@ pub(crate) struct Conn {
     state: AtomicU8,
     /// Streams tonic holds open.
     open: AtomicUsize,
-    /// A socket the worker connected, waiting for tonic's next connect.
-    stash: Mutex<Option<TcpStream>>,
+    /// A connection the worker made, waiting for tonic's next connect.
+    stash: Mutex<Option<Io>>,
+    /// Why the last connect failed, until one succeeds.
+    last_error: Mutex<Option<Arc<str>>>,
     /// For log lines: "endpoint a (127.0.0.1:50051) of service greeter".
     pub(crate) label: Arc<str>,
     /// Bumped on every change of state, so that waiting calls and the worker look again.
@@ -59,7 +62,14 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(label: Arc<str>, changes: Arc<watch::Sender<u64>>) -> Self {
-        Conn { state: AtomicU8::new(CONNECTING), open: AtomicUsize::new(0), stash: Mutex::new(None), label, changes }
+        Conn {
+            state: AtomicU8::new(CONNECTING),
+            open: AtomicUsize::new(0),
+            stash: Mutex::new(None),
+            last_error: Mutex::new(None),
+            label,
+            changes,
+        }
     }
 
     pub(crate) fn state(&self) -> EndpointState {
@@ -75,9 +85,14 @@ impl Conn {
         self.open.load(Ordering::Relaxed) > 0 || self.stash().is_some()
     }
 
-    fn stash(&self) -> std::sync::MutexGuard<'_, Option<TcpStream>> {
+    fn stash(&self) -> std::sync::MutexGuard<'_, Option<Io>> {
         // A panic while holding this lock leaves an Option behind; it is still valid.
         self.stash.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why the last connect failed, while the endpoint is unreachable.
+    pub(crate) fn last_error(&self) -> Option<Arc<str>> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn set(&self, to: u8) -> u8 {
@@ -90,21 +105,29 @@ impl Conn {
 
     /// A connect succeeded: `stream` waits for tonic (when given, and tonic has no open
     /// connection meanwhile), and calls come.
-    pub(crate) fn connected(&self, stream: Option<TcpStream>) {
+    pub(crate) fn connected(&self, stream: Option<Io>) {
         if let Some(stream) = stream
             && self.open.load(Ordering::Relaxed) == 0
         {
             *self.stash() = Some(stream);
         }
         if self.set(READY) == DOWN {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
             info!("{} is reachable again", self.label);
         }
     }
 
     /// A connect failed: skip the endpoint until a probe connects. Logged once per outage.
     pub(crate) fn failed(&self, error: &io::Error) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string().into());
         if self.set(DOWN) != DOWN {
-            warn!("{} is unreachable: {error}; skipping it until it accepts connections", self.label);
+            match error.kind() {
+                // A handshake or a policy refused it: it answers, but no call may go there.
+                io::ErrorKind::InvalidData | io::ErrorKind::PermissionDenied => {
+                    warn!("{} is refused: {error}; no call goes there", self.label);
+                }
+                _ => warn!("{} is unreachable: {error}; skipping it until it accepts connections", self.label),
+            }
         }
     }
 
@@ -119,39 +142,129 @@ impl Conn {
         }
     }
 
-    /// The stashed socket, if it is still open.
-    async fn take_stash(&self) -> Option<TcpStream> {
+    /// The stashed connection, if it is still open.
+    async fn take_stash(&self) -> Option<Io> {
         let stream = self.stash().take()?;
         // A socket the peer closed while it waited reads end-of-file at once; one with
         // nothing to read yet is fine (a server may send its settings first, which stay).
         let mut probe = [0u8; 1];
-        match tokio::time::timeout(Duration::ZERO, stream.peek(&mut probe)).await {
+        match tokio::time::timeout(Duration::ZERO, stream.tcp().peek(&mut probe)).await {
             Ok(Ok(0) | Err(_)) => None,
             Ok(Ok(_)) | Err(_) => Some(stream),
         }
     }
 }
 
-/// A TCP connect to the authority of `uri` within `timeout`, with Nagle off.
-pub(crate) async fn connect(uri: &Uri, timeout: Duration) -> io::Result<TcpStream> {
+/// A connection to the authority of `uri` within `timeout`, with Nagle off: plain TCP for
+/// `http://`, TLS over it for `https://`. A TLS client never connects in plaintext, and an
+/// endpoint that speaks TLS is not dialled without TLS settings; both are refused with
+/// [`io::ErrorKind::PermissionDenied`], before any byte is sent.
+pub(crate) async fn connect(uri: &Uri, timeout: Duration, tls: Option<&ClientTls>) -> io::Result<Io> {
     let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no host")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port))).await.map_err(|_| {
+    let secure = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let refuse = |why: &str| Err(io::Error::new(io::ErrorKind::PermissionDenied, why.to_string()));
+    match (secure, tls) {
+        (false, Some(_)) => {
+            return refuse(
+                "it speaks plaintext (its registration does not say TLS), and this client sends calls over TLS only",
+            );
+        }
+        (true, None) => return refuse("it speaks TLS, and this client has no TLS settings (a CA to trust)"),
+        _ => {}
+    }
+    let connect = async {
+        let stream = TcpStream::connect((host, port)).await?;
+        stream.set_nodelay(true)?;
+        match tls {
+            Some(tls) => Ok(Io::Tls(Box::new(tls.connect(stream, host).await?))),
+            None => Ok(Io::Plain(stream)),
+        }
+    };
+    tokio::time::timeout(timeout, connect).await.map_err(|_| {
         io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {host}:{port} timed out after {timeout:?}"))
-    })??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    })?
+}
+
+/// A connection to an endpoint: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<ClientIo>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.tcp(),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 // === impl Connector ===
 
-/// tonic's connector for one endpoint: takes the worker's socket when there is one,
-/// connects otherwise, and tracks what becomes of the connection.
+/// tonic's connector for one endpoint: takes the worker's connection when there is one,
+/// connects otherwise, and tracks what becomes of the connection. It dials `target` (the
+/// endpoint's own URL, `https://` when it speaks TLS) whatever URI tonic passes, which is
+/// always `http://` so that tonic leaves TLS to this connector.
 #[derive(Debug, Clone)]
 pub(crate) struct Connector {
     pub(crate) conn: Arc<Conn>,
     pub(crate) timeout: Duration,
+    pub(crate) target: Uri,
+    pub(crate) tls: Option<ClientTls>,
 }
 
 type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TokioIo<TrackedStream>>> + Send>>;
@@ -165,13 +278,14 @@ impl tower_service::Service<Uri> for Connector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
+    fn call(&mut self, _: Uri) -> Self::Future {
         let conn = self.conn.clone();
         let timeout = self.timeout;
+        let (uri, tls) = (self.target.clone(), self.tls.clone());
         Box::pin(async move {
             let stream = match conn.take_stash().await {
                 Some(stream) => stream,
-                None => match connect(&uri, timeout).await {
+                None => match connect(&uri, timeout, tls.as_ref()).await {
                     Ok(stream) => stream,
                     Err(e) => {
                         conn.failed(&e);
@@ -186,10 +300,10 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A TCP stream that tells its endpoint when it closes, by the peer or by us.
+/// A connection that tells its endpoint when it closes, by the peer or by us.
 #[derive(Debug)]
 pub(crate) struct TrackedStream {
-    inner: TcpStream,
+    inner: Io,
     conn: Arc<Conn>,
     closed: bool,
 }

@@ -100,6 +100,10 @@ pub struct BalancerConfig {
     /// How long a call made before the first endpoint set arrived waits for it (unless its
     /// deadline is sooner) before it fails with UNAVAILABLE.
     pub first_resolution_timeout: Duration,
+    /// TLS towards endpoints. With it, only `https://` endpoints are dialled (over TLS);
+    /// without it, only `http://` ones. An endpoint of the other kind is never sent a call:
+    /// it shows as unreachable, with the reason in [`EndpointStatus::last_error`].
+    pub tls: Option<mesh_tls::ClientTls>,
 }
 
 impl BalancerConfig {
@@ -115,7 +119,14 @@ impl BalancerConfig {
             probe_backoff_min: Duration::from_millis(100),
             probe_backoff_max: Duration::from_secs(5),
             first_resolution_timeout: Duration::from_secs(5),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS to endpoints, with `tls`.
+    pub fn with_tls(mut self, tls: mesh_tls::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Sets the strategy.

@@ -340,13 +340,21 @@ impl<S> Builder<S> {
             format!("endpoint {} ({}) of service {}", endpoint.id, endpoint.address, self.service).into();
         // No tonic connect_timeout: with a custom connector tonic would wrap every
         // connection in hyper-timeout's stream; the connector bounds the connect itself.
-        let tonic_endpoint = tonic::transport::Endpoint::from(uri.clone())
+        // tonic is given http:// whatever the scheme: TLS is the connector's.
+        let plain = http::Uri::builder()
+            .scheme("http")
+            .authority(uri.authority().map_or("", |a| a.as_str()))
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("{url:?}: {e}"))?;
+        let tonic_endpoint = tonic::transport::Endpoint::from(plain)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(cfg.keepalive_interval)
             .keep_alive_timeout(cfg.keepalive_timeout)
             .keep_alive_while_idle(true);
         let conn = Arc::new(Conn::new(label.clone(), self.changes.clone()));
-        let connector = Connector { conn: conn.clone(), timeout: cfg.connect_timeout };
+        let connector =
+            Connector { conn: conn.clone(), timeout: cfg.connect_timeout, target: uri.clone(), tls: cfg.tls.clone() };
         let channel = tonic_endpoint.connect_with_connector_lazy(connector);
         let stats = Arc::new(Stats::new(label, endpoint.id.as_str().into()));
         Ok(Core { service: (self.make)(endpoint, channel), conn, stats, url: uri })

@@ -64,7 +64,7 @@ pub(crate) async fn run<S, U>(
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut building: Option<JoinHandle<Built<S>>> = None;
     let mut attempts: HashMap<usize, Attempt> = HashMap::new();
-    let mut running: JoinSet<(usize, std::io::Result<tokio::net::TcpStream>)> = JoinSet::new();
+    let mut running: JoinSet<(usize, std::io::Result<conn::Io>)> = JoinSet::new();
     let timer = tokio::time::sleep_until(Instant::now());
     tokio::pin!(timer);
     loop {
@@ -91,7 +91,8 @@ pub(crate) async fn run<S, U>(
         for (key, a) in attempts.iter_mut().filter(|(_, a)| !a.running && a.next_at <= now) {
             a.running = true;
             let (key, uri, timeout) = (*key, a.uri.clone(), builder.config.connect_timeout);
-            running.spawn(async move { (key, conn::connect(&uri, timeout).await) });
+            let tls = builder.config.tls.clone();
+            running.spawn(async move { (key, conn::connect(&uri, timeout, tls.as_ref()).await) });
         }
         let next_attempt = attempts.values().filter(|a| !a.running).map(|a| a.next_at).min();
         if let Some(at) = next_attempt {

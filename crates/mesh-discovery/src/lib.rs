@@ -207,7 +207,10 @@ fn published(view: &BTreeMap<String, Instance>, kept: &BTreeMap<String, Instance
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(10);
 
 fn endpoint(i: &Instance) -> Endpoint {
-    Endpoint { id: i.id.clone(), address: i.addr.clone(), weight: i.weight, metadata: i.labels() }
+    // The scheme carries whether it speaks TLS, so that the balancer dials it right and a
+    // change of mind (a restart with TLS on) is a new connection.
+    let address = if i.tls { format!("https://{}", i.addr) } else { i.addr.clone() };
+    Endpoint { id: i.id.clone(), address, weight: i.weight, metadata: i.labels() }
 }
 
 impl Resolution {

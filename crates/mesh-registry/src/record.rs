@@ -5,7 +5,7 @@
 //! `etcd:///mesh/services/greeter` find our servers and we find Go servers:
 //!
 //! ```json
-//! {"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"weight":100,"zone":"eu-1a","version":"0.3.0","instance":"10.0.0.5:50051"}}
+//! {"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"weight":100,"zone":"eu-1a","version":"0.3.0","instance":"10.0.0.5:50051","tls":true}}
 //! ```
 //!
 //! Reading is tolerant: field names in any case, unknown fields ignored, `Metadata` null,
@@ -37,6 +37,9 @@ pub struct Instance {
     pub zone: Option<String>,
     /// Its version, if known.
     pub version: Option<String>,
+    /// Whether it speaks TLS (`"tls": true` in the Metadata). Clients with TLS settings
+    /// dial only such endpoints; clients without, only the others.
+    pub tls: bool,
 }
 
 /// Why a registration value was skipped.
@@ -63,7 +66,7 @@ impl Instance {
     /// An instance of `service` at `addr`, its id the address, weight 1.
     pub fn new(service: impl Into<String>, addr: impl Into<String>) -> Self {
         let addr = addr.into();
-        Instance { service: service.into(), id: addr.clone(), addr, weight: 1, zone: None, version: None }
+        Instance { service: service.into(), id: addr.clone(), addr, weight: 1, zone: None, version: None, tls: false }
     }
 
     /// Its key under `root`.
@@ -81,6 +84,8 @@ impl Instance {
             #[serde(skip_serializing_if = "Option::is_none")]
             version: Option<&'a str>,
             instance: &'a str,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            tls: bool,
         }
         #[derive(Serialize)]
         #[serde(rename_all = "PascalCase")]
@@ -97,6 +102,7 @@ impl Instance {
                 zone: self.zone.as_deref(),
                 version: self.version.as_deref(),
                 instance: &self.id,
+                tls: self.tls,
             },
         };
         // Serializing plain strings and numbers cannot fail.
@@ -124,7 +130,8 @@ impl Instance {
         };
         check_addr(&addr)?;
         let service = prefix.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_string();
-        let mut instance = Instance { service, id: id.to_string(), addr, weight: 1, zone: None, version: None };
+        let mut instance =
+            Instance { service, id: id.to_string(), addr, weight: 1, zone: None, version: None, tls: false };
         if let Some(Value::Object(meta)) = field("metadata") {
             let meta_field = |name: &str| meta.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v);
             match meta_field("weight") {
@@ -141,6 +148,18 @@ impl Instance {
             }
             instance.zone = meta_field("zone").and_then(Value::as_str).map(str::to_string);
             instance.version = meta_field("version").and_then(Value::as_str).map(str::to_string);
+            instance.tls = match meta_field("tls") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => true,
+                Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => false,
+                Some(other) => {
+                    return Err(DecodeError::Field(format!(
+                        "Metadata.tls must be true or false, found {}",
+                        kind(other)
+                    )));
+                }
+            };
         }
         Ok(instance)
     }

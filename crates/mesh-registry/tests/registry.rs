@@ -28,6 +28,7 @@ fn instance(port: u16) -> Instance {
         weight: 100,
         zone: Some("eu-1a".into()),
         version: Some("0.3.0".into()),
+        tls: false,
     }
 }
 

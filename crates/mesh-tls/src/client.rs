@@ -2,8 +2,12 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use rustls::pki_types::ServerName;
 use rustls::{AlertDescription, CertificateError, ClientConfig};
@@ -26,7 +30,7 @@ use crate::reload::{Reloadable, Reloader};
 ///     .with_server_name("greeter")?;
 /// let _reloading = tls.watch(std::time::Duration::from_secs(1));
 /// let tcp = tokio::net::TcpStream::connect("127.0.0.1:50051").await?;
-/// let stream = tls.connect(tcp, "127.0.0.1").await?; // "…not signed by a CA this client trusts" and the like
+/// let stream = tls.connect(tcp, "127.0.0.1").await?; // "…not signed by a CA this client trusts", …
 /// # drop(stream); Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -82,14 +86,100 @@ impl ClientTls {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?} is not a TLS server name: {e}")))
     }
 
-    /// The TLS handshake over `tcp`, with the server at `host`. A failure says why in
-    /// words: the server's certificate is signed by another CA, has expired, names another
-    /// host; the server refused this client's certificate; the server does not speak TLS.
-    pub async fn connect(&self, tcp: TcpStream, host: &str) -> io::Result<TlsStream<TcpStream>> {
+    /// The TLS handshake over `tcp`, with the server at `host`, and the server's first
+    /// flight after it (its HTTP/2 settings, waited for at most half a second): under TLS
+    /// 1.3 a server refuses a client certificate only after the handshake, and this is where
+    /// that shows. A failure says why in words: the server's certificate is signed by
+    /// another CA, has expired, names another host; the server refused this client's
+    /// certificate; the server does not speak TLS.
+    pub async fn connect(&self, tcp: TcpStream, host: &str) -> io::Result<ClientIo> {
         let name = self.name_for(host)?;
         let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| host.to_string());
         let connector = TlsConnector::from(self.config.current());
-        connector.connect(name.clone(), tcp).await.map_err(|e| explain_io(e, &peer, &name))
+        let mut stream = connector.connect(name.clone(), tcp).await.map_err(|e| explain_io(e, &peer, &name))?;
+        let mut head = vec![0u8; 256];
+        match tokio::time::timeout(FIRST_FLIGHT_WAIT, stream.read(&mut head)).await {
+            Ok(Ok(0)) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "TLS handshake with {peer} failed: it closed the connection at once (it refused this client's certificate, or has none to require)"
+                ),
+            )),
+            Ok(Ok(n)) => {
+                head.truncate(n);
+                Ok(ClientIo { stream, head, pos: 0 })
+            }
+            Ok(Err(e)) => Err(explain_io(e, &peer, &name)),
+            // A server that waits for the client to speak first: nothing to check.
+            Err(_) => Ok(ClientIo { stream, head: Vec::new(), pos: 0 }),
+        }
+    }
+}
+
+/// How long [`ClientTls::connect`] waits for the server's first bytes after the handshake.
+const FIRST_FLIGHT_WAIT: Duration = Duration::from_millis(500);
+
+/// A client's TLS connection, with the server's first bytes read during
+/// [`ClientTls::connect`] served first.
+#[derive(Debug)]
+pub struct ClientIo {
+    stream: TlsStream<TcpStream>,
+    head: Vec<u8>,
+    pos: usize,
+}
+
+impl ClientIo {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        self.stream.get_ref().0
+    }
+
+    /// The TLS session: the server's certificates, the protocol version, …
+    pub fn session(&self) -> &rustls::ClientConnection {
+        self.stream.get_ref().1
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.pos);
+            buf.put_slice(&this.head[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.head.len() {
+                this.head = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

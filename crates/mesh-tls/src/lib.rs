@@ -39,7 +39,7 @@ mod load;
 mod reload;
 mod server;
 
-pub use client::{ClientTls, explain};
+pub use client::{ClientIo, ClientTls, explain};
 pub use load::{Identity, TlsError};
 pub use reload::Reloader;
 pub use server::{ServerIo, ServerTls, incoming};

@@ -96,6 +96,45 @@ pub struct TargetArgs {
     /// followed only when discovering through etcd).
     #[arg(long, env = "MESH_NO_CONFIG")]
     pub no_config: bool,
+    /// TLS and auth towards etcd.
+    #[command(flatten)]
+    pub etcd_access: greeter_config::EtcdAccess,
+    /// TLS towards the servers.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS towards the servers: with --tls-ca, calls go over TLS only, to servers registered
+/// as speaking it; never in plaintext.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// The CA that signed the servers' certificates (PEM): call over TLS.
+    #[arg(long, env = "MESH_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), for servers that require one (mTLS); with
+    /// --tls-key. Reloaded on SIGHUP or when the file changes.
+    #[arg(long, env = "MESH_TLS_CERT", requires = "tls_key", requires = "tls_ca")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "MESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The name the servers' certificates carry, when it is not the host dialled (e.g.
+    /// `greeter` for certificates issued to the service).
+    #[arg(long, env = "MESH_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The client's TLS settings, or `None` without --tls-ca; errors name the file.
+    pub fn client_tls(&self) -> anyhow::Result<Option<mesh_tls::ClientTls>> {
+        let Some(ca) = &self.tls_ca else { return Ok(None) };
+        let identity = self.tls_cert.as_ref().zip(self.tls_key.as_ref()).map(|(c, k)| mesh_tls::Identity::new(c, k));
+        let mut tls = mesh_tls::ClientTls::load(ca, identity).context("--tls-ca/--tls-cert/--tls-key")?;
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.with_server_name(name).context("--tls-server-name")?;
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// Flags of the circuit breakers (one per endpoint, one for the service) and the retries.
@@ -292,23 +331,21 @@ struct Client {
     timeout: crate::LiveTimeout,
     _following:
         Option<(mesh_config::LiveConfig<greeter_config::GreeterConfig>, tokio_util::task::AbortOnDropHandle<()>)>,
+    /// Reloads the TLS files while the client runs.
+    _reloading: Option<mesh_tls::Reloader>,
 }
 
 async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
     let resilience = t.resilience.resilience()?;
+    let tls = t.tls.client_tls()?;
+    let reloading = tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
     // Discovery and configuration share one etcd client.
-    let etcd = if t.target.is_empty() {
-        let options =
-            mesh_etcd::EtcdOptions::parse_endpoints(&t.etcd).with_context(|| format!("invalid --etcd {:?}", t.etcd))?;
-        Some(mesh_etcd::Etcd::new(options))
-    } else {
-        None
-    };
+    let etcd = if t.target.is_empty() { Some(t.etcd_access.etcd(&t.etcd).map_err(anyhow::Error::msg)?) } else { None };
     let mesh = match &etcd {
         Some(etcd) => {
-            discovered_through(etcd.clone(), &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience).await?
+            discovered_through(etcd.clone(), &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience, tls).await?
         }
-        None => balanced(&t.target, &t.weights, t.strategy.clone(), &resilience).await?,
+        None => balanced(&t.target, &t.weights, t.strategy.clone(), &resilience, tls).await?,
     };
     let live_timeout = crate::LiveTimeout::new(timeout);
     let following = match etcd.filter(|_| !t.no_config) {
@@ -327,7 +364,7 @@ async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
         }
         None => None,
     };
-    Ok(Client { mesh, timeout: live_timeout, _following: following })
+    Ok(Client { mesh, timeout: live_timeout, _following: following, _reloading: reloading })
 }
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ use anyhow::{Context as _, bail};
 use mesh_balancer::{BalancerConfig, Endpoint, EndpointSet, Strategy};
 use mesh_discovery::EtcdResolver;
 use mesh_etcd::{Etcd, EtcdOptions};
+use mesh_tls::ClientTls;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 use crate::stack::{Mesh, Resilience};
@@ -27,12 +28,14 @@ pub async fn connect(target: &str) -> anyhow::Result<Channel> {
 }
 
 /// The client stack over a static list of targets (`--target a,b,c`), with optional
-/// weights; waits until the targets have been probed and one is reachable.
+/// weights; waits until the targets have been probed and one is reachable. With `tls`,
+/// targets are dialled over TLS (`host:port` means `https://host:port`).
 pub async fn balanced(
     targets: &[String],
     weights: &[u32],
     strategy: Strategy,
     resilience: &Resilience,
+    tls: Option<ClientTls>,
 ) -> anyhow::Result<Mesh> {
     if targets.is_empty() {
         bail!("--target needs at least one address");
@@ -42,11 +45,12 @@ pub async fn balanced(
     }
     let mut endpoints = Vec::with_capacity(targets.len());
     for (i, target) in targets.iter().enumerate() {
-        let url = url_of(target)?;
-        let address = url.trim_start_matches("http://").to_string();
+        let url = tls_url_of(target, tls.is_some())?;
+        let address = url.strip_prefix("http://").unwrap_or(&url).to_string();
         endpoints.push(Endpoint::new(address).with_weight(weights.get(i).copied().unwrap_or(1)));
     }
-    let config = BalancerConfig::new("greeter").with_strategy(strategy);
+    let mut config = BalancerConfig::new("greeter").with_strategy(strategy);
+    config.tls = tls;
     let mesh = Mesh::spawn(config, resilience, tokio_stream::once(EndpointSet::new(endpoints)))?;
     mesh.balanced
         .wait_ready(CONNECT_TIMEOUT)
@@ -63,18 +67,22 @@ pub async fn discovered(
     service: &str,
     strategy: Strategy,
     resilience: &Resilience,
+    tls: Option<ClientTls>,
 ) -> anyhow::Result<Mesh> {
     let options = EtcdOptions::parse_endpoints(etcd).with_context(|| format!("invalid --etcd {etcd:?}"))?;
-    discovered_through(Etcd::new(options), root, service, strategy, resilience).await
+    discovered_through(Etcd::new(options), root, service, strategy, resilience, tls).await
 }
 
 /// [`discovered`] through an etcd handle the caller also uses (say, for configuration).
+/// With `tls`, only servers registered as speaking TLS are called, over TLS; without it,
+/// only those that are not.
 pub async fn discovered_through(
     etcd: Etcd,
     root: &str,
     service: &str,
     strategy: Strategy,
     resilience: &Resilience,
+    tls: Option<ClientTls>,
 ) -> anyhow::Result<Mesh> {
     let endpoints = etcd.endpoints();
     let resolver = EtcdResolver::new(etcd, root, service);
@@ -89,17 +97,48 @@ pub async fn discovered_through(
     if listed.is_empty() {
         bail!("no servers of {service} are registered in etcd at {endpoints} (under {prefix})");
     }
-    let config = BalancerConfig::new(service).with_strategy(strategy);
+    let mut config = BalancerConfig::new(service).with_strategy(strategy);
+    config.tls = tls;
     let mesh = Mesh::spawn(config, resilience, resolution.updates())?;
-    mesh.balanced
-        .wait_ready(CONNECT_TIMEOUT)
-        .await
-        .with_context(|| format!("cannot reach any of the {} servers of {service} registered in etcd", listed.len()))?;
+    if let Err(e) = mesh.balanced.wait_ready(CONNECT_TIMEOUT).await {
+        // Say why each server could not be used: refused, or a TLS handshake that failed.
+        let why: Vec<String> = mesh
+            .balanced
+            .endpoints()
+            .into_iter()
+            .filter_map(|s| s.last_error.map(|why| format!("{}: {why}", s.address)))
+            .collect();
+        let detail = if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) };
+        return Err(anyhow::Error::new(e).context(format!(
+            "cannot reach any of the {} servers of {service} registered in etcd{detail}",
+            listed.len()
+        )));
+    }
     Ok(mesh)
 }
 
 /// How long the first listing from etcd may take.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The URL of a target for a client with TLS settings (`tls`) or without: `host:port`
+/// takes the client's scheme; a URL must agree with it.
+pub(crate) fn tls_url_of(target: &str, tls: bool) -> anyhow::Result<String> {
+    let t = target.trim();
+    if !tls {
+        if t.starts_with("https://") {
+            bail!("--target {t:?} speaks TLS: give --tls-ca (the CA that signed its certificate)");
+        }
+        return url_of(t);
+    }
+    if t.starts_with("http://") {
+        bail!(
+            "--target {t:?} is plaintext, and a client with --tls-ca sends calls over TLS only; give https:// or host:port"
+        );
+    }
+    let bare = t.strip_prefix("https://").unwrap_or(t);
+    let url = url_of(bare)?;
+    Ok(format!("https://{}", url.trim_start_matches("http://")))
+}
 
 /// `http://host:port` for `host:port` or a URL; anything else is a readable error.
 pub(crate) fn url_of(target: &str) -> anyhow::Result<String> {
@@ -107,8 +146,11 @@ pub(crate) fn url_of(target: &str) -> anyhow::Result<String> {
     let url = if target.contains("://") { target.to_string() } else { format!("http://{target}") };
     let uri: http::Uri =
         url.parse().with_context(|| format!("invalid --target {target:?}; expected host:port or http://host:port"))?;
+    if uri.scheme_str() == Some("https") {
+        bail!("--target {target:?} speaks TLS: give --tls-ca (the CA that signed its certificate)");
+    }
     if uri.scheme_str() != Some("http") {
-        bail!("invalid --target {target:?}: only http:// is supported");
+        bail!("invalid --target {target:?}: expected host:port, http:// or, with --tls-ca, https://");
     }
     if uri.port_u16().is_none() || uri.host().is_none_or(str::is_empty) {
         bail!("invalid --target {target:?}; expected host:port or http://host:port");

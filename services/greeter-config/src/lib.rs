@@ -15,6 +15,8 @@
 //! assert_eq!(config.server.greet("Ada"), "Hi, Ada!");
 //! assert!(mesh_config::parse::<GreeterConfig>(layers.document(), br#"{"server": {"colour": 1}}"#, "x").is_err());
 //! ```
+//!
+//! It also holds the etcd connection flags both services take ([`EtcdAccess`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,6 +25,10 @@ use mesh_breaker::BreakerConfig;
 use mesh_limiter::{CallerKey, Limit, LimiterConfig, PerCaller};
 use mesh_retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
+
+mod flags;
+
+pub use flags::EtcdAccess;
 
 /// The whole document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -35,6 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         fault: Default::default(),
         config: live.subscribe(),
         log_filter: None,
+        tls: None,
+        limits: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, options, async {

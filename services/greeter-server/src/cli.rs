@@ -46,6 +46,50 @@ pub struct Args {
     #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh", global = true)]
     pub etcd_prefix: String,
 
+    /// TLS and auth towards etcd.
+    #[command(flatten)]
+    pub etcd_access: greeter_config::EtcdAccess,
+
+    /// Serve TLS with this certificate chain (PEM), with --tls-key; registered as speaking
+    /// TLS. Reloaded on SIGHUP or when the file changes.
+    #[arg(long, env = "MESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "MESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// mTLS: refuse, at the handshake, clients without a certificate this CA (PEM) signed.
+    #[arg(long, env = "MESH_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Most streams (calls) one connection may have open at once; more are refused
+    /// (REFUSED_STREAM) until some finish.
+    #[arg(long, env = "MESH_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Largest header list a request may carry, in bytes.
+    #[arg(long, env = "MESH_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_header_list_size: u32,
+
+    /// HTTP/2 rapid-reset protection: a connection whose client resets more than this many
+    /// streams before the server has taken them is closed (GOAWAY, ENHANCE_YOUR_CALM).
+    #[arg(long, env = "MESH_MAX_PENDING_RESETS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_resets: u32,
+
+    /// Keepalive: the server pings every connection this often and closes one that does
+    /// not answer within --keepalive-timeout (dead or hung peers free their slots).
+    #[arg(long, env = "MESH_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered.
+    #[arg(long, env = "MESH_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// How long a new connection may take to finish its TLS handshake.
+    #[arg(long, env = "MESH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Lease TTL of the registration: how long the key outlives a crashed server.
     #[arg(long, env = "MESH_TTL", default_value = "10s", value_parser = parse_ttl)]
     pub ttl: Duration,
@@ -111,6 +155,20 @@ pub struct Args {
     /// FAULT INJECTION: delay every greeter call by this much, e.g. `200ms`.
     #[arg(long, env = "MESH_FAULT_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     pub fault_delay: Duration,
+}
+
+impl Args {
+    /// The per-connection limits the flags set.
+    pub fn connection_limits(&self) -> crate::ConnectionLimits {
+        crate::ConnectionLimits {
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_header_list_size: self.max_header_list_size,
+            max_pending_resets: self.max_pending_resets as usize,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            handshake_timeout: self.handshake_timeout,
+        }
+    }
 }
 
 /// What `greeter-server` does instead of serving.

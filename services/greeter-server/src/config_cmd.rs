@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use greeter_config::GreeterConfig;
 use mesh_config::{AppliedStatus, Layers};
-use mesh_etcd::{Etcd, EtcdOptions};
+use mesh_etcd::Etcd;
 
 use crate::{Args, ConfigCommand};
 
@@ -37,9 +37,7 @@ fn check(file: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 fn etcd(args: &Args) -> anyhow::Result<Etcd> {
-    let options =
-        EtcdOptions::parse_endpoints(&args.etcd).with_context(|| format!("invalid --etcd {:?}", args.etcd))?;
-    Ok(Etcd::new(options))
+    args.etcd_access.etcd(&args.etcd).map_err(anyhow::Error::msg)
 }
 
 async fn show(args: &Args, key: &str) -> anyhow::Result<()> {

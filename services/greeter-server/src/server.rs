@@ -12,11 +12,10 @@ use anyhow::Context as _;
 use mesh_proto::pb::greeter_server::GreeterServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use mesh_etcd::{Etcd, EtcdOptions};
+use mesh_etcd::Etcd;
 use mesh_registry::{Instance, Registrar, RegistrarConfig};
 
 use crate::{Args, Command, Greeter};
@@ -51,6 +50,44 @@ pub struct ServeOptions {
     /// Sets the process's log filter (`None`: back to the one it started with), when the
     /// server owns its logging; the configuration's `server.log_level` goes through it.
     pub log_filter: Option<LogFilter>,
+    /// TLS (and mTLS), reloaded on SIGHUP or file change while serving; plaintext without.
+    pub tls: Option<mesh_tls::ServerTls>,
+    /// What one connection may do: the defences against hostile clients.
+    pub limits: ConnectionLimits,
+}
+
+/// What one client connection may do, so that a hostile or broken client cannot take the
+/// server down: the defaults are those of `greeter-server`'s flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Streams open at once per connection; more are refused with REFUSED_STREAM.
+    pub max_concurrent_streams: u32,
+    /// Largest header list of a request, in bytes.
+    pub max_header_list_size: u32,
+    /// Streams a client may reset before the server took them (HTTP/2 rapid reset,
+    /// CVE-2023-44487) before its connection is closed.
+    pub max_pending_resets: usize,
+    /// How often the server pings each connection.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    /// 1024 streams, 16 KiB of headers, 20 pending resets, a ping every 30 s answered
+    /// within 10 s, 10 s for a handshake.
+    fn default() -> Self {
+        ConnectionLimits {
+            max_concurrent_streams: 1024,
+            max_header_list_size: 16 * 1024,
+            max_pending_resets: 20,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -63,6 +100,8 @@ impl std::fmt::Debug for ServeOptions {
             .field("fault", &self.fault)
             .field("config", &*self.config.borrow())
             .field("log_filter", &self.log_filter.as_ref().map(|_| "set"))
+            .field("tls", &self.tls)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -85,13 +124,18 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         return crate::config_cmd::run(&args, command).await;
     }
     // Flags are checked before anything binds, so a typo costs no port.
-    let etcd = if args.no_register {
-        None
-    } else {
-        Some(Etcd::new(
-            EtcdOptions::parse_endpoints(&args.etcd).with_context(|| format!("invalid --etcd {:?}", args.etcd))?,
-        ))
+    let etcd =
+        if args.no_register { None } else { Some(args.etcd_access.etcd(&args.etcd).map_err(anyhow::Error::msg)?) };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = mesh_tls::ServerTls::load(mesh_tls::Identity::new(cert, key), args.tls_client_ca.clone())
+                .context("--tls-cert/--tls-key/--tls-client-ca")?;
+            info!(mutual = tls.is_mutual(), "serving TLS with {}", cert.display());
+            Some(tls)
+        }
+        _ => None,
     };
+    let limits = args.connection_limits();
     if let Some(a) = &args.advertise {
         mesh_registry::check_addr(a).with_context(|| format!("invalid --advertise {a:?}"))?;
     }
@@ -120,6 +164,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
             weight: args.weight,
             zone: args.zone.clone(),
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            tls: tls.is_some(),
         },
     });
     if fault.is_on() {
@@ -157,6 +202,8 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         fault,
         config,
         log_filter,
+        tls,
+        limits,
     };
     let result = serve(listener, options, shutdown_signal()).await;
     if let Some(report) = report
@@ -244,9 +291,17 @@ pub async fn serve(
         initial,
     ));
     let (stop, stopped) = oneshot::channel::<()>();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // New handshakes use a renewed certificate as soon as it is on disk (or on SIGHUP).
+    let _reloading = options.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
+    let limits = options.limits;
+    let incoming = mesh_tls::incoming(listener, options.tls.clone(), limits.handshake_timeout);
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_max_header_list_size(limits.max_header_list_size)
+            .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .layer(limiter)
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -256,7 +311,12 @@ pub async fn serve(
                 let _ = stopped.await;
             }),
     );
-    info!(instance = %options.instance_id, "serving greeter.v1 on {local}");
+    let scheme = match &options.tls {
+        Some(tls) if tls.is_mutual() => "mTLS",
+        Some(_) => "TLS",
+        None => "plaintext",
+    };
+    info!(instance = %options.instance_id, "serving greeter.v1 on {local} ({scheme})");
     // Registered only now that it listens and reports SERVING.
     let registration =
         options.registry.as_ref().map(|r| Registrar::new(r.etcd.clone(), r.config.clone()).spawn(&r.instance));

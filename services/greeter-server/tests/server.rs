@@ -33,6 +33,8 @@ async fn start(instance: &str) -> Running {
         fault: Default::default(),
         config: tokio::sync::watch::channel(Default::default()).1,
         log_filter: None,
+        tls: None,
+        limits: Default::default(),
     };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;

@@ -12,6 +12,7 @@ fn full() -> Instance {
         weight: 100,
         zone: Some("eu-1a".into()),
         version: Some("0.3.0".into()),
+        tls: false,
     }
 }
 
@@ -104,7 +105,22 @@ proptest! {
         weight in 1u32..1_000_000,
         zone in proptest::option::of("[a-z0-9-]{1,10}"),
     ) {
-        let i = Instance { service: "greeter".into(), id, addr: format!("{host}:{port}"), weight, zone, version: None };
+        let i = Instance { service: "greeter".into(), id, addr: format!("{host}:{port}"), weight, zone, version: None, tls: false };
         prop_assert_eq!(Instance::decode(PREFIX, &i.key("/mesh"), i.encode().as_bytes()), Ok(i));
     }
+}
+
+#[test]
+fn tls_is_said_in_the_metadata_and_read_back_in_any_spelling() {
+    let tls = Instance { tls: true, ..full() };
+    assert!(tls.encode().ends_with(r#""instance":"10.0.0.5:50051","tls":true}}"#), "{}", tls.encode());
+    assert_eq!(Instance::decode(PREFIX, &tls.key("/mesh"), tls.encode().as_bytes()), Ok(tls));
+    for (meta, want) in [(r#"{"tls":"true"}"#, true), (r#"{"TLS":false}"#, false), (r#"{}"#, false)] {
+        let value = format!(r#"{{"Addr":"127.0.0.1:1","Metadata":{meta}}}"#);
+        let got = Instance::decode(PREFIX, "/mesh/services/greeter/x", value.as_bytes()).expect(meta);
+        assert_eq!(got.tls, want, "{meta}");
+    }
+    let err = Instance::decode(PREFIX, "/mesh/services/greeter/x", br#"{"Addr":"127.0.0.1:1","Metadata":{"tls":1}}"#)
+        .expect_err("a number is not a boolean");
+    assert!(err.to_string().contains("Metadata.tls"), "{err}");
 }
