@@ -67,6 +67,8 @@ pub enum Signal {
     Stop,
     /// SIGCONT: resume after SIGSTOP.
     Cont,
+    /// SIGHUP: reload (certificates, for mesh's servers and clients).
+    Hup,
 }
 
 impl ClusterSpec {
@@ -189,6 +191,7 @@ pub fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
         Signal::Kill => S::SIGKILL,
         Signal::Stop => S::SIGSTOP,
         Signal::Cont => S::SIGCONT,
+        Signal::Hup => S::SIGHUP,
     };
     let raw =
         i32::try_from(pid).map_err(|_| Error::io(format!("pid {pid}"), std::io::ErrorKind::InvalidInput.into()))?;
