@@ -1,0 +1,214 @@
+//! Hostile clients against a real greeter-server process: a connection that opens 10 000
+//! streams (raw HTTP/2 frames, ignoring the server's limit), an HTTP/2 rapid-reset burst
+//! (the h2 crate, opening and cancelling streams at once), and oversized headers. The
+//! server stays up, its memory stays bounded, and a well-behaved client on another
+//! connection keeps its latency.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_proto::pb::HelloRequest;
+use mesh_proto::pb::greeter_client::GreeterClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::transport::Channel;
+
+struct Server {
+    addr: String,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Server {
+    let port = mesh_etcd_local::free_port().expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
+        .args(["--listen", &addr, "--no-register"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start greeter-server");
+    Server { addr, child }
+}
+
+impl Server {
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// The 99th percentile of `n` sequential calls on `channel`.
+async fn p99(channel: &Channel, n: usize) -> Duration {
+    let mut client = GreeterClient::new(channel.clone());
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        client.say_hello(HelloRequest { name: "calm".into() }).await.expect("a well-behaved call");
+        took.push(start.elapsed());
+    }
+    took.sort();
+    took[(n * 99 / 100).min(n - 1)]
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A HEADERS block for a gRPC call to SayHello, HPACK without Huffman or indexing.
+fn request_headers(authority: &str) -> Vec<u8> {
+    let mut h = vec![0x83, 0x86]; // :method POST, :scheme http
+    let literal = |h: &mut Vec<u8>, index: u8, value: &str| {
+        h.push(index);
+        h.push(value.len() as u8);
+        h.extend_from_slice(value.as_bytes());
+    };
+    literal(&mut h, 0x04, "/greeter.v1.Greeter/SayHello"); // :path
+    literal(&mut h, 0x01, authority); // :authority
+    h.extend_from_slice(&[0x0f, 0x10]); // content-type (static 31)
+    h.push(16);
+    h.extend_from_slice(b"application/grpc");
+    h.extend_from_slice(&[0x00, 2]);
+    h.extend_from_slice(b"te");
+    h.push(8);
+    h.extend_from_slice(b"trailers");
+    h
+}
+
+/// Opens `streams` streams on one connection without waiting for the server's settings or
+/// heeding its limit, and holds them open (no body); returns the connection and a task
+/// that drains what the server sends, counting RST_STREAM frames.
+async fn flood(addr: &str, streams: u32) -> (tokio::net::tcp::OwnedWriteHalf, tokio::task::JoinHandle<(u64, u64)>) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = tcp.into_split();
+    let counter = tokio::spawn(async move {
+        let (mut resets, mut bytes) = (0u64, 0u64);
+        let mut head = [0u8; 9];
+        loop {
+            if read.read_exact(&mut head).await.is_err() {
+                return (resets, bytes);
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if read.read_exact(&mut payload).await.is_err() {
+                return (resets, bytes);
+            }
+            bytes += 9 + len as u64;
+            if head[3] == 0x3 {
+                resets += 1;
+            }
+        }
+    });
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    let headers = request_headers(addr);
+    for i in 0..streams {
+        out.extend(frame(0x1, 0x4, 2 * i + 1, &headers));
+    }
+    write.write_all(&out).await.expect("the server reads the flood");
+    (write, counter)
+}
+
+/// Opens and at once cancels streams through the h2 crate (HEADERS then RST_STREAM, the
+/// CVE-2023-44487 pattern), up to `bursts` times or until the server closes the
+/// connection; returns how many were sent and the error that ended it.
+async fn rapid_reset(addr: &str, bursts: u32) -> (u32, Option<String>) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driver = tokio::spawn(async move { connection.await.map_err(|e| e.to_string()) });
+    let mut sent = 0;
+    for _ in 0..bursts {
+        send = match send.ready().await {
+            Ok(s) => s,
+            Err(e) => return (sent, Some(e.to_string())),
+        };
+        let request = http::Request::post(format!("http://{addr}/greeter.v1.Greeter/SayHello"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request");
+        match send.send_request(request, false) {
+            // Dropping both halves resets the stream at once.
+            Ok((response, stream)) => {
+                // Let the connection send the HEADERS, then reset the stream.
+                tokio::task::yield_now().await;
+                drop((response, stream))
+            }
+            Err(e) => return (sent, Some(e.to_string())),
+        }
+        sent += 1;
+    }
+    drop(send);
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    (sent, ended.ok().and_then(|r| r.ok()).and_then(|r| r.err()))
+}
+
+#[tokio::test]
+async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up_and_a_calm_client_unhurt() {
+    let mut server = start();
+    let calm = Channel::from_shared(format!("http://{}", server.addr)).expect("uri");
+    let calm = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+        calm.clone().connect().await.ok()
+    })
+    .await
+    .expect("a calm client connects");
+    p99(&calm, 100).await; // warm up
+    let quiet = p99(&calm, 500).await;
+    let rss_before = server.rss_kib();
+
+    // 10 000 streams on one connection, the server's limit (1024) ignored.
+    let (held, counter) = flood(&server.addr, 10_000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let under_flood = p99(&calm, 500).await;
+    let rss_flooded = server.rss_kib();
+    assert!(server.alive(), "the server died under the stream flood");
+
+    // A rapid-reset burst on another connection: the server closes it.
+    let (sent, ended) = rapid_reset(&server.addr, 10_000).await;
+    assert!(server.alive(), "the server died under the rapid-reset burst");
+    assert!(sent < 10_000, "the server let {sent} streams be opened and reset on one connection");
+    let ended = ended.unwrap_or_default();
+    assert!(ended.contains("too_many_resets"), "the burst must end in a GOAWAY ENHANCE_YOUR_CALM, ended by: {ended:?}");
+    let after_reset = p99(&calm, 500).await;
+
+    drop(held);
+    let (refused, _) = tokio::time::timeout(Duration::from_secs(10), counter).await.expect("drained").expect("reader");
+
+    // Headers over the 16 KiB cap: refused, and the server goes on.
+    let mut client = GreeterClient::new(calm.clone());
+    let mut request = tonic::Request::new(HelloRequest { name: "big".into() });
+    let huge = "x".repeat(64 * 1024);
+    request.metadata_mut().insert("x-huge", huge.parse().expect("ascii"));
+    let status = client.say_hello(request).await.expect_err("64 KiB of headers");
+    assert!(server.alive(), "the server died on huge headers");
+    p99(&calm, 10).await;
+
+    let bound = quiet.max(Duration::from_millis(2)) * 2;
+    println!(
+        "quiet p99 {quiet:?}, under a 10 000-stream flood {under_flood:?}, after a rapid-reset burst of {sent}          {after_reset:?}; {refused} streams refused; RSS {rss_before} → {rss_flooded} KiB; huge headers: {status:?}"
+    );
+    assert!(refused >= 10_000 - 1024, "the server refused only {refused} of the streams over its limit");
+    assert!(under_flood <= bound && after_reset <= bound, "calm p99 {quiet:?} → {under_flood:?} / {after_reset:?}");
+    assert!(rss_flooded < rss_before + 64 * 1024, "RSS grew from {rss_before} to {rss_flooded} KiB");
+}
