@@ -486,11 +486,20 @@ impl Keeper {
         if s.warned {
             debug!(key = %self.key, "{e}");
         } else {
-            warn!(
-                key = %self.key,
-                "cannot register in etcd at {}: {e}; serving anyway and registering when etcd comes (for a local one: `cargo xtask etcd-up`)",
-                self.etcd.endpoints()
-            );
+            match e.kind() {
+                mesh_etcd::ErrorKind::PermissionDenied(_) | mesh_etcd::ErrorKind::AuthFailed(_) => warn!(
+                    key = %self.key,
+                    "cannot register in etcd at {}: {e}; serving anyway, unregistered, and trying again \
+                     (a server of this service needs readwrite on {} in etcd)",
+                    self.etcd.endpoints(),
+                    self.prefix
+                ),
+                _ => warn!(
+                    key = %self.key,
+                    "cannot register in etcd at {}: {e}; serving anyway and registering when etcd comes (for a local one: `cargo xtask etcd-up`)",
+                    self.etcd.endpoints()
+                ),
+            }
             s.warned = true;
         }
         let message = e.to_string();

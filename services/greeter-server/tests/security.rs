@@ -13,8 +13,8 @@ use mesh_balancer::Strategy;
 use mesh_etcd::{Etcd, EtcdOptions};
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
-use mesh_testkit::eventually;
 use mesh_testkit::pki::{CertFiles, Pki, Validity};
+use mesh_testkit::{Credentials, SecureOptions, eventually};
 use mesh_tls::{ClientTls, Identity};
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate signed by it, and a
@@ -335,4 +335,176 @@ async fn renewed_certificates_are_served_after_sighup_without_a_failed_call_and_
     assert!(errors.is_empty(), "{} calls failed: {:?}", errors.len(), &errors[..errors.len().min(3)]);
     assert!(served.get("s").copied().unwrap_or(0) > 100, "{served:?}");
     assert!(server.log().contains("reloaded"), "{}", server.log());
+}
+
+/// A greeter-server of `service` in a locked-down etcd, as etcd user `user` (password from
+/// a file when `by_file`, else from MESH_ETCD_PASSWORD).
+fn secure_server(
+    name: &str,
+    etcd: &mesh_testkit::Etcd,
+    creds: &Credentials,
+    user: &str,
+    service: &str,
+    by_file: bool,
+) -> Server {
+    let port = mesh_etcd_local::free_port().expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let logs = tempfile::NamedTempFile::new().expect("log file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_greeter-server"));
+    cmd.args(["--listen", &addr, "--instance-id", name, "--ttl", "3s", "--shutdown-grace", "200ms"])
+        .args(["--service", service, "--etcd", &etcd.endpoints().join(",")])
+        .args(["--etcd-ca", path(&creds.ca), "--etcd-cert", path(&creds.client.cert)])
+        .args(["--etcd-key", path(&creds.client.key), "--etcd-user", user])
+        .env_remove("MESH_ETCD_PASSWORD");
+    let password_file = creds.password_file(user);
+    if by_file {
+        cmd.args(["--etcd-password-file", path(&password_file)]);
+    } else {
+        cmd.env("MESH_ETCD_PASSWORD", creds.password(user));
+    }
+    let child = cmd
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logs.reopen().expect("log handle"))
+        .spawn()
+        .expect("start greeter-server");
+    Server { name: name.into(), addr, child, logs }
+}
+
+fn secure_etcd(etcd: &mesh_testkit::Etcd, creds: &Credentials, user: &str) -> Etcd {
+    let options = EtcdOptions::new(etcd.endpoints())
+        .expect("endpoints")
+        .with_tls(&creds.ca, Some((&creds.client.cert, &creds.client.key)))
+        .expect("TLS files")
+        .with_user(user, creds.password(user));
+    Etcd::new(options)
+}
+
+#[tokio::test]
+async fn in_a_locked_down_etcd_a_client_user_cannot_register_nor_a_server_under_another_service() {
+    let (etcd, creds) = mesh_testkit::Etcd::start_secure(SecureOptions {
+        services: vec!["greeter".into(), "billing".into()],
+        ..SecureOptions::default()
+    })
+    .await
+    .expect("a secure etcd");
+    let as_client = secure_server("c", &etcd, &creds, "client", "greeter", true);
+    let as_billing = secure_server("b", &etcd, &creds, "server-billing", "greeter", false);
+    let legit = secure_server("g", &etcd, &creds, "server-greeter", "greeter", true);
+    let root = secure_etcd(&etcd, &creds, "root");
+    eventually("the legitimate server to register", Duration::from_secs(10), || async {
+        root.get("/mesh/services/greeter/g").await.ok().flatten()
+    })
+    .await
+    .expect("registered");
+    for s in [&as_client, &as_billing] {
+        eventually("the refusal in the log", Duration::from_secs(10), || async {
+            s.log().contains("permission denied").then_some(())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no clear refusal in {}: {}", s.name, s.log()));
+        assert!(s.log().contains("needs readwrite on /mesh/services/greeter/"), "{}", s.log());
+        let key = format!("/mesh/services/greeter/{}", s.name);
+        assert!(root.get(&key).await.expect("read as root").is_none(), "{key} was written");
+    }
+    for s in [&as_client, &as_billing, &legit] {
+        for user in creds.users() {
+            assert!(!s.log().contains(creds.password(user)), "{}'s log shows {user}'s password", s.name);
+        }
+    }
+}
+
+#[tokio::test]
+async fn registrations_and_watches_survive_tokens_expiring_every_two_seconds_for_30s_and_an_etcd_restart() {
+    let (mut etcd, creds) =
+        mesh_testkit::Etcd::start_secure(SecureOptions { auth_token_ttl: Some(2), ..SecureOptions::default() })
+            .await
+            .expect("a secure etcd");
+    let a = secure_server("a", &etcd, &creds, "server-greeter", "greeter", true);
+    let root = secure_etcd(&etcd, &creds, "root");
+    let lease_of = |name: &'static str| {
+        let root = root.clone();
+        async move { root.get(&format!("/mesh/services/greeter/{name}")).await.ok().flatten().map(|kv| kv.lease) }
+    };
+    let lease = eventually("a to register", Duration::from_secs(10), || lease_of("a")).await.expect("registered");
+    let admin = secure_etcd(&etcd, &creds, "admin");
+    let mesh = greeter_client::discovered_through(
+        secure_etcd(&etcd, &creds, "client"),
+        "/mesh",
+        "greeter",
+        Strategy::RoundRobin,
+        &Resilience::default(),
+        None,
+    )
+    .await
+    .expect("a client discovers through the locked-down etcd");
+    let load = Load::start(&mesh, 2);
+
+    // 30 s in which every token expires many times over: each round a configuration
+    // change (the servers' watch), and servers joining and leaving (the client's watch).
+    let mut extra: Option<Server> = None;
+    for round in 0..10 {
+        let greeting = format!("Round {round}, {{name}}!");
+        let document = format!(r#"{{"server": {{"greeting": "{greeting}"}}}}"#);
+        admin.put("/mesh/config/greeter", document, None).await.expect("the admin writes configuration");
+        let want = greeting.replace("{name}", "tls");
+        eventually("the servers to apply the new greeting", Duration::from_secs(5), || async {
+            let mut client = GreeterClient::new(mesh.channel.clone());
+            let mut all = true;
+            for _ in 0..4 {
+                let reply = client.say_hello(HelloRequest { name: "tls".into() }).await.ok()?;
+                all &= reply.get_ref().message == want;
+            }
+            all.then_some(())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the greeting was not applied; {}", a.log()));
+        match extra.take() {
+            None if round % 2 == 0 => {
+                let name = if round % 4 == 0 { "b" } else { "c" };
+                extra = Some(secure_server(name, &etcd, &creds, "server-greeter", "greeter", false));
+                eventually("the client to see a server join", Duration::from_secs(5), || async {
+                    (mesh.balanced.endpoints().len() == 2).then_some(())
+                })
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: no join seen"));
+            }
+            Some(server) => {
+                mesh_etcd_local::signal(server.child.id(), mesh_etcd_local::Signal::Term).expect("SIGTERM");
+                eventually("the client to see a server leave", Duration::from_secs(5), || async {
+                    (mesh.balanced.endpoints().len() == 1).then_some(())
+                })
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: no leave seen"));
+                drop(server);
+            }
+            None => {}
+        }
+        // Longer than a token lives unused.
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+    }
+    assert_eq!(lease_of("a").await, Some(lease), "the lease changed: {}", a.log());
+    assert!(!a.log().contains("lease lost"), "{}", a.log());
+
+    // An etcd restart loses every token (simple tokens live in memory).
+    etcd.restart(0).await.expect("restart");
+    eventually("a to be registered after the restart", Duration::from_secs(10), || async {
+        lease_of("a").await.map(|_| ())
+    })
+    .await
+    .expect("registered again");
+    admin.put("/mesh/config/greeter", r#"{"server": {"greeting": "After, {name}!"}}"#, None).await.expect("put");
+    eventually("the greeting after the restart", Duration::from_secs(10), || async {
+        let mut client = GreeterClient::new(mesh.channel.clone());
+        let reply = client.say_hello(HelloRequest { name: "tls".into() }).await.ok()?;
+        (reply.get_ref().message == "After, tls!").then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the server's config watch did not come back: {}", a.log()));
+    let (_, errors) = load.finish().await;
+    assert!(errors.is_empty(), "{} calls failed: {:?}", errors.len(), &errors[..errors.len().min(3)]);
+    for user in creds.users() {
+        assert!(!a.log().contains(creds.password(user)), "the log shows {user}'s password");
+    }
 }
