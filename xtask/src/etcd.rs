@@ -59,9 +59,8 @@ fn read_pid(path: &Path) -> Option<u32> {
 
 /// The members started by xtask that still run, per cluster size.
 fn running() -> Vec<(ClusterSpec, Vec<(usize, u32)>)> {
-    [1, 3]
+    [spec(1), spec(3), secure_spec()]
         .into_iter()
-        .map(spec)
         .filter_map(|spec| {
             let alive: Vec<(usize, u32)> = (0..spec.members.len())
                 .filter_map(|i| {
@@ -76,7 +75,7 @@ fn running() -> Vec<(ClusterSpec, Vec<(usize, u32)>)> {
 
 /// Starts a local etcd of `size` members unless one runs already; waits until healthy.
 pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
-    for (spec, alive) in running() {
+    for (spec, alive) in running().into_iter().filter(|(spec, _)| spec.security.is_none()) {
         if spec.members.len() != size {
             bail!(
                 "an etcd of {} members started by xtask already runs; `cargo xtask etcd-down` first",
@@ -114,21 +113,33 @@ pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
                 .with_context(|| format!("port {port} on 127.0.0.1 is taken; etcd-up needs it"))?;
         }
     }
+    let (dir, pids, children) = launch(&spec)?;
+    println!(
+        "etcd is up (pid {}): {}\n  data and logs under {}",
+        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+        spec.client_urls().join(","),
+        dir.display()
+    );
+    Ok(Up { endpoints: spec.client_urls(), started: children })
+}
+
+/// Starts every member of `spec` detached, with pid and log files, and waits until healthy.
+fn launch(spec: &ClusterSpec) -> anyhow::Result<(PathBuf, Vec<u32>, Vec<std::process::Child>)> {
     let etcd = mesh_etcd_local::ensure_etcd()?;
     let dir = spec.members[0].data_dir.parent().map(Path::to_path_buf).unwrap_or_else(base);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut pids = Vec::new();
     let mut children = Vec::new();
-    for i in 0..size {
+    for i in 0..spec.members.len() {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log_file(&spec, i))
-            .with_context(|| format!("opening {}", log_file(&spec, i).display()))?;
+            .open(log_file(spec, i))
+            .with_context(|| format!("opening {}", log_file(spec, i).display()))?;
         let log2 = log.try_clone().context("duplicating the log handle")?;
         let child = {
             use std::os::unix::process::CommandExt as _;
-            mesh_etcd_local::start_member(&etcd, &spec, i)
+            mesh_etcd_local::start_member(&etcd, spec, i)
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log2)
@@ -137,27 +148,21 @@ pub(crate) fn up(size: usize) -> anyhow::Result<Up> {
                 .spawn()
                 .with_context(|| format!("starting {}", etcd.display()))?
         };
-        fs::write(pid_file(&spec, i), child.id().to_string()).context("writing the pid file")?;
+        fs::write(pid_file(spec, i), child.id().to_string()).context("writing the pid file")?;
         pids.push(child.id());
         children.push(child);
     }
     if let Err(e) = spec.wait_healthy(Duration::from_secs(30)) {
         let _ = down();
-        let tail = fs::read_to_string(log_file(&spec, 0)).unwrap_or_default();
+        let tail = fs::read_to_string(log_file(spec, 0)).unwrap_or_default();
         let tail: Vec<&str> = tail.lines().rev().take(5).collect();
         bail!(
             "{e}; last lines of {}:\n{}",
-            log_file(&spec, 0).display(),
+            log_file(spec, 0).display(),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    println!(
-        "etcd is up (pid {}): {}\n  data and logs under {}",
-        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
-        spec.client_urls().join(","),
-        dir.display()
-    );
-    Ok(Up { endpoints: spec.client_urls(), started: children })
+    Ok((dir, pids, children))
 }
 
 /// Stops every etcd started by xtask; their data stays.
@@ -191,12 +196,14 @@ pub(crate) fn status() -> anyhow::Result<()> {
         return Ok(());
     }
     for (spec, alive) in all {
-        println!("etcd cluster of {} under {}", spec.members.len(), base().display());
+        let kind = if spec.security.is_some() { " with TLS and auth" } else { "" };
+        let dir = spec.members[0].data_dir.parent().map(Path::to_path_buf).unwrap_or_else(base);
+        println!("etcd cluster of {}{kind} under {}", spec.members.len(), dir.display());
         for (i, m) in spec.members.iter().enumerate() {
             let pid = alive.iter().find(|(j, _)| *j == i).map(|(_, p)| *p);
             let health = if pid.is_none() {
                 "not running"
-            } else if mesh_etcd_local::is_healthy(&m.client_url(), Duration::from_secs(1)) {
+            } else if mesh_etcd_local::is_healthy(&m.health_url(), Duration::from_secs(1)) {
                 "healthy"
             } else {
                 "UNHEALTHY"
@@ -206,4 +213,149 @@ pub(crate) fn status() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+// === the secure etcd of `etcd-up --secure` ===
+
+/// Client, peer and plaintext health ports of the secure etcd: beside, not on, the plain one.
+const SECURE_PORTS: (u16, u16) = (23790, 23800);
+const SECURE_HEALTH_PORT: u16 = 23810;
+/// The service the printed server flags are for.
+const SECURE_SERVICE: &str = "greeter";
+
+fn secure_dir() -> PathBuf {
+    base().join("secure")
+}
+
+fn pki_dir() -> PathBuf {
+    secure_dir().join("pki")
+}
+
+fn secure_spec() -> ClusterSpec {
+    let pki = pki_dir();
+    let security = mesh_etcd_local::Security {
+        ca: pki.join("mesh-ca.pem"),
+        cert: pki.join("etcd.pem"),
+        key: pki.join("etcd.key"),
+        client_cert_auth: true,
+        auth_token_ttl: None,
+    };
+    let spec = ClusterSpec::on_ports(&secure_dir(), &[SECURE_PORTS]);
+    // Fixed ports: with_security allocates nothing, so it cannot fail.
+    spec.clone().with_security(security, &[SECURE_HEALTH_PORT]).unwrap_or(spec)
+}
+
+/// The users of the secure etcd and their roles.
+fn secure_users() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("root", vec!["root".to_string()]),
+        ("greeter-server", vec![mesh_etcd_local::server_role("/mesh", SECURE_SERVICE).name]),
+        ("greeter-client", vec![mesh_etcd_local::client_role("/mesh").name]),
+        ("mesh-admin", vec![mesh_etcd_local::admin_role("/mesh").name]),
+    ]
+}
+
+fn password_file(user: &str) -> PathBuf {
+    pki_dir().join(format!("{user}.password"))
+}
+
+/// `cargo xtask etcd-up --secure`: a local etcd with TLS (client certificates required),
+/// auth on and mesh's least-privilege roles; the first run makes the certificates and
+/// users under target/etcd/secure/, later runs start it again on the same data.
+pub(crate) fn up_secure() -> anyhow::Result<()> {
+    let spec = secure_spec();
+    let member = &spec.members[0];
+    let running = running().into_iter().any(|(s, _)| s.security.is_some());
+    if running {
+        spec.wait_healthy(Duration::from_secs(10))?;
+        println!("the secure etcd already runs: {}", member.client_url());
+    } else {
+        for port in [member.client_port, member.peer_port, SECURE_HEALTH_PORT] {
+            TcpListener::bind(("127.0.0.1", port))
+                .with_context(|| format!("port {port} on 127.0.0.1 is taken; etcd-up --secure needs it"))?;
+        }
+        if !member.data_dir.exists() {
+            provision(&spec)?;
+        }
+        let (dir, pids, _children) = launch(&spec)?;
+        println!(
+            "etcd with TLS and auth is up (pid {}): {}\n  data, logs, certificates and passwords under {}",
+            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            member.client_url(),
+            dir.display()
+        );
+    }
+    print_flags(&member.client_url());
+    Ok(())
+}
+
+/// Makes the certificates, then starts etcd once in plaintext to create the roles and users
+/// through its gateway (no password on any command line), and stops it.
+fn provision(spec: &ClusterSpec) -> anyhow::Result<()> {
+    use mesh_etcd_local::pki::{Pki, Validity};
+    let pki = Pki::create(&pki_dir(), "mesh")?;
+    let etcd_cert = pki.issue("etcd", "etcd", &["127.0.0.1", "localhost"], Validity::Current)?;
+    let security = spec.security.as_ref().context("the secure spec has security")?;
+    anyhow::ensure!(etcd_cert.cert == security.cert, "certificate paths disagree");
+    pki.issue("etcd-client", "mesh-etcd-client", &[], Validity::Current)?;
+    pki.issue("greeter-server", "greeter", &["127.0.0.1", "localhost", "greeter"], Validity::Current)?;
+    pki.issue("greeter-client", "greeter-client", &[], Validity::Current)?;
+    let mut users = Vec::new();
+    for (name, roles) in secure_users() {
+        let password = mesh_etcd_local::random_password()?;
+        mesh_etcd_local::pki::write(&password_file(name), password.as_bytes(), true)?;
+        users.push(mesh_etcd_local::User { name: name.to_string(), password, roles });
+    }
+    let roles = vec![
+        mesh_etcd_local::server_role("/mesh", SECURE_SERVICE),
+        mesh_etcd_local::client_role("/mesh"),
+        mesh_etcd_local::admin_role("/mesh"),
+    ];
+    let mut plain = spec.clone();
+    plain.security = None;
+    for m in &mut plain.members {
+        m.tls = false;
+        m.metrics_port = None;
+    }
+    let (_, _, mut children) = launch(&plain)?;
+    let result = mesh_etcd_local::setup_auth(&plain.members[0].client_url(), &roles, &users);
+    for child in &mut children {
+        mesh_etcd_local::signal(child.id(), Signal::Term)?;
+        let _ = child.wait();
+    }
+    let _ = fs::remove_file(pid_file(&plain, 0));
+    result.context("creating the roles and users")?;
+    println!("made a CA, certificates and the users root, greeter-server, greeter-client and mesh-admin");
+    Ok(())
+}
+
+fn print_flags(url: &str) {
+    let p = |f: &str| pki_dir().join(f).display().to_string();
+    let etcd = format!(
+        "--etcd {url} --etcd-ca {} --etcd-cert {} --etcd-key {}",
+        p("mesh-ca.pem"),
+        p("etcd-client.pem"),
+        p("etcd-client.key")
+    );
+    let user = |u: &str| format!("--etcd-user {u} --etcd-password-file {}", password_file(u).display());
+    println!(
+        "\nA greeter-server (writes only /mesh/services/greeter/ and /mesh/status/greeter/, reads /mesh/config/greeter), with TLS to its clients:"
+    );
+    println!(
+        "  cargo run -p greeter-server -- {etcd} {} --tls-cert {} --tls-key {}",
+        user("greeter-server"),
+        p("greeter-server.pem"),
+        p("greeter-server.key")
+    );
+    println!("A greeter-client (reads only):");
+    println!("  cargo run -p greeter-client -- {etcd} {} --tls-ca {}", user("greeter-client"), p("mesh-ca.pem"));
+    println!("An operator (writes configuration):");
+    println!("  cargo run -p greeter-server -- config show {etcd} {}", user("mesh-admin"));
+    println!(
+        "etcdctl as root (the password through the environment, not argv):\n  ETCDCTL_API=3 ETCDCTL_PASSWORD=\"$(cat {})\" etcdctl --endpoints {url} --cacert {} --cert {} --key {} --user root role list",
+        password_file("root").display(),
+        p("mesh-ca.pem"),
+        p("etcd-client.pem"),
+        p("etcd-client.key")
+    );
 }

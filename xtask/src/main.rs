@@ -14,6 +14,7 @@ cargo xtask <command>
   demo                    start etcd, three greeter-servers and a client, narrate, clean up
   test                    provision etcd, then fmt check, clippy -D warnings, every test
   etcd-up [--cluster N]   a detached local etcd under target/etcd/ (N = 1 or 3), idempotent
+  etcd-up --secure        a detached local etcd with TLS, auth and mesh's roles; prints the flags to use
   etcd-down               stop it (its data stays under target/etcd/)
   etcd-status             show what runs and whether it is healthy
   codegen [--check]       regenerate crates/mesh-proto from proto/; --check fails if stale
@@ -32,6 +33,13 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "demo" => util::no_args(rest).and_then(|()| demo::run()),
         "test" => util::no_args(rest).and_then(|()| test::run()),
+        "etcd-up" if rest.iter().any(|a| a == "--secure") => {
+            if rest.len() == 1 {
+                etcd::up_secure()
+            } else {
+                Err(anyhow::anyhow!("usage: cargo xtask etcd-up --secure"))
+            }
+        }
         "etcd-up" => etcd::parse_cluster(rest).and_then(etcd::up).map(drop),
         "etcd-down" => util::no_args(rest).and_then(|()| etcd::down()),
         "etcd-status" => util::no_args(rest).and_then(|()| etcd::status()),

@@ -194,8 +194,9 @@ impl EtcdOptions {
         o
     }
 
-    /// Refuses `https://` endpoints without TLS settings, which would fail obscurely.
-    pub(crate) fn check(&self) -> Result<(), EtcdError> {
+    /// Refuses `https://` endpoints without TLS settings, which would fail obscurely. The
+    /// first request checks this too; call it to report a bad flag at start-up.
+    pub fn check(&self) -> Result<(), EtcdError> {
         if self.tls.is_none()
             && let Some(e) = self.endpoints.iter().find(|e| e.starts_with("https://"))
         {

@@ -88,12 +88,19 @@ pub async fn discovered_through(
     let resolver = EtcdResolver::new(etcd, root, service);
     let prefix = resolver.prefix().to_string();
     let resolution = resolver.spawn();
-    let listed = resolution.wait_listed(DISCOVERY_TIMEOUT).await.with_context(|| {
-        format!(
-            "cannot discover {service}: no answer from etcd at {endpoints} within {DISCOVERY_TIMEOUT:?} \
-             (start a local one with `cargo xtask etcd-up`, or give --target)"
-        )
-    })?;
+    let Some(listed) = resolution.wait_listed(DISCOVERY_TIMEOUT).await else {
+        // Why etcd did not list: refused credentials, permissions, or no answer at all.
+        let why = resolution.status().borrow().view.as_ref().and_then(|v| v.last_error.clone());
+        match why {
+            Some(why) if !why.contains("unavailable") && !why.contains("no answer") => {
+                bail!("cannot discover {service} in etcd at {endpoints}: {why}")
+            }
+            _ => bail!(
+                "cannot discover {service}: no answer from etcd at {endpoints} within {DISCOVERY_TIMEOUT:?} \
+                 (start a local one with `cargo xtask etcd-up`, or give --target)"
+            ),
+        }
+    };
     if listed.is_empty() {
         bail!("no servers of {service} are registered in etcd at {endpoints} (under {prefix})");
     }

@@ -56,6 +56,7 @@ impl EtcdAccess {
             }
             (None, _) => {}
         }
+        options.check().map_err(|e| e.to_string())?;
         Ok(Etcd::new(options))
     }
 }
