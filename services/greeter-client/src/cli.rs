@@ -39,7 +39,7 @@ pub enum Command {
 /// Flags of `health`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HealthArgs {
-    /// The server to check, host:port or http://host:port.
+    /// The server to check, host:port or http://host:port (https://host:port with --tls-ca).
     #[arg(long)]
     pub target: String,
     /// Keep checking for this long; without it, check once.
@@ -51,6 +51,9 @@ pub struct HealthArgs {
     /// Print one JSON object: checks, serving, and the other answers by name.
     #[arg(long)]
     pub json: bool,
+    /// TLS towards the server.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// What `health` reports.
@@ -496,7 +499,7 @@ fn state_name(state: EndpointState) -> &'static str {
 async fn health(args: HealthArgs) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let mut client = HealthClient::new(connect(&args.target).await?);
+    let mut client = HealthClient::new(crate::connect_tls(&args.target, args.tls.client_tls()?).await?);
     let until = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut report = HealthReport::default();
     loop {
@@ -510,7 +513,19 @@ async fn health(args: HealthArgs) -> anyhow::Result<()> {
                     ServingStatus::try_from(reply.get_ref().status).map_or("unknown status", |s| s.as_str_name());
                 *report.other.entry(name.to_string()).or_default() += 1;
             }
-            Err(status) => *report.other.entry(format!("{:?}: {}", status.code(), status.message())).or_default() += 1,
+            Err(status) => {
+                // The whole chain: "transport error" alone hides "this server speaks TLS only".
+                let mut why = status.message().to_string();
+                let mut source = std::error::Error::source(&status);
+                while let Some(e) = source {
+                    let text = e.to_string();
+                    if !why.contains(&text) {
+                        why = format!("{why}: {text}");
+                    }
+                    source = e.source();
+                }
+                *report.other.entry(format!("{:?}: {why}", status.code())).or_default() += 1
+            }
         }
         if until.is_none_or(|u| tokio::time::Instant::now() >= u) {
             break;

@@ -27,6 +27,33 @@ pub async fn connect(target: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot reach greeter at {url}"))
 }
 
+/// Like [`connect`], over TLS with `tls` (`host:port` then means `https://host:port`):
+/// one connection to one server, for health checks and tools.
+pub async fn connect_tls(target: &str, tls: Option<ClientTls>) -> anyhow::Result<Channel> {
+    let Some(tls) = tls else { return connect(target).await };
+    let url = tls_url_of(target, true)?;
+    let uri: http::Uri = url.parse().with_context(|| format!("invalid --target {target:?}"))?;
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let plain = format!("http://{}", uri.authority().map_or("", |a| a.as_str()));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (tls, host) = (tls.clone(), host.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls.connect(tcp, &host).await?))
+        }
+    });
+    TonicEndpoint::from_shared(plain)
+        .with_context(|| format!("invalid --target {target:?}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
+        .await
+        .with_context(|| format!("cannot reach greeter at {url}"))
+}
+
 /// The client stack over a static list of targets (`--target a,b,c`), with optional
 /// weights; waits until the targets have been probed and one is reachable. With `tls`,
 /// targets are dialled over TLS (`host:port` means `https://host:port`).

@@ -30,7 +30,7 @@ mod live;
 mod stack;
 
 pub use cli::{Args, Command, EndpointReport, GreetReport, HealthReport, run};
-pub use connect::{balanced, connect, discovered, discovered_through};
+pub use connect::{balanced, connect, connect_tls, discovered, discovered_through};
 pub use live::{ClientBase, LiveTimeout, follow};
 pub use stack::{
     EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience, default_service_breaker,
