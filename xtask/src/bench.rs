@@ -317,7 +317,9 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
 /// greeter).
 struct H2Side {
     label: &'static str,
-    greeter_args: Option<&'static [&'static str]>,
+    greeter_args: Option<Vec<String>>,
+    /// Whether h2load dials it over TLS.
+    tls: bool,
 }
 
 /// One h2load run against one server.
@@ -396,10 +398,19 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
         "nghttp2",
         "install nghttp2's h2load (Debian/Ubuntu as root: `apt-get install -y nghttp2-client`; macOS: `brew install nghttp2`)",
     )?;
+    // A certificate for D, made for this run.
+    let pki_dir = util::root().join("target").join("bench").join("tls");
+    let pki = mesh_etcd_local::pki::Pki::create(&pki_dir, "bench")?;
+    let cert = pki.issue("server", "greeter", &["127.0.0.1"], mesh_etcd_local::pki::Validity::Current)?;
+    let limiter = ["--rate", "1000000", "--burst", "4294967295"].map(String::from).to_vec();
+    let mut with_tls = limiter.clone();
+    with_tls.extend(["--tls-cert".into(), cert.cert.display().to_string()]);
+    with_tls.extend(["--tls-key".into(), cert.key.display().to_string()]);
     let sides = [
-        H2Side { label: "bare tonic", greeter_args: None },
-        H2Side { label: "greeter-server", greeter_args: Some(&["--rate", "1000000", "--burst", "4294967295"]) },
-        H2Side { label: "greeter-server, no limiter", greeter_args: Some(&[]) },
+        H2Side { label: "bare tonic", greeter_args: None, tls: false },
+        H2Side { label: "greeter-server", greeter_args: Some(limiter), tls: false },
+        H2Side { label: "greeter-server, no limiter", greeter_args: Some(Vec::new()), tls: false },
+        H2Side { label: "greeter-server, TLS", greeter_args: Some(with_tls), tls: true },
     ];
     let mut running = Vec::new();
     for side in &sides {
@@ -407,13 +418,14 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
         let port = mesh_etcd_local::free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let mut cmd = server_command(kind, bins, &addr);
-        cmd.args(side.greeter_args.unwrap_or_default())
+        cmd.args(side.greeter_args.iter().flatten())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd.spawn().with_context(|| format!("starting the {} server", side.label))?;
         let pid = child.id();
-        running.push((Running(child), format!("http://{addr}"), pid));
+        let scheme = if side.tls { "https" } else { "http" };
+        running.push((Running(child), format!("{scheme}://{addr}"), pid));
         if !mesh_etcd_local::wait_until(Duration::from_secs(15), || TcpStream::connect(&addr).is_ok()) {
             bail!("the {} server did not listen on {addr}", side.label);
         }
@@ -422,9 +434,10 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
     let mut md = format!(
         "## servers under h2load (load generator on CPU 1, servers on CPU 0; {} rounds of {secs} s per point, rotated order; medians)\n\n\
          A = bare tonic greeter, B = greeter-server with every layer on and the limiter at a rate it never reaches, \
-         C = greeter-server without the limiter. CPU is the server's user + system time per request, from /proc.\n\n\
-         | point | A req/s | B req/s | B/A | C/A | B/C (limiter) | A p99 µs | B p99 µs | A CPU µs/req | B CPU µs/req | B/A CPU |\n\
-         |---|---:|---:|---|---|---|---:|---:|---:|---:|---|\n",
+         C = greeter-server without the limiter, D = B with TLS (TLS 1.3, h2load's connections held for the whole run). \
+         CPU is the server's user + system time per request, from /proc.\n\n\
+         | point | A req/s | B req/s | B/A | C/A | B/C (limiter) | A p99 µs | B p99 µs | A CPU µs/req | B CPU µs/req | B/A CPU | D req/s | D/B (TLS) | D p99 µs |\n\
+         |---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|---|---:|\n",
         opts.runs
     );
     for (c, m) in [(1u32, 1u32), (1, 16), (4, 16)] {
@@ -449,7 +462,7 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
         };
         let _ = writeln!(
             md,
-            "| c{c} m{m} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+            "| c{c} m{m} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.0} | {} | {:.0} |",
             med(0, |s| s.throughput),
             med(1, |s| s.throughput),
             ratio(0, 1, |s| s.throughput),
@@ -460,9 +473,12 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
             med(0, |s| s.cpu_us),
             med(1, |s| s.cpu_us),
             ratio(0, 1, |s| s.cpu_us),
+            med(3, |s| s.throughput),
+            ratio(1, 3, |s| s.throughput),
+            med(3, |s| s.p99_us),
         );
     }
-    md.push_str("\ntargets: B/A ≥ 0.97 and B/A CPU ≤ 1.05 at every point; B/C ≥ 0.98\n\n");
+    md.push_str("\ntargets: B/A ≥ 0.97 and B/A CPU ≤ 1.05 at every point; B/C ≥ 0.98; D/B (TLS on vs off) ≥ 0.90\n\n");
     Ok(md)
 }
 
