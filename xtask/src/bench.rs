@@ -418,10 +418,7 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
         let port = mesh_etcd_local::free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let mut cmd = server_command(kind, bins, &addr);
-        cmd.args(side.greeter_args.iter().flatten())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args(side.greeter_args.iter().flatten()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().with_context(|| format!("starting the {} server", side.label))?;
         let pid = child.id();
         let scheme = if side.tls { "https" } else { "http" };

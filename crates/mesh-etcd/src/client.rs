@@ -218,6 +218,23 @@ impl Etcd {
     /// Opens a watch on `key` (or every key under it, if `prefix`) from `start_revision`,
     /// with progress notifications.
     pub(crate) async fn watch(&self, key: &str, prefix: bool, start_revision: i64) -> Result<WatchStart, EtcdError> {
+        match self.try_watch(key, prefix, start_revision).await {
+            // etcd refuses a watch made with an expired token in its first message, not as
+            // an error etcd-client would renew the token on: log in again and retry once.
+            Err(e) if matches!(e.kind(), ErrorKind::AuthFailed(_)) && self.inner.options.user.is_some() => {
+                let client = self.client().await?;
+                let op = || format!("log in again to watch {key}");
+                match tokio::time::timeout(self.inner.options.request_timeout, client.refresh_token()).await {
+                    Ok(Ok(())) => self.try_watch(key, prefix, start_revision).await,
+                    Ok(Err(e)) => Err(EtcdError::from_client(op(), e)),
+                    Err(_) => Err(EtcdError::timeout(op(), self.inner.options.request_timeout)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn try_watch(&self, key: &str, prefix: bool, start_revision: i64) -> Result<WatchStart, EtcdError> {
         let mut options = WatchOptions::new().with_start_revision(start_revision).with_progress_notify();
         if prefix {
             options = options.with_prefix();
@@ -241,7 +258,15 @@ impl Etcd {
             return Err(EtcdError::new(op(), ErrorKind::Compacted(first.compact_revision())));
         }
         if first.canceled() {
-            return Err(EtcdError::new(op(), ErrorKind::Other(format!("watch canceled: {}", first.cancel_reason()))));
+            let reason = first.cancel_reason();
+            let kind = if reason.contains("invalid auth token") || reason.contains("authentication") {
+                ErrorKind::AuthFailed(reason.to_string())
+            } else if reason.contains("permission denied") {
+                ErrorKind::PermissionDenied(reason.to_string())
+            } else {
+                ErrorKind::Other(format!("watch canceled: {reason}"))
+            };
+            return Err(EtcdError::new(op(), kind));
         }
         let header = first.header().ok_or_else(|| no_header(op()))?;
         Ok(WatchStart { cluster_id: header.cluster_id(), revision: header.revision(), stream })

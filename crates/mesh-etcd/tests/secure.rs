@@ -91,3 +91,36 @@ fn the_password_comes_from_a_file_or_the_environment_never_a_flag() {
     let err = mesh_etcd::read_password(Some(&dir.path().join("missing"))).expect_err("missing");
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+#[tokio::test]
+async fn a_watch_opened_after_the_token_expired_or_etcd_restarted_still_sees_every_event() {
+    let (mut etcd, creds) =
+        mesh_testkit::Etcd::start_secure(SecureOptions { auth_token_ttl: Some(1), ..SecureOptions::default() })
+            .await
+            .expect("a secure etcd");
+    let root = as_user(&etcd, &creds, "root");
+    let client = as_user(&etcd, &creds, "client");
+    let revision = client.list("/mesh/services/").await.expect("a first request logs in").revision;
+    // The token expires unused; then a watch is the first request, with no list before it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut watch = mesh_etcd::ListWatch::resume(client.clone(), "/mesh/services/", revision);
+    root.put("/mesh/services/greeter/a", "1", None).await.expect("put");
+    let seen =
+        tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an event after the token expired");
+    assert!(matches!(&seen, mesh_etcd::WatchEvent::Put(kv) if kv.key == "/mesh/services/greeter/a"), "{seen:?}");
+
+    // A restart loses every token; the watch comes back and misses nothing.
+    etcd.restart(0).await.expect("restart");
+    root.put("/mesh/services/greeter/b", "2", None).await.expect("put after the restart");
+    let seen = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match watch.next().await {
+                mesh_etcd::WatchEvent::Put(kv) if kv.key == "/mesh/services/greeter/b" => return true,
+                mesh_etcd::WatchEvent::Reset { kvs, .. } if kvs.iter().any(|kv| kv.key.ends_with("/b")) => return true,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(seen, Ok(true), "the watch did not come back after the restart");
+}

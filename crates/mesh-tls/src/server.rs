@@ -229,7 +229,9 @@ async fn accept_loop(
                 Ok(Ok(stream)) => {
                     let _ = tx.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
                 }
-                Ok(Err(why)) => {
+                // A connection closed before a word (a TCP probe, a port scan) is routine.
+                Ok(Err(Refused::Quiet(why))) => debug!("{why}"),
+                Ok(Err(Refused::Loud(why))) => {
                     if throttle.allow() {
                         warn!("{why}");
                     } else {
@@ -246,18 +248,26 @@ async fn accept_loop(
 const TLS_HANDSHAKE: u8 = 0x16;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-async fn handshake(mut tcp: TcpStream, acceptor: TlsAcceptor, peer: &str) -> Result<TlsStream<TcpStream>, String> {
+/// Why a connection was not handed to the server, and whether that is worth a warning.
+enum Refused {
+    Quiet(String),
+    Loud(String),
+}
+
+async fn handshake(mut tcp: TcpStream, acceptor: TlsAcceptor, peer: &str) -> Result<TlsStream<TcpStream>, Refused> {
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
-        Ok(0) => return Err(format!("{peer} closed the connection before a TLS handshake")),
+        Ok(0) => return Err(Refused::Quiet(format!("{peer} closed the connection before a TLS handshake"))),
         Ok(_) if first[0] != TLS_HANDSHAKE => {
             tell_plaintext_client(&mut tcp).await;
-            return Err(format!("{peer} spoke plaintext to this TLS port; refused (it must dial with TLS)"));
+            return Err(Refused::Loud(format!(
+                "{peer} spoke plaintext to this TLS port; refused (it must dial with TLS)"
+            )));
         }
         Ok(_) => {}
-        Err(e) => return Err(format!("reading from {peer}: {e}")),
+        Err(e) => return Err(Refused::Quiet(format!("reading from {peer}: {e}"))),
     }
-    acceptor.accept(tcp).await.map_err(|e| explain_server(&e, peer))
+    acceptor.accept(tcp).await.map_err(|e| Refused::Loud(explain_server(&e, peer)))
 }
 
 /// Answers a plaintext HTTP/2 client with its settings and a GOAWAY whose debug data says

@@ -93,7 +93,8 @@ async fn a_client_presents_its_renewed_certificate_on_new_connections() {
     let second = pki.issue("c2", "client", &[], Validity::Current).expect("cert");
     let live = CertFiles { cert: dir.path().join("client.pem"), key: dir.path().join("client.key") };
     copy(&first, &live);
-    let server = ServerTls::load(Identity::new(&server_cert.cert, &server_cert.key), Some(pki.ca_file())).expect("mTLS");
+    let server =
+        ServerTls::load(Identity::new(&server_cert.cert, &server_cert.key), Some(pki.ca_file())).expect("mTLS");
     let (addr, mut seen) = serve(server).await;
     let client = ClientTls::load(pki.ca_file(), Some(Identity::new(&live.cert, &live.key))).expect("client TLS");
     presented(&addr, &client).await.expect("an mTLS handshake");
@@ -113,8 +114,14 @@ async fn handshake_errors_name_an_expired_certificate_a_wrong_name_and_an_unknow
     let client = ClientTls::load(pki.ca_file(), None).expect("client TLS");
     for (cert, want) in [
         (pki.issue("expired", "s", &["127.0.0.1"], Validity::Expired).expect("cert"), "its certificate has expired"),
-        (pki.issue("named", "s", &["elsewhere.example"], Validity::Current).expect("cert"), "is not valid for the name \"127.0.0.1\""),
-        (other.issue("foreign", "s", &["127.0.0.1"], Validity::Current).expect("cert"), "not signed by a CA this client trusts"),
+        (
+            pki.issue("named", "s", &["elsewhere.example"], Validity::Current).expect("cert"),
+            "is not valid for the name \"127.0.0.1\"",
+        ),
+        (
+            other.issue("foreign", "s", &["127.0.0.1"], Validity::Current).expect("cert"),
+            "not signed by a CA this client trusts",
+        ),
     ] {
         let server = ServerTls::load(Identity::new(&cert.cert, &cert.key), None).expect("server TLS");
         let (addr, _) = serve(server).await;

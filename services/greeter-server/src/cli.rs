@@ -78,7 +78,8 @@ pub struct Args {
     pub max_pending_resets: u32,
 
     /// Keepalive: the server pings every connection this often and closes one that does
-    /// not answer within --keepalive-timeout (dead or hung peers free their slots).
+    /// not answer within --keepalive-timeout (dead or hung peers free their slots); 0s
+    /// turns the pings off.
     #[arg(long, env = "MESH_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
 

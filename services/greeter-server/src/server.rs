@@ -67,7 +67,7 @@ pub struct ConnectionLimits {
     /// Streams a client may reset before the server took them (HTTP/2 rapid reset,
     /// CVE-2023-44487) before its connection is closed.
     pub max_pending_resets: usize,
-    /// How often the server pings each connection.
+    /// How often the server pings each connection; zero for never.
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
@@ -300,7 +300,7 @@ pub async fn serve(
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_max_header_list_size(limits.max_header_list_size)
             .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_interval(Some(limits.keepalive_interval).filter(|d| !d.is_zero()))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .layer(limiter)
             .add_service(health_service)
