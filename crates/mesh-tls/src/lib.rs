@@ -13,18 +13,21 @@
 //!   (corrupt, a key that does not match) is refused with a warning and the old
 //!   configuration stays.
 //!
-//! Both speak HTTP/2 only (ALPN `h2`), as gRPC does.
+//! Both speak HTTP/2 only (ALPN `h2`), as gRPC does. [`incoming`] also sets what every
+//! connection gets, TLS or not: TCP keepalive, so a dead peer's connection is closed, and
+//! keepalive enforcement, a limit on the PING frames a client may send
+//! ([`IncomingOptions`]).
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use mesh_tls::{ClientTls, Identity, ServerTls, incoming};
+//! use mesh_tls::{ClientTls, Identity, IncomingOptions, ServerTls, incoming};
 //!
 //! let server = ServerTls::load(Identity::new("server.pem", "server.key"), None)?;
 //! let _reloading = server.watch(Duration::from_secs(1));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let addr = listener.local_addr()?;
-//! let connections = incoming(listener, Some(server), Duration::from_secs(10));
+//! let connections = incoming(listener, Some(server), IncomingOptions::default());
 //! // tonic::transport::Server::builder().add_service(…).serve_with_incoming(connections)
 //! # drop(connections);
 //!
@@ -42,4 +45,4 @@ mod server;
 pub use client::{ClientIo, ClientTls, explain};
 pub use load::{Identity, TlsError};
 pub use reload::Reloader;
-pub use server::{ServerIo, ServerTls, incoming};
+pub use server::{IncomingOptions, ServerIo, ServerTls, incoming};

@@ -30,13 +30,13 @@ use crate::reload::{Reloadable, Reloader};
 /// ```no_run
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use mesh_tls::{Identity, ServerTls, incoming};
+/// use mesh_tls::{Identity, IncomingOptions, ServerTls, incoming};
 ///
 /// let tls = ServerTls::load(Identity::new("server.pem", "server.key"), Some("clients-ca.pem".into()))?;
 /// let _reloading = tls.watch(Duration::from_secs(1));
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
 /// // Handshakes run beside the accept loop; tonic gets only connections that completed one.
-/// let connections = incoming(listener, Some(tls), Duration::from_secs(10));
+/// let connections = incoming(listener, Some(tls), IncomingOptions::default());
 /// # let _ = connections; Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -83,20 +83,39 @@ impl ServerTls {
     }
 }
 
-/// A connection a server accepted: plain TCP, or TLS over it.
+/// A connection a server accepted, plain TCP or TLS over it, with the guard that counts
+/// its client's PING frames.
 #[derive(Debug)]
-pub enum ServerIo {
-    /// Plaintext.
+pub struct ServerIo {
+    stream: Stream,
+    pings: Option<PingGuard>,
+}
+
+#[derive(Debug)]
+enum Stream {
     Plain(TcpStream),
-    /// A completed TLS handshake.
     Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl ServerIo {
+    fn new(stream: Stream, max_pings_per_sec: u32) -> Self {
+        let pings = (max_pings_per_sec > 0).then(|| PingGuard::new(max_pings_per_sec));
+        ServerIo { stream, pings }
+    }
+
     fn tcp(&self) -> &TcpStream {
-        match self {
-            ServerIo::Plain(s) => s,
-            ServerIo::Tls(s) => s.get_ref().0,
+        match &self.stream {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// The TLS session, for a connection that completed a handshake: the client's
+    /// certificates (under mTLS), the protocol version, …
+    pub fn tls_session(&self) -> Option<&rustls::ServerConnection> {
+        match &self.stream {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => Some(s.get_ref().1),
         }
     }
 }
@@ -112,18 +131,24 @@ impl Connected for ServerIo {
 
 impl AsyncRead for ServerIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let (Poll::Ready(Ok(())), Some(guard)) = (&poll, this.pings.as_mut()) {
+            guard.scan(&buf.filled()[before..])?;
         }
+        poll
     }
 }
 
 impl AsyncWrite for ServerIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write(cx, data),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
         }
     }
 
@@ -132,31 +157,104 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            ServerIo::Plain(s) => s.is_write_vectored(),
-            ServerIo::Tls(s) => s.is_write_vectored(),
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// Keepalive enforcement: follows the HTTP/2 frames a client sends (their 9-byte headers
+/// only) and fails the connection's reads when it sends more PINGs within a second, with
+/// no other frame between them, than allowed (grpc-go's enforcement policy closes such
+/// clients with "too_many_pings"). h2 answers every PING and keeps one answer pending, so a
+/// flood costs no memory, but it costs the server a write per PING; this bounds that.
+#[derive(Debug)]
+struct PingGuard {
+    max_per_sec: u32,
+    /// Bytes of the client preface still to come.
+    preface_left: usize,
+    header: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+    window: Option<(Instant, u32)>,
+}
+
+impl PingGuard {
+    fn new(max_per_sec: u32) -> Self {
+        PingGuard { max_per_sec, preface_left: H2_PREFACE.len(), header: [0; 9], have: 0, skip: 0, window: None }
+    }
+
+    fn scan(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            if self.preface_left > 0 || self.skip > 0 {
+                let left = if self.preface_left > 0 { &mut self.preface_left } else { &mut self.skip };
+                let n = (*left).min(bytes.len());
+                *left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                self.have = 0;
+                self.skip = u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]]) as usize;
+                // PING (type 6) that is not an ACK. Any other frame is the client at work,
+                // and a client that pings for bandwidth estimates (BDP) sends window
+                // updates between its pings: only pings in a row count.
+                match (self.header[3], self.header[4] & 0x1) {
+                    (0x6, 0) => self.ping()?,
+                    (0x6, _) => {}
+                    _ => self.window = None,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ping(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        let count = match &mut self.window {
+            Some((start, count)) if now.duration_since(*start) < Duration::from_secs(1) => {
+                *count += 1;
+                *count
+            }
+            window => {
+                *window = Some((now, 1));
+                1
+            }
+        };
+        if count > self.max_per_sec {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("too many pings: more than {} in a second; connection closed", self.max_per_sec),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -164,28 +262,54 @@ impl AsyncWrite for ServerIo {
 /// connections that never finish a handshake holds at most this many sockets.
 const MAX_HANDSHAKES: usize = 512;
 
+/// How [`incoming`] treats each connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncomingOptions {
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Most PING frames a client may send in a row within a second (no other frame between
+    /// them); more close its connection. 0 for no limit.
+    pub max_pings_per_sec: u32,
+    /// TCP keepalive: after this long idle the kernel probes the peer, so a dead peer's
+    /// connection is closed (three probes, this far apart / 6). `None` for off.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+impl Default for IncomingOptions {
+    /// 10 s for a handshake, 10 pings a second, TCP keepalive after 60 s idle.
+    fn default() -> Self {
+        IncomingOptions {
+            handshake_timeout: Duration::from_secs(10),
+            max_pings_per_sec: 10,
+            tcp_keepalive: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
 /// The connections `listener` accepts, for tonic's `serve_with_incoming`: plain TCP
-/// without `tls`; with it, only those that completed a handshake within
-/// `handshake_timeout`. Handshakes run in their own tasks, so a slow or silent client
-/// does not hold up the others. A plaintext HTTP/2 client is told, in a GOAWAY it can
-/// show, that this port speaks TLS; failed handshakes are logged with their cause (at
-/// most one line a second). Accepting stops when the stream is dropped.
+/// without `tls`; with it, only those that completed a handshake within the options'
+/// timeout. Handshakes run in their own tasks, so a slow or silent client does not hold up
+/// the others. A plaintext HTTP/2 client is told, in a GOAWAY it can show, that this port
+/// speaks TLS; failed handshakes are logged with their cause (at most one line a second).
+/// Every connection gets TCP keepalive and the PING limit of `options`. Accepting stops
+/// when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<ServerTls>,
-    handshake_timeout: Duration,
+    options: IncomingOptions,
 ) -> ReceiverStream<io::Result<ServerIo>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, tls, handshake_timeout, tx));
+    tokio::spawn(accept_loop(listener, tls, options, tx));
     ReceiverStream::new(rx)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<ServerTls>,
-    handshake_timeout: Duration,
+    options: IncomingOptions,
     tx: mpsc::Sender<io::Result<ServerIo>>,
 ) {
+    let IncomingOptions { handshake_timeout, max_pings_per_sec, tcp_keepalive } = options;
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     let throttle = Arc::new(Throttle::default());
     loop {
@@ -214,8 +338,17 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             debug!("setting TCP_NODELAY for {peer}: {e}");
         }
+        if let Some(idle) = tcp_keepalive {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval((idle / 6).max(Duration::from_secs(1)))
+                .with_retries(3);
+            if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+                debug!("setting TCP keepalive for {peer}: {e}");
+            }
+        }
         let Some(tls) = &tls else {
-            if tx.send(Ok(ServerIo::Plain(tcp))).await.is_err() {
+            if tx.send(Ok(ServerIo::new(Stream::Plain(tcp), max_pings_per_sec))).await.is_err() {
                 return;
             }
             continue;
@@ -227,7 +360,7 @@ async fn accept_loop(
             let peer = peer.to_string();
             match tokio::time::timeout(handshake_timeout, handshake(tcp, acceptor, &peer)).await {
                 Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
+                    let _ = tx.send(Ok(ServerIo::new(Stream::Tls(Box::new(stream)), max_pings_per_sec))).await;
                 }
                 // A connection closed before a word (a TCP probe, a port scan) is routine.
                 Ok(Err(Refused::Quiet(why))) => debug!("{why}"),
@@ -307,5 +440,51 @@ impl Throttle {
         let last = self.last_ms.load(Ordering::Relaxed);
         now.saturating_sub(last) >= 1000
             && self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Feeds `bytes` in pieces of `piece` bytes, as reads may cut them anywhere.
+    fn feed(guard: &mut PingGuard, bytes: &[u8], piece: usize) -> io::Result<()> {
+        bytes.chunks(piece).try_for_each(|c| guard.scan(c))
+    }
+
+    #[test]
+    fn pings_in_a_row_over_the_limit_fail_the_read_wherever_the_reads_cut_the_frames() {
+        for piece in [1, 5, 9, 17, 4096] {
+            let mut bytes = H2_PREFACE.to_vec();
+            bytes.extend(frame(0x4, 0, &[0; 6]));
+            for _ in 0..10 {
+                bytes.extend(frame(0x6, 0, &[7; 8]));
+                bytes.extend(frame(0x6, 1, &[7; 8])); // an ACK does not count
+            }
+            let mut guard = PingGuard::new(10);
+            feed(&mut guard, &bytes, piece).expect("ten pings are allowed");
+            let err = feed(&mut guard, &frame(0x6, 0, &[7; 8]), piece).expect_err("the eleventh is not");
+            assert!(err.to_string().contains("too many pings"), "{err}");
+        }
+    }
+
+    #[test]
+    fn pings_between_other_frames_and_data_that_looks_like_a_ping_are_fine() {
+        let mut bytes = H2_PREFACE.to_vec();
+        for _ in 0..100 {
+            bytes.extend(frame(0x6, 0, &[1; 8]));
+            bytes.extend(frame(0x8, 0, &[0, 0, 1, 0])); // WINDOW_UPDATE
+        }
+        // A DATA frame whose payload holds what would be PING headers.
+        bytes.extend(frame(0x0, 0, &frame(0x6, 0, &[0; 8]).repeat(20)));
+        let mut guard = PingGuard::new(10);
+        feed(&mut guard, &bytes, 7).expect("no flood");
     }
 }

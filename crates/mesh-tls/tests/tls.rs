@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use mesh_testkit::pki::{CertFiles, Pki, Validity};
-use mesh_tls::{ClientTls, Identity, ServerIo, ServerTls, incoming};
+use mesh_tls::{ClientTls, Identity, IncomingOptions, ServerTls, incoming};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::StreamExt;
 
@@ -26,21 +26,19 @@ async fn serve(tls: ServerTls) -> (String, tokio::sync::mpsc::UnboundedReceiver<
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut connections = incoming(listener, Some(tls), Duration::from_secs(5));
+    let mut connections = incoming(listener, Some(tls), IncomingOptions::default());
     tokio::spawn(async move {
         let mut kept = Vec::new();
-        while let Some(Ok(io)) = connections.next().await {
-            if let ServerIo::Tls(s) = &io {
-                let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+        while let Some(Ok(mut io)) = connections.next().await {
+            if let Some(session) = io.tls_session() {
+                let cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
                 let _ = tx.send(cert.unwrap_or_default());
             }
             // Say something, as an HTTP/2 server sends its settings first.
-            if let ServerIo::Tls(mut s) = io {
-                use tokio::io::AsyncWriteExt;
-                let _ = s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
-                let _ = s.flush().await;
-                kept.push(s);
-            }
+            use tokio::io::AsyncWriteExt;
+            let _ = io.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+            let _ = io.flush().await;
+            kept.push(io);
         }
     });
     (addr, rx)

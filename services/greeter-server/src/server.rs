@@ -73,19 +73,26 @@ pub struct ConnectionLimits {
     pub keepalive_timeout: Duration,
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// Keepalive enforcement: most PINGs a client may send in a row within a second (0: no
+    /// limit).
+    pub max_pings_per_sec: u32,
+    /// TCP keepalive: idle time after which the kernel probes a peer (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
 }
 
 impl Default for ConnectionLimits {
-    /// 1024 streams, 16 KiB of headers, 20 pending resets, a ping every 30 s answered
-    /// within 10 s, 10 s for a handshake.
+    /// 1024 streams, 16 KiB of headers, 20 pending resets, no server pings (TCP keepalive
+    /// after 60 s idle finds dead peers), 10 client pings in a row, 10 s for a handshake.
     fn default() -> Self {
         ConnectionLimits {
             max_concurrent_streams: 1024,
             max_header_list_size: 16 * 1024,
             max_pending_resets: 20,
-            keepalive_interval: Duration::from_secs(30),
+            keepalive_interval: Duration::ZERO,
             keepalive_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            max_pings_per_sec: 10,
+            tcp_keepalive: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -294,7 +301,15 @@ pub async fn serve(
     // New handshakes use a renewed certificate as soon as it is on disk (or on SIGHUP).
     let _reloading = options.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
     let limits = options.limits;
-    let incoming = mesh_tls::incoming(listener, options.tls.clone(), limits.handshake_timeout);
+    let incoming = mesh_tls::incoming(
+        listener,
+        options.tls.clone(),
+        mesh_tls::IncomingOptions {
+            handshake_timeout: limits.handshake_timeout,
+            max_pings_per_sec: limits.max_pings_per_sec,
+            tcp_keepalive: limits.tcp_keepalive,
+        },
+    );
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_concurrent_streams)

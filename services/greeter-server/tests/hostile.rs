@@ -1,6 +1,7 @@
 //! Hostile clients against a real greeter-server process: a connection that opens 10 000
 //! streams (raw HTTP/2 frames, ignoring the server's limit), an HTTP/2 rapid-reset burst
-//! (the h2 crate, opening and cancelling streams at once), and oversized headers. The
+//! (the h2 crate, opening and cancelling streams at once), a PING flood, and oversized
+//! headers. The
 //! server stays up, its memory stays bounded, and a well-behaved client on another
 //! connection keeps its latency.
 
@@ -164,6 +165,29 @@ async fn rapid_reset(addr: &str, bursts: u32) -> (u32, Option<String>) {
     (sent, ended.ok().and_then(|r| r.ok()).and_then(|r| r.err()))
 }
 
+/// Sends up to `pings` PING frames as fast as it can on one connection; returns whether
+/// the server closed it.
+async fn ping_flood(addr: &str, pings: u32) -> bool {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = tcp.into_split();
+    let drain = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    });
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    for i in 0..pings {
+        out.extend(frame(0x6, 0, 0, &u64::from(i).to_be_bytes()));
+    }
+    let _ = write.write_all(&out).await;
+    tokio::time::timeout(Duration::from_secs(5), drain).await.map(|r| r.unwrap_or(false)).unwrap_or(false)
+}
+
 #[tokio::test]
 async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up_and_a_calm_client_unhurt() {
     let mut server = start();
@@ -191,6 +215,10 @@ async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up
     let ended = ended.unwrap_or_default();
     assert!(ended.contains("too_many_resets"), "the burst must end in a GOAWAY ENHANCE_YOUR_CALM, ended by: {ended:?}");
     let after_reset = p99(&calm, 500).await;
+
+    // A PING flood: the connection is closed after 10 pings in a row.
+    assert!(ping_flood(&server.addr, 10_000).await, "the server kept answering a PING flood");
+    assert!(server.alive(), "the server died under a PING flood");
 
     drop(held);
     let (refused, _) = tokio::time::timeout(Duration::from_secs(10), counter).await.expect("drained").expect("reader");
