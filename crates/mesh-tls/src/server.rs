@@ -425,6 +425,19 @@ async fn tell_plaintext_client(tcp: &mut TcpStream) {
     frames.extend_from_slice(WHY);
     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&frames)).await;
     let _ = tcp.shutdown().await;
+    // Read what the client sent after its preface before closing: a socket closed with
+    // unread data sends a reset, which can reach the client before the GOAWAY does.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(tcp, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// At most one warning a second, so a flood of bad handshakes does not flood the log.
