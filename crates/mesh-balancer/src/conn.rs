@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use mesh_tls::{ClientIo, ClientTls};
+use mesh_tls::{ClientIo, ClientTls, MaybeTls};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -178,8 +178,8 @@ pub(crate) async fn connect(uri: &Uri, timeout: Duration, tls: Option<&ClientTls
         let stream = TcpStream::connect((host, port)).await?;
         stream.set_nodelay(true)?;
         match tls {
-            Some(tls) => Ok(Io::Tls(Box::new(tls.connect(stream, host).await?))),
-            None => Ok(Io::Plain(stream)),
+            Some(tls) => Ok(MaybeTls::Tls(Box::new(tls.connect(stream, host).await?))),
+            None => Ok(MaybeTls::Plain(stream)),
         }
     };
     tokio::time::timeout(timeout, connect).await.map_err(|_| {
@@ -188,70 +188,7 @@ pub(crate) async fn connect(uri: &Uri, timeout: Duration, tls: Option<&ClientTls
 }
 
 /// A connection to an endpoint: plain TCP, or TLS over it.
-#[derive(Debug)]
-pub(crate) enum Io {
-    Plain(TcpStream),
-    Tls(Box<ClientIo>),
-}
-
-impl Io {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Io::Plain(s) => s,
-            Io::Tls(s) => s.tcp(),
-        }
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, data),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+pub(crate) type Io = MaybeTls<ClientIo>;
 
 // === impl Connector ===
 

@@ -128,12 +128,13 @@ pub struct ClientIo {
     pos: usize,
 }
 
-impl ClientIo {
-    /// The TCP connection underneath.
-    pub fn tcp(&self) -> &TcpStream {
+impl crate::OverTcp for ClientIo {
+    fn tcp(&self) -> &TcpStream {
         self.stream.get_ref().0
     }
+}
 
+impl ClientIo {
     /// The TLS session: the server's certificates, the protocol version, …
     pub fn session(&self) -> &rustls::ClientConnection {
         self.stream.get_ref().1

@@ -41,8 +41,10 @@ mod client;
 mod load;
 mod reload;
 mod server;
+mod stream;
 
 pub use client::{ClientIo, ClientTls, explain};
 pub use load::{Identity, TlsError};
 pub use reload::Reloader;
 pub use server::{IncomingOptions, ServerIo, ServerTls, incoming};
+pub use stream::{MaybeTls, OverTcp};

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use crate::client::explain_server;
 use crate::load::{Identity, TlsError, server_config};
 use crate::reload::{Reloadable, Reloader};
+use crate::stream::MaybeTls;
 
 /// TLS for a server: its certificate and key, and for mTLS the CA that client
 /// certificates must chain to. Clones share one configuration; [`ServerTls::watch`] keeps
@@ -91,11 +92,7 @@ pub struct ServerIo {
     pings: Option<PingGuard>,
 }
 
-#[derive(Debug)]
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
+type Stream = MaybeTls<TlsStream<TcpStream>>;
 
 impl ServerIo {
     fn new(stream: Stream, max_pings_per_sec: u32) -> Self {
@@ -103,20 +100,10 @@ impl ServerIo {
         ServerIo { stream, pings }
     }
 
-    fn tcp(&self) -> &TcpStream {
-        match &self.stream {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-
     /// The TLS session, for a connection that completed a handshake: the client's
     /// certificates (under mTLS), the protocol version, …
     pub fn tls_session(&self) -> Option<&rustls::ServerConnection> {
-        match &self.stream {
-            Stream::Plain(_) => None,
-            Stream::Tls(s) => Some(s.get_ref().1),
-        }
+        self.stream.tls().map(|s| s.get_ref().1)
     }
 }
 
@@ -125,7 +112,7 @@ impl Connected for ServerIo {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.tcp().connect_info()
+        self.stream.tcp().connect_info()
     }
 }
 
@@ -133,10 +120,7 @@ impl AsyncRead for ServerIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let poll = match &mut this.stream {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        };
+        let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
         if let (Poll::Ready(Ok(())), Some(guard)) = (&poll, this.pings.as_mut()) {
             guard.scan(&buf.filled()[before..])?;
         }
@@ -146,10 +130,7 @@ impl AsyncRead for ServerIo {
 
 impl AsyncWrite for ServerIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
     }
 
     fn poll_write_vectored(
@@ -157,31 +138,19 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -348,7 +317,7 @@ async fn accept_loop(
             }
         }
         let Some(tls) = &tls else {
-            if tx.send(Ok(ServerIo::new(Stream::Plain(tcp), max_pings_per_sec))).await.is_err() {
+            if tx.send(Ok(ServerIo::new(MaybeTls::Plain(tcp), max_pings_per_sec))).await.is_err() {
                 return;
             }
             continue;
@@ -360,7 +329,7 @@ async fn accept_loop(
             let peer = peer.to_string();
             match tokio::time::timeout(handshake_timeout, handshake(tcp, acceptor, &peer)).await {
                 Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(ServerIo::new(Stream::Tls(Box::new(stream)), max_pings_per_sec))).await;
+                    let _ = tx.send(Ok(ServerIo::new(MaybeTls::Tls(Box::new(stream)), max_pings_per_sec))).await;
                 }
                 // A connection closed before a word (a TCP probe, a port scan) is routine.
                 Ok(Err(Refused::Quiet(why))) => debug!("{why}"),

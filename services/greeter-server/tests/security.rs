@@ -49,17 +49,28 @@ struct Server {
 
 impl Server {
     fn start(name: &str, etcd: Option<&mesh_testkit::Etcd>, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = match etcd {
+            Some(etcd) => vec!["--etcd".into(), etcd.endpoints().join(","), "--no-config".into()],
+            None => vec!["--no-register".into()],
+        };
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Server::spawn(name, &args, None)
+    }
+
+    /// A greeter-server with `args` after the common ones, and MESH_ETCD_PASSWORD set to
+    /// `password` when given (removed otherwise).
+    fn spawn(name: &str, args: &[String], password: Option<&str>) -> Server {
         let port = mesh_etcd_local::free_port().expect("port");
         let addr = format!("127.0.0.1:{port}");
         let logs = tempfile::NamedTempFile::new().expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_greeter-server"));
-        cmd.args(["--listen", &addr, "--instance-id", name, "--ttl", "2s", "--shutdown-grace", "200ms"]);
-        match etcd {
-            Some(etcd) => cmd.args(["--etcd", &etcd.endpoints().join(","), "--no-config"]),
-            None => cmd.arg("--no-register"),
+        cmd.args(["--listen", &addr, "--instance-id", name, "--ttl", "3s", "--shutdown-grace", "200ms"]);
+        match password {
+            Some(p) => cmd.env("MESH_ETCD_PASSWORD", p),
+            None => cmd.env_remove("MESH_ETCD_PASSWORD"),
         };
         let child = cmd
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -347,29 +358,17 @@ fn secure_server(
     service: &str,
     by_file: bool,
 ) -> Server {
-    let port = mesh_etcd_local::free_port().expect("port");
-    let addr = format!("127.0.0.1:{port}");
-    let logs = tempfile::NamedTempFile::new().expect("log file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_greeter-server"));
-    cmd.args(["--listen", &addr, "--instance-id", name, "--ttl", "3s", "--shutdown-grace", "200ms"])
-        .args(["--service", service, "--etcd", &etcd.endpoints().join(",")])
-        .args(["--etcd-ca", path(&creds.ca), "--etcd-cert", path(&creds.client.cert)])
-        .args(["--etcd-key", path(&creds.client.key), "--etcd-user", user])
-        .env_remove("MESH_ETCD_PASSWORD");
+    let mut args: Vec<String> = ["--service", service, "--etcd", &etcd.endpoints().join(",")]
+        .iter()
+        .chain(&["--etcd-ca", path(&creds.ca), "--etcd-cert", path(&creds.client.cert)])
+        .chain(&["--etcd-key", path(&creds.client.key), "--etcd-user", user])
+        .map(|a| a.to_string())
+        .collect();
     let password_file = creds.password_file(user);
     if by_file {
-        cmd.args(["--etcd-password-file", path(&password_file)]);
-    } else {
-        cmd.env("MESH_ETCD_PASSWORD", creds.password(user));
+        args.extend(["--etcd-password-file".to_string(), path(&password_file).to_string()]);
     }
-    let child = cmd
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(logs.reopen().expect("log handle"))
-        .spawn()
-        .expect("start greeter-server");
-    Server { name: name.into(), addr, child, logs }
+    Server::spawn(name, &args, (!by_file).then(|| creds.password(user)))
 }
 
 fn secure_etcd(etcd: &mesh_testkit::Etcd, creds: &Credentials, user: &str) -> Etcd {
