@@ -273,6 +273,10 @@ pub struct EndpointReport {
     pub requests: u64,
     /// Of those, calls that failed there.
     pub failures: u64,
+    /// Why it is unreachable, while it is: refused, timed out, or a TLS handshake that
+    /// failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// Flags of `bench`.
@@ -440,6 +444,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
                     address: e.address,
                     requests: e.requests,
                     failures: e.failures,
+                    last_error: e.last_error,
                 })
                 .collect(),
             retries: mesh.retries.retries(),
@@ -473,6 +478,9 @@ fn table(mesh: &Mesh, replies: &BTreeMap<String, u64>) -> String {
             state_name(e.state),
             breaker_state(mesh, &e.id)
         ));
+        if let Some(why) = &e.last_error {
+            out.push_str(&format!("  why: {why}\n"));
+        }
     }
     out.push_str(&format!(
         "retries {} (budget exhausted {}); circuit of {} {}\n",
