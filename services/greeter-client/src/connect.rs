@@ -79,11 +79,21 @@ pub async fn balanced(
     let mut config = BalancerConfig::new("greeter").with_strategy(strategy);
     config.tls = tls;
     let mesh = Mesh::spawn(config, resilience, tokio_stream::once(EndpointSet::new(endpoints)))?;
-    mesh.balanced
-        .wait_ready(CONNECT_TIMEOUT)
-        .await
-        .with_context(|| format!("cannot reach greeter at {}", targets.join(",")))?;
-    Ok(mesh)
+    ready(mesh, || format!("cannot reach greeter at {}", targets.join(","))).await
+}
+
+/// Waits until `mesh` reaches a server; the error is `what`, with why each server could
+/// not be used: refused, timed out, or a TLS handshake that failed.
+async fn ready(mesh: Mesh, what: impl FnOnce() -> String) -> anyhow::Result<Mesh> {
+    let Err(e) = mesh.balanced.wait_ready(CONNECT_TIMEOUT).await else { return Ok(mesh) };
+    let why: Vec<String> = mesh
+        .balanced
+        .endpoints()
+        .into_iter()
+        .filter_map(|s| s.last_error.map(|why| format!("{}: {why}", s.address)))
+        .collect();
+    let detail = if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) };
+    Err(anyhow::Error::new(e).context(format!("{}{detail}", what())))
 }
 
 /// The client stack over the servers of `service` registered in etcd; waits for the first
@@ -134,21 +144,7 @@ pub async fn discovered_through(
     let mut config = BalancerConfig::new(service).with_strategy(strategy);
     config.tls = tls;
     let mesh = Mesh::spawn(config, resilience, resolution.updates())?;
-    if let Err(e) = mesh.balanced.wait_ready(CONNECT_TIMEOUT).await {
-        // Say why each server could not be used: refused, or a TLS handshake that failed.
-        let why: Vec<String> = mesh
-            .balanced
-            .endpoints()
-            .into_iter()
-            .filter_map(|s| s.last_error.map(|why| format!("{}: {why}", s.address)))
-            .collect();
-        let detail = if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) };
-        return Err(anyhow::Error::new(e).context(format!(
-            "cannot reach any of the {} servers of {service} registered in etcd{detail}",
-            listed.len()
-        )));
-    }
-    Ok(mesh)
+    ready(mesh, || format!("cannot reach any of the {} servers of {service} registered in etcd", listed.len())).await
 }
 
 /// How long the first listing from etcd may take.
