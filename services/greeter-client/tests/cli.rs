@@ -20,6 +20,9 @@ fn unreachable_server_fails_naming_the_address_without_panic() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot reach greeter at http://127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // The warning logged on the way is plain text: stderr is a pipe, not a terminal.
+    assert!(stderr.contains("WARN") && stderr.contains("is unreachable"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "ANSI escapes in piped logs: {stderr:?}");
 }
 
 #[test]

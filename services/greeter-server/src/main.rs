@@ -19,7 +19,11 @@ async fn main() -> ExitCode {
     let (filter, reload) = tracing_subscriber::reload::Layer::new(EnvFilter::new(&startup));
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
     if let Some((value, e)) = bad_filter.filter(|(value, _)| !value.is_empty()) {
         tracing::warn!("ignoring RUST_LOG={value:?}: {e}; logging at info");

@@ -408,6 +408,8 @@ async fn in_a_locked_down_etcd_a_client_user_cannot_register_nor_a_server_under_
         assert!(root.get(&key).await.expect("read as root").is_none(), "{key} was written");
     }
     for s in [&as_client, &as_billing, &legit] {
+        // Logs written to a file carry no colour codes.
+        assert!(!s.log().contains('\x1b'), "ANSI escapes in {}'s log file: {:?}", s.name, s.log());
         for user in creds.users() {
             assert!(!s.log().contains(creds.password(user)), "{}'s log shows {user}'s password", s.name);
         }
