@@ -1,4 +1,5 @@
-//! `cargo xtask test`: provision what the tests need, then fmt, clippy and every test.
+//! `cargo xtask test`: provision what the tests need, then fmt, clippy, every test and the
+//! API docs.
 
 use std::process::Command;
 
@@ -20,6 +21,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
     }
     // nextest does not run doctests.
     util::run(util::cargo().args(["test", "--workspace", "--doc"]))?;
+    // The API docs build without a broken link or a warning.
+    util::run(util::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
     Ok(())
 }
 
