@@ -25,6 +25,7 @@
 mod error;
 mod etcd;
 mod greeter;
+pub mod prometheus;
 mod secure;
 mod server;
 mod wait;

@@ -105,6 +105,11 @@ pub struct TargetArgs {
     /// TLS towards the servers.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the client runs: calls by
+    /// method and code with latency histograms, per endpoint calls, failures, connection and
+    /// breaker, retries, discovery and the configuration followed.
+    #[arg(long, env = "MESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// TLS towards the servers: with --tls-ca, calls go over TLS only, to servers registered
@@ -340,11 +345,22 @@ struct Client {
         Option<(mesh_config::LiveConfig<greeter_config::GreeterConfig>, tokio_util::task::AbortOnDropHandle<()>)>,
     /// Reloads the TLS files while the client runs.
     _reloading: Option<mesh_tls::Reloader>,
+    /// Serves and samples the metrics while the client runs.
+    _metrics: Vec<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
     let resilience = t.resilience.resilience()?;
     let tls = t.tls.client_tls()?;
+    let mut metrics = Vec::new();
+    if let Some(addr) = t.metrics_listen {
+        let exporter = mesh_metrics::install().context("--metrics-listen")?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr} (--metrics-listen)"))?;
+        tracing::info!("metrics at http://{}/metrics", listener.local_addr().context("the metrics address")?);
+        metrics.push(tokio_util::task::AbortOnDropHandle::new(exporter.serve(listener)));
+    }
     let reloading = tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
     // Discovery and configuration share one etcd client.
     let etcd = if t.target.is_empty() { Some(t.etcd_access.etcd(&t.etcd).map_err(anyhow::Error::msg)?) } else { None };
@@ -367,11 +383,19 @@ async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
                 timeout,
             };
             let task = tokio::spawn(crate::follow(live.subscribe(), mesh.clone(), base, live_timeout.clone()));
+            if !metrics.is_empty() {
+                metrics.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(greeter_config::config_metrics(
+                    live.status(),
+                ))));
+            }
             Some((live, tokio_util::task::AbortOnDropHandle::new(task)))
         }
         None => None,
     };
-    Ok(Client { mesh, timeout: live_timeout, _following: following, _reloading: reloading })
+    if !metrics.is_empty() {
+        metrics.push(crate::stack::sample_metrics(&mesh));
+    }
+    Ok(Client { mesh, timeout: live_timeout, _following: following, _reloading: reloading, _metrics: metrics })
 }
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {

@@ -143,7 +143,8 @@ pub async fn discovered_through(
     }
     let mut config = BalancerConfig::new(service).with_strategy(strategy);
     config.tls = tls;
-    let mesh = Mesh::spawn(config, resilience, resolution.updates())?;
+    let mut mesh = Mesh::spawn(config, resilience, resolution.updates())?;
+    mesh.discovery = Some(resolution.status());
     ready(mesh, || format!("cannot reach any of the {} servers of {service} registered in etcd", listed.len())).await
 }
 

@@ -34,4 +34,5 @@ pub use connect::{balanced, connect, connect_tls, discovered, discovered_through
 pub use live::{ClientBase, LiveTimeout, follow};
 pub use stack::{
     EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience, default_service_breaker,
+    sample_metrics,
 };

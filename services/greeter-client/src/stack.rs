@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
 use mesh_balancer::{BalancedChannel, Balancer, BalancerConfig, Endpoint, EndpointSet};
+use mesh_metrics::{CallMetrics, CallMetricsLayer, Side};
 use std::time::Duration;
 
 use mesh_breaker::{
@@ -20,7 +21,7 @@ use tower_layer::Layer as _;
 pub type EndpointStack = Breaker<Channel, GrpcClassifier>;
 
 /// What generated clients call: service breaker → retries → balancer → endpoint breakers.
-pub type MeshChannel = Breaker<Retry<BalancedChannel<EndpointStack>>, GrpcClassifier>;
+pub type MeshChannel = CallMetrics<Breaker<Retry<BalancedChannel<EndpointStack>>, GrpcClassifier>>;
 
 /// The idempotent methods of greeter.v1, retried by default.
 pub const GREETER_IDEMPOTENT: [&str; 2] = ["/greeter.v1.Greeter/SayHello", "/greeter.v1.Greeter/SayHelloStream"];
@@ -84,6 +85,8 @@ pub struct Mesh {
     /// The settings of endpoint breakers, for the endpoints still to come too.
     endpoint_config: Arc<Mutex<BreakerConfig>>,
     retry: RetryHandle,
+    /// Discovery's freshness, when the endpoints come from etcd.
+    pub discovery: Option<tokio::sync::watch::Receiver<mesh_discovery::ResolverStatus>>,
 }
 
 impl Mesh {
@@ -113,15 +116,20 @@ impl Mesh {
             },
             updates,
         );
-        let channel = service_layer.layer(retry_layer.layer(balanced.clone()));
+        let breaker = service_layer.layer(retry_layer.layer(balanced.clone()));
+        let service_breaker = breaker.handle();
+        // Counted by method and code: into the process's metrics recorder when one is
+        // installed (`--metrics-listen`), nowhere otherwise.
+        let channel = CallMetricsLayer::new(Side::Client).layer(breaker);
         Ok(Mesh {
-            service_breaker: channel.handle(),
+            service_breaker,
             retries: retry_layer.stats(),
             retry: retry_layer.handle(),
             channel,
             balanced,
             endpoint_breakers,
             endpoint_config,
+            discovery: None,
         })
     }
 
@@ -160,4 +168,52 @@ impl Mesh {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves a map behind; it is still valid.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the stack counts, as metrics, once a second until dropped: per endpoint its calls,
+/// failures, connection and breaker; the service's breaker; retries and the budget; and
+/// discovery's endpoints and staleness.
+pub fn sample_metrics(mesh: &Mesh) -> tokio_util::task::AbortOnDropHandle<()> {
+    let mesh = mesh.clone();
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let retries = metrics::counter!("mesh_retries_total");
+        let exhausted = metrics::counter!("mesh_retry_budget_exhausted_total");
+        let service = mesh.balanced.service().to_string();
+        loop {
+            for e in mesh.balanced.endpoints() {
+                let labels = [("endpoint", e.address.clone())];
+                metrics::counter!("mesh_endpoint_calls_total", &labels).absolute(e.requests);
+                metrics::counter!("mesh_endpoint_failures_total", &labels).absolute(e.failures);
+                let up = e.state == mesh_balancer::EndpointState::Ready;
+                metrics::gauge!("mesh_endpoint_up", &labels).set(if up { 1.0 } else { 0.0 });
+                if let Some(breaker) = mesh.endpoint_breaker(&e.id) {
+                    metrics::gauge!("mesh_breaker_state", &labels).set(state_number(breaker.state()));
+                    metrics::counter!("mesh_breaker_transitions_total", &labels).absolute(breaker.transitions());
+                }
+            }
+            let labels = [("service", service.clone())];
+            metrics::gauge!("mesh_service_breaker_state", &labels).set(state_number(mesh.service_breaker.state()));
+            metrics::counter!("mesh_service_breaker_transitions_total", &labels)
+                .absolute(mesh.service_breaker.transitions());
+            retries.absolute(mesh.retries.retries());
+            exhausted.absolute(mesh.retries.budget_exhausted());
+            if let Some(discovery) = &mesh.discovery {
+                let status = discovery.borrow().clone();
+                metrics::gauge!("mesh_discovery_endpoints", &labels).set(status.endpoints as f64);
+                metrics::counter!("mesh_discovery_malformed_total", &labels).absolute(status.malformed);
+                let stale = status.view.as_ref().and_then(|v| v.staleness()).map_or(f64::NAN, |d| d.as_secs_f64());
+                metrics::gauge!("mesh_discovery_staleness_seconds", &labels).set(stale);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }))
+}
+
+/// A breaker's state as a number: 0 closed, 1 half-open, 2 open.
+fn state_number(state: mesh_breaker::State) -> f64 {
+    match state {
+        mesh_breaker::State::Closed => 0.0,
+        mesh_breaker::State::HalfOpen => 1.0,
+        mesh_breaker::State::Open => 2.0,
+    }
 }

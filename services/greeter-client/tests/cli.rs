@@ -216,3 +216,38 @@ async fn discovery_errors_say_what_is_missing() {
     assert!(stderr.contains("cargo xtask etcd-up"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_client_serves_metrics_whose_call_counter_moves_between_two_scrapes() {
+    use mesh_testkit::prometheus::{scrape, value};
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1"))).await.expect("serve");
+    let uri = server.uri();
+    let metrics = format!("127.0.0.1:{}", mesh_etcd_local::free_port().expect("port"));
+    let listen = metrics.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        client()
+            .args(["--target", &uri, "--duration", "4s", "--interval", "20ms", "--quiet"])
+            .args(["--metrics-listen", &listen])
+            .output()
+            .expect("run")
+    });
+    let ok = r#"code="OK""#;
+    let method = r#"method="/greeter.v1.Greeter/SayHello""#;
+    let first = mesh_testkit::eventually("a first scrape with calls in it", Duration::from_secs(3), || async {
+        let samples = scrape(&metrics).await?;
+        value(&samples, "mesh_client_calls_total", &[method, ok]).filter(|&n| n > 0.0).map(|n| (n, samples))
+    })
+    .await
+    .expect("scraped");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = scrape(&metrics).await.expect("a second scrape");
+    let calls = value(&second, "mesh_client_calls_total", &[method, ok]).expect("the call counter");
+    assert!(calls > first.0, "the call counter did not move: {} then {calls}", first.0);
+    assert_eq!(value(&second, "mesh_endpoint_up", &[]), Some(1.0), "{second:#?}");
+    assert!(value(&second, "mesh_endpoint_calls_total", &[]).is_some_and(|n| n > 0.0), "{second:#?}");
+    assert_eq!(value(&second, "mesh_breaker_state", &[]), Some(0.0));
+    assert_eq!(value(&second, "mesh_retries_total", &[]), Some(0.0));
+    assert!(value(&second, "mesh_client_call_duration_seconds_count", &[method]).is_some_and(|n| n >= calls));
+    let out = run.await.expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

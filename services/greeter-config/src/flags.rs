@@ -1,4 +1,5 @@
-//! The etcd connection flags greeter-server and greeter-client share.
+//! What greeter-server and greeter-client share beside the document: the etcd connection
+//! flags, and the configuration's metrics.
 
 use std::path::PathBuf;
 
@@ -58,5 +59,29 @@ impl EtcdAccess {
         }
         options.check().map_err(|e| e.to_string())?;
         Ok(Etcd::new(options))
+    }
+}
+
+/// The configuration applied, as metrics: its etcd revision (0 for the file and flag
+/// settings alone), documents applied, and documents refused.
+pub async fn config_metrics(mut status: tokio::sync::watch::Receiver<mesh_config::ConfigStatus>) {
+    let revision = metrics::gauge!("mesh_config_revision");
+    let applied = metrics::counter!("mesh_config_applied_total");
+    let refused = metrics::counter!("mesh_config_rejections_total");
+    let mut last_refused = None;
+    loop {
+        {
+            let now = status.borrow_and_update();
+            revision.set(now.revision.unwrap_or(0) as f64);
+            applied.absolute(now.applied);
+            let this_refusal = now.last_rejection.as_ref().map(|r| r.revision);
+            if this_refusal.is_some() && this_refusal != last_refused {
+                refused.increment(1);
+                last_refused = this_refusal;
+            }
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -16,7 +16,8 @@
 //! assert!(mesh_config::parse::<GreeterConfig>(layers.document(), br#"{"server": {"colour": 1}}"#, "x").is_err());
 //! ```
 //!
-//! It also holds the etcd connection flags both services take ([`EtcdAccess`]).
+//! It also holds what both services share around it: the etcd connection flags
+//! ([`EtcdAccess`]) and the configuration's metrics ([`config_metrics`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 mod flags;
 
-pub use flags::EtcdAccess;
+pub use flags::{EtcdAccess, config_metrics};
 
 /// The whole document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

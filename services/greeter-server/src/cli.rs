@@ -99,6 +99,12 @@ pub struct Args {
     #[arg(long, env = "MESH_TCP_KEEPALIVE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub tcp_keepalive: Duration,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics: calls by method and code with
+    /// latency histograms, the limiter's admitted and rejected calls, the configuration
+    /// applied and refused.
+    #[arg(long, env = "MESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// How long a new connection may take to finish its TLS handshake.
     #[arg(long, env = "MESH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,

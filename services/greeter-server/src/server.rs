@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use mesh_etcd::Etcd;
+use mesh_metrics::{CallMetricsLayer, Side};
 use mesh_registry::{Instance, Registrar, RegistrarConfig};
 
 use crate::{Args, Command, Greeter};
@@ -54,6 +55,9 @@ pub struct ServeOptions {
     pub tls: Option<mesh_tls::ServerTls>,
     /// What one connection may do: the defences against hostile clients.
     pub limits: ConnectionLimits,
+    /// Count calls and sample the limiter into the process's metrics recorder (see
+    /// `mesh_metrics::install`).
+    pub metrics: bool,
 }
 
 /// What one client connection may do, so that a hostile or broken client cannot take the
@@ -109,6 +113,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("log_filter", &self.log_filter.as_ref().map(|_| "set"))
             .field("tls", &self.tls)
             .field("limits", &self.limits)
+            .field("metrics", &self.metrics)
             .finish()
     }
 }
@@ -143,6 +148,17 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         _ => None,
     };
     let limits = args.connection_limits();
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let exporter = mesh_metrics::install().context("--metrics-listen")?;
+            let listener =
+                TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (--metrics-listen)"))?;
+            let bound = listener.local_addr().context("reading the metrics address")?;
+            info!("metrics at http://{bound}/metrics");
+            Some(exporter.serve(listener))
+        }
+        None => None,
+    };
     if let Some(a) = &args.advertise {
         mesh_registry::check_addr(a).with_context(|| format!("invalid --advertise {a:?}"))?;
     }
@@ -197,6 +213,12 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         Some(live) => live.subscribe(),
         None => watch::channel(Arc::new(layers.build::<GreeterConfig>()?)).1,
     };
+    let _config_metrics = match (&live, &metrics) {
+        (Some(live), Some(_)) => {
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(greeter_config::config_metrics(live.status()))))
+        }
+        _ => None,
+    };
     let report = live.as_ref().zip(etcd).map(|(live, etcd)| {
         let key = mesh_config::status_key(&args.etcd_prefix, &args.service, &instance_id);
         StatusReport::spawn(etcd, key, instance_id.clone(), args.ttl, live.status())
@@ -211,6 +233,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         log_filter,
         tls,
         limits,
+        metrics: metrics.is_some(),
     };
     let result = serve(listener, options, shutdown_signal()).await;
     if let Some(report) = report
@@ -290,6 +313,9 @@ pub async fn serve(
     {
         warn!("log level {level:?} not applied: {e}");
     }
+    let _limiter_metrics = options
+        .metrics
+        .then(|| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(limiter_metrics(limiter.handle()))));
     let applier = tokio::spawn(apply_changes(
         options.config.clone(),
         limiter.handle(),
@@ -317,6 +343,7 @@ pub async fn serve(
             .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
             .http2_keepalive_interval(Some(limits.keepalive_interval).filter(|d| !d.is_zero()))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .layer(tower::util::option_layer(options.metrics.then(|| CallMetricsLayer::new(Side::Server))))
             .layer(limiter)
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -412,6 +439,19 @@ async fn apply_changes(
             }
         }
         previous = next;
+    }
+}
+
+/// The limiter's counts as metrics, once a second.
+async fn limiter_metrics(limits: mesh_limiter::LimiterHandle) {
+    let admitted = metrics::counter!("mesh_limiter_admitted_total");
+    let rejected = metrics::counter!("mesh_limiter_rejected_total");
+    let callers = metrics::gauge!("mesh_limiter_callers");
+    loop {
+        admitted.absolute(limits.admitted());
+        rejected.absolute(limits.rejected());
+        callers.set(limits.callers() as f64);
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -35,6 +35,7 @@ async fn start(instance: &str) -> Running {
         log_filter: None,
         tls: None,
         limits: Default::default(),
+        metrics: false,
     };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;
