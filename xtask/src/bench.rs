@@ -104,7 +104,11 @@ fn comparisons() -> Vec<Comparison> {
         Comparison {
             title: "the full client stack (service breaker, retries, balancer, endpoint breaker) over one endpoint vs a plain tonic Channel (same greeter-server)",
             a: Side { label: "plain Channel", server: ServerKind::Greeter, client_args: &["--plain"] },
-            b: Side { label: "full stack", server: ServerKind::Greeter, client_args: &[] },
+            b: Side {
+                label: "full stack",
+                server: ServerKind::Greeter,
+                client_args: &["--metrics-listen", "127.0.0.1:0"],
+            },
         },
     ]
 }
@@ -142,7 +146,9 @@ fn server_command(kind: ServerKind, bins: &Bins, addr: &str) -> Command {
         }
         ServerKind::Greeter => {
             let mut cmd = pinned(0, bins.dir.join("greeter-server"));
-            cmd.args(["--listen", addr, "--etcd", &bins.etcd]).env("RUST_LOG", "warn");
+            // Metrics on, as deployed: a recorder behind every call, scraped by nobody.
+            cmd.args(["--listen", addr, "--etcd", &bins.etcd, "--metrics-listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "warn");
             cmd
         }
     }
@@ -430,7 +436,7 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
     let secs = opts.duration;
     let mut md = format!(
         "## servers under h2load (load generator on CPU 1, servers on CPU 0; {} rounds of {secs} s per point, rotated order; medians)\n\n\
-         A = bare tonic greeter, B = greeter-server with every layer on and the limiter at a rate it never reaches, \
+         A = bare tonic greeter, B = greeter-server with every layer on (metrics included) and the limiter at a rate it never reaches, \
          C = greeter-server without the limiter, D = B with TLS (TLS 1.3, h2load's connections held for the whole run). \
          CPU is the server's user + system time per request, from /proc.\n\n\
          | point | A req/s | B req/s | B/A | C/A | B/C (limiter) | A p99 µs | B p99 µs | A CPU µs/req | B CPU µs/req | B/A CPU | D req/s | D/B (TLS) | D p99 µs |\n\

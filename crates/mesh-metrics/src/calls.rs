@@ -140,20 +140,25 @@ impl Table {
 /// ```
 #[derive(Debug, Clone)]
 pub struct CallMetricsLayer {
-    table: Arc<Table>,
+    /// `None` when no recorder was installed: calls pass through untouched.
+    table: Option<Arc<Table>>,
 }
 
 impl CallMetricsLayer {
-    /// A layer for `side`. The metrics go to the recorder installed in the process (see
-    /// [`crate::install`]); without one they cost a check and go nowhere.
+    /// A layer for `side`. The metrics go to the recorder installed in the process by
+    /// [`crate::install`]; a layer made before that (or without it) passes calls through at
+    /// no cost and records nothing.
     pub fn new(side: Side) -> Self {
+        if !crate::installed() {
+            return CallMetricsLayer { table: None };
+        }
         CallMetricsLayer {
-            table: Arc::new(Table {
+            table: Some(Arc::new(Table {
                 side,
                 methods: ArcSwap::from_pointee(HashMap::new()),
                 other: OnceLock::new(),
                 grow: std::sync::Mutex::new(()),
-            }),
+            })),
         }
     }
 }
@@ -170,7 +175,7 @@ impl<S> tower_layer::Layer<S> for CallMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct CallMetrics<S> {
     inner: S,
-    table: Arc<Table>,
+    table: Option<Arc<Table>>,
 }
 
 impl<S, ReqB, ResB> tower_service::Service<http::Request<ReqB>> for CallMetrics<S>
@@ -188,9 +193,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqB>) -> Self::Future {
-        let method = self.table.method(request.uri().path());
-        let started = Instant::now();
-        ResponseFuture { inner: self.inner.call(request), record: Some(Record { method, started, done: false }) }
+        let record = self.table.as_ref().map(|table| Record {
+            method: table.method(request.uri().path()),
+            started: Instant::now(),
+            done: false,
+        });
+        ResponseFuture { inner: self.inner.call(request), record }
     }
 }
 
@@ -238,27 +246,26 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         // Taken once; a future polled again after completion has nothing left to record.
-        let mut record = this.record.take();
-        let mut finish = |code| {
-            if let Some(r) = record.as_mut() {
-                r.finish(code);
-            }
-        };
+        let record = this.record.take();
         Poll::Ready(match result {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
-                // A trailers-only response carries its status in its headers.
-                let body = match mesh_util::grpc::grpc_status(&parts.headers) {
-                    Some(code) => {
-                        finish(code);
+                // A trailers-only response carries its status in its headers; without a
+                // recorder the body passes as it is (no new box for a tonic Body).
+                let body = match (record, mesh_util::grpc::grpc_status(&parts.headers)) {
+                    (None, _) => Body::new(body),
+                    (Some(mut record), Some(code)) => {
+                        record.finish(code);
                         Body::new(body)
                     }
-                    None => Body::new(RecordingBody { inner: body, record }),
+                    (record, None) => Body::new(RecordingBody { inner: body, record }),
                 };
                 Ok(http::Response::from_parts(parts, body))
             }
             Err(e) => {
-                finish(UNAVAILABLE);
+                if let Some(mut record) = record {
+                    record.finish(UNAVAILABLE);
+                }
                 Err(e)
             }
         })

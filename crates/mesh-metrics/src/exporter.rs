@@ -23,6 +23,13 @@ pub struct Exporter {
     handle: PrometheusHandle,
 }
 
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`install`] has put a recorder in place in this process.
+pub fn installed() -> bool {
+    INSTALLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Installs a Prometheus recorder behind the `metrics` facade for this process; histograms
 /// whose name ends in `_seconds` get latency buckets from 100 µs to 10 s. Fails if a
 /// recorder is installed already.
@@ -33,6 +40,7 @@ pub fn install() -> Result<Exporter, MetricsError> {
         .install_recorder()
         .map_err(|e| MetricsError(e.to_string()))?;
     describe();
+    INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Exporter { handle })
 }
 

@@ -14,7 +14,7 @@
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use mesh_metrics::{CallMetricsLayer, Side};
 //!
-//! let exporter = mesh_metrics::install()?;
+//! let exporter = mesh_metrics::install()?; // before the layers: a layer made without a recorder records nothing
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let addr = listener.local_addr()?;
 //! let _scrapes = exporter.serve(listener);
@@ -28,4 +28,4 @@ mod calls;
 mod exporter;
 
 pub use calls::{CallMetrics, CallMetricsLayer, ResponseFuture, Side};
-pub use exporter::{Exporter, MetricsError, install};
+pub use exporter::{Exporter, MetricsError, install, installed};
