@@ -1,15 +1,15 @@
 //! The tower layer that counts calls by method and gRPC code and times them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http_body::Frame;
-use metrics::{Counter, Histogram};
 use pin_project_lite::pin_project;
 use tonic::body::Body;
 
@@ -45,7 +45,7 @@ const UNAVAILABLE: i32 = 14;
 
 /// Which side of a call the layer sits on: it names the metrics
 /// (`mesh_server_calls_total`, `mesh_client_calls_total`, …).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Side {
     /// Calls a server answered.
     Server,
@@ -54,41 +54,62 @@ pub enum Side {
 }
 
 impl Side {
-    fn names(self) -> (&'static str, &'static str) {
+    fn name(self) -> &'static str {
         match self {
-            Side::Server => ("mesh_server_calls_total", "mesh_server_call_duration_seconds"),
-            Side::Client => ("mesh_client_calls_total", "mesh_client_call_duration_seconds"),
+            Side::Server => "server",
+            Side::Client => "client",
         }
     }
 }
 
-/// One method's metrics: a counter per code, made on first use, and its latency histogram.
+/// Upper bounds of the latency buckets, in nanoseconds: 100 µs to 10 s.
+const BOUNDS_NANOS: [u64; 14] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    10_000_000_000,
+];
+
+/// One method's counts: calls per code, and a latency histogram. Plain atomics, written with
+/// relaxed adds on every call and read when scraped; no registry lookup and no allocation
+/// per call (the `metrics` facade's histogram pushes every sample into a shared bucket,
+/// which cost the client stack a few percent).
 #[derive(Debug)]
 struct Method {
     name: Box<str>,
-    calls: String,
-    codes: [OnceLock<Counter>; 17],
-    duration: Histogram,
+    codes: [AtomicU64; 17],
+    /// Calls per latency bucket, not cumulative; the last counts those above every bound.
+    buckets: [AtomicU64; BOUNDS_NANOS.len() + 1],
+    sum_nanos: AtomicU64,
 }
 
 impl Method {
-    fn new(side: Side, name: &str) -> Self {
-        let (calls, duration) = side.names();
+    fn new(name: &str) -> Self {
         Method {
             name: name.into(),
-            calls: calls.to_string(),
             codes: Default::default(),
-            duration: metrics::histogram!(duration, "method" => name.to_string()),
+            buckets: Default::default(),
+            sum_nanos: AtomicU64::new(0),
         }
     }
 
     fn record(&self, code: i32, started: Instant) {
         let index = usize::try_from(code).ok().filter(|&c| c < CODE_NAMES.len()).unwrap_or(UNKNOWN as usize);
-        let counter = self.codes[index].get_or_init(
-            || metrics::counter!(self.calls.clone(), "method" => self.name.to_string(), "code" => CODE_NAMES[index]),
-        );
-        counter.increment(1);
-        self.duration.record(started.elapsed().as_secs_f64());
+        self.codes[index].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let bucket = BOUNDS_NANOS.iter().position(|&b| nanos <= b).unwrap_or(BOUNDS_NANOS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
@@ -113,14 +134,89 @@ impl Table {
             return m.clone();
         }
         if current.len() >= MAX_METHODS {
-            return self.other.get_or_init(|| Arc::new(Method::new(self.side, "other"))).clone();
+            return self.other.get_or_init(|| Arc::new(Method::new("other"))).clone();
         }
-        let method = Arc::new(Method::new(self.side, path));
+        let method = Arc::new(Method::new(path));
         let mut next = (*current).clone();
         next.insert(path.into(), method.clone());
         self.methods.store(Arc::new(next));
         method
     }
+}
+
+/// Every live layer's table, for the scrape.
+static TABLES: std::sync::Mutex<Vec<Weak<Table>>> = std::sync::Mutex::new(Vec::new());
+
+/// The call metrics of every layer in the process in Prometheus' text format; methods seen
+/// by several layers of one side are added up.
+pub(crate) fn render() -> String {
+    let tables: Vec<Arc<Table>> = {
+        let mut all = TABLES.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|t| t.strong_count() > 0);
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    // side → method → (calls per code, buckets, sum)
+    type Sums = ([u64; 17], [u64; BOUNDS_NANOS.len() + 1], u64);
+    let mut sums: BTreeMap<Side, BTreeMap<String, Sums>> = BTreeMap::new();
+    for table in &tables {
+        let methods = table.methods.load();
+        for m in methods.values().chain(table.other.get()) {
+            let entry = sums.entry(table.side).or_default().entry(m.name.to_string()).or_default();
+            for (total, c) in entry.0.iter_mut().zip(&m.codes) {
+                *total += c.load(Ordering::Relaxed);
+            }
+            for (total, b) in entry.1.iter_mut().zip(&m.buckets) {
+                *total += b.load(Ordering::Relaxed);
+            }
+            entry.2 += m.sum_nanos.load(Ordering::Relaxed);
+        }
+    }
+    let mut out = String::new();
+    for (side, methods) in sums {
+        let side = side.name();
+        out.push_str(&format!(
+            "# HELP mesh_{side}_calls_total Calls by method and gRPC code.\n# TYPE mesh_{side}_calls_total counter\n"
+        ));
+        for (method, (codes, _, _)) in &methods {
+            let method = escape(method);
+            for (code, n) in codes.iter().enumerate().filter(|(_, n)| **n > 0) {
+                out.push_str(&format!(
+                    "mesh_{side}_calls_total{{method=\"{method}\",code=\"{}\"}} {n}\n",
+                    CODE_NAMES[code]
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "# HELP mesh_{side}_call_duration_seconds Time from request to the end of the response, by method.\n\
+             # TYPE mesh_{side}_call_duration_seconds histogram\n"
+        ));
+        for (method, (_, buckets, sum)) in &methods {
+            let method = escape(method);
+            let mut cumulative = 0;
+            for (bound, n) in BOUNDS_NANOS.iter().zip(buckets) {
+                cumulative += n;
+                let le = *bound as f64 / 1e9;
+                out.push_str(&format!(
+                    "mesh_{side}_call_duration_seconds_bucket{{method=\"{method}\",le=\"{le}\"}} {cumulative}\n"
+                ));
+            }
+            cumulative += buckets[BOUNDS_NANOS.len()];
+            out.push_str(&format!(
+                "mesh_{side}_call_duration_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {cumulative}\n"
+            ));
+            out.push_str(&format!(
+                "mesh_{side}_call_duration_seconds_sum{{method=\"{method}\"}} {}\n",
+                *sum as f64 / 1e9
+            ));
+            out.push_str(&format!("mesh_{side}_call_duration_seconds_count{{method=\"{method}\"}} {cumulative}\n"));
+        }
+    }
+    out
+}
+
+/// A label value as Prometheus' text format wants it.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Counts every call that goes through it by method and gRPC code
@@ -152,14 +248,14 @@ impl CallMetricsLayer {
         if !crate::installed() {
             return CallMetricsLayer { table: None };
         }
-        CallMetricsLayer {
-            table: Some(Arc::new(Table {
-                side,
-                methods: ArcSwap::from_pointee(HashMap::new()),
-                other: OnceLock::new(),
-                grow: std::sync::Mutex::new(()),
-            })),
-        }
+        let table = Arc::new(Table {
+            side,
+            methods: ArcSwap::from_pointee(HashMap::new()),
+            other: OnceLock::new(),
+            grow: std::sync::Mutex::new(()),
+        });
+        TABLES.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&table));
+        CallMetricsLayer { table: Some(table) }
     }
 }
 

@@ -45,9 +45,12 @@ pub fn install() -> Result<Exporter, MetricsError> {
 }
 
 impl Exporter {
-    /// Everything recorded so far, in Prometheus' text format.
+    /// Everything recorded so far, in Prometheus' text format: what went through the
+    /// `metrics` facade, and the call metrics of every [`crate::CallMetricsLayer`].
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        text.push_str(&crate::calls::render());
+        text
     }
 
     /// Answers `GET /metrics` on `listener` (HTTP/1.1, one request per connection) until the
@@ -125,14 +128,7 @@ impl Drop for AbortOnDrop {
 
 /// The help text of every metric mesh's services export, shown as `# HELP` in a scrape.
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!("mesh_server_calls_total", "Calls a server answered, by method and gRPC code.");
-    describe_histogram!(
-        "mesh_server_call_duration_seconds",
-        "Time from request to the end of the response, by method."
-    );
-    describe_counter!("mesh_client_calls_total", "Calls a client made, by method and gRPC code, after retries.");
-    describe_histogram!("mesh_client_call_duration_seconds", "Time a client's call took, retries included, by method.");
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!("mesh_limiter_admitted_total", "Calls the rate limiter admitted.");
     describe_counter!("mesh_limiter_rejected_total", "Calls the rate limiter rejected with RESOURCE_EXHAUSTED.");
     describe_gauge!("mesh_limiter_callers", "Callers with a budget of their own (per-caller limits).");
