@@ -185,9 +185,11 @@ impl Args {
             max_pending_resets: self.max_pending_resets as usize,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
-            handshake_timeout: self.handshake_timeout,
-            max_pings_per_sec: self.max_pings_per_sec,
-            tcp_keepalive: Some(self.tcp_keepalive).filter(|d| !d.is_zero()),
+            incoming: mesh_tls::IncomingOptions {
+                handshake_timeout: self.handshake_timeout,
+                max_pings_per_sec: self.max_pings_per_sec,
+                tcp_keepalive: Some(self.tcp_keepalive).filter(|d| !d.is_zero()),
+            },
         }
     }
 }

@@ -75,13 +75,9 @@ pub struct ConnectionLimits {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
-    /// How long a TLS handshake may take.
-    pub handshake_timeout: Duration,
-    /// Keepalive enforcement: most PINGs a client may send in a row within a second (0: no
-    /// limit).
-    pub max_pings_per_sec: u32,
-    /// TCP keepalive: idle time after which the kernel probes a peer (`None`: off).
-    pub tcp_keepalive: Option<Duration>,
+    /// What every accepted connection gets: the TLS handshake timeout, the limit on client
+    /// PINGs (keepalive enforcement) and TCP keepalive.
+    pub incoming: mesh_tls::IncomingOptions,
 }
 
 impl Default for ConnectionLimits {
@@ -94,9 +90,7 @@ impl Default for ConnectionLimits {
             max_pending_resets: 20,
             keepalive_interval: Duration::ZERO,
             keepalive_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            max_pings_per_sec: 10,
-            tcp_keepalive: Some(Duration::from_secs(60)),
+            incoming: mesh_tls::IncomingOptions::default(),
         }
     }
 }
@@ -327,15 +321,7 @@ pub async fn serve(
     // New handshakes use a renewed certificate as soon as it is on disk (or on SIGHUP).
     let _reloading = options.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
     let limits = options.limits;
-    let incoming = mesh_tls::incoming(
-        listener,
-        options.tls.clone(),
-        mesh_tls::IncomingOptions {
-            handshake_timeout: limits.handshake_timeout,
-            max_pings_per_sec: limits.max_pings_per_sec,
-            tcp_keepalive: limits.tcp_keepalive,
-        },
-    );
+    let incoming = mesh_tls::incoming(listener, options.tls.clone(), limits.incoming);
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_concurrent_streams)
