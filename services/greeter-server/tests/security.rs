@@ -108,13 +108,23 @@ fn etcd_of(etcd: &mesh_testkit::Etcd) -> Etcd {
     Etcd::new(EtcdOptions::new(etcd.endpoints()).expect("endpoints"))
 }
 
-/// Waits until `n` servers are registered.
-async fn registered(etcd: &mesh_testkit::Etcd, n: usize) {
-    eventually("the servers to register", Duration::from_secs(10), || async {
+/// Waits until `servers` are all registered; on a timeout, says which were not and shows
+/// their logs (a loaded machine can take a while; a server that exited says why).
+async fn registered(etcd: &mesh_testkit::Etcd, servers: &mut [&mut Server]) {
+    let n = servers.len();
+    let done = eventually("the servers to register", Duration::from_secs(30), || async {
         etcd.get_prefix("/mesh/services/greeter/").await.map(|kvs| kvs.len() == n).unwrap_or(false).then_some(())
     })
-    .await
-    .expect("registered");
+    .await;
+    if done.is_err() {
+        let keys = etcd.get_prefix("/mesh/services/greeter/").await.unwrap_or_default();
+        let known: Vec<String> = keys.iter().map(|kv| kv.key.clone()).collect();
+        let logs: Vec<String> = servers
+            .iter_mut()
+            .map(|s| format!("{} (exited: {:?}): {}", s.name, s.child.try_wait().ok().flatten(), s.log()))
+            .collect();
+        panic!("not every server registered within 30 s; registered: {known:?}; logs: {logs:#?}");
+    }
 }
 
 async fn discover(etcd: &mesh_testkit::Etcd, tls: Option<ClientTls>) -> anyhow::Result<Mesh> {
@@ -143,9 +153,9 @@ fn chain(e: &anyhow::Error) -> String {
 async fn calls_go_over_tls_and_a_plaintext_client_a_wrong_ca_and_a_missing_client_certificate_are_refused_in_words() {
     let certs = certs();
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
-    let a = Server::tls("a", Some(&etcd), &certs.server, Some(&certs.pki.ca_file()));
-    let b = Server::tls("b", Some(&etcd), &certs.server, Some(&certs.pki.ca_file()));
-    registered(&etcd, 2).await;
+    let mut a = Server::tls("a", Some(&etcd), &certs.server, Some(&certs.pki.ca_file()));
+    let mut b = Server::tls("b", Some(&etcd), &certs.server, Some(&certs.pki.ca_file()));
+    registered(&etcd, &mut [&mut a, &mut b]).await;
     let value = etcd.get(&format!("/mesh/services/greeter/{}", a.name)).await.expect("get").expect("registered");
     assert!(value.contains(r#""tls":true"#), "the registration says TLS: {value}");
 
@@ -254,12 +264,12 @@ impl Load {
 async fn a_registered_server_whose_certificate_another_ca_signed_never_gets_a_call_and_the_client_says_why() {
     let certs = certs();
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
-    let _a = Server::tls("a", Some(&etcd), &certs.server, None);
-    let _b = Server::tls("b", Some(&etcd), &certs.server, None);
+    let mut a = Server::tls("a", Some(&etcd), &certs.server, None);
+    let mut b = Server::tls("b", Some(&etcd), &certs.server, None);
     // Valid registrations, as any process that can write under the prefix makes them.
-    let _rogue = Server::tls("rogue", Some(&etcd), &certs.rogue_server, None);
-    let _plain = Server::start("plain", Some(&etcd), &[]);
-    registered(&etcd, 4).await;
+    let mut rogue = Server::tls("rogue", Some(&etcd), &certs.rogue_server, None);
+    let mut plain = Server::start("plain", Some(&etcd), &[]);
+    registered(&etcd, &mut [&mut a, &mut b, &mut rogue, &mut plain]).await;
 
     let tls = ClientTls::load(certs.pki.ca_file(), None).expect("client TLS");
     let mesh = discover(&etcd, Some(tls)).await.expect("the good servers are reachable");
