@@ -45,7 +45,8 @@ pub use find::{INSTALL_HINT, ensure_etcd, ensure_tool, find_etcd, find_etcdctl, 
 pub use health::{gateway_post, is_healthy, wait_until};
 pub use launch::{ClusterSpec, MemberSpec, Signal, free_port, process_is_etcd, signal, start_member};
 pub use secure::{
-    Access, Permission, Role, Security, User, admin_role, client_role, random_password, server_role, setup_auth,
+    Access, Permission, Role, Security, User, admin_role, client_role, prefix_end, random_password, server_role,
+    setup_auth,
 };
 
 #[cfg(test)]

@@ -157,8 +157,9 @@ pub fn setup_auth(client_url: &str, roles: &[Role], users: &[User]) -> Result<()
     post("/v3/auth/enable", "{}".into())
 }
 
-/// The end of the range of keys starting with `prefix`: its last byte below 0xff plus one.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+/// The end of the range of keys starting with `prefix` (etcd's `GetPrefix`): its last byte
+/// below 0xff plus one.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

@@ -218,7 +218,8 @@ impl Etcd {
 
     /// Every key under `prefix`, in key order.
     pub async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, Error> {
-        let body = json!({"key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix))});
+        let body =
+            json!({"key": B64.encode(prefix), "range_end": B64.encode(mesh_etcd_local::prefix_end(prefix.as_bytes()))});
         self.range(body, prefix).await
     }
 
@@ -253,7 +254,8 @@ impl Etcd {
     /// Deletes every key under `prefix` in one revision (`etcdctl del --prefix`); returns
     /// how many went.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<i64, Error> {
-        let body = json!({"key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix))});
+        let body =
+            json!({"key": B64.encode(prefix), "range_end": B64.encode(mesh_etcd_local::prefix_end(prefix.as_bytes()))});
         let resp = self.call("/v3/kv/deleterange", body).await?;
         Ok(number(&resp["deleted"]).unwrap_or(0))
     }
@@ -400,18 +402,6 @@ fn revision(resp: &Value, call: &str) -> Result<i64, Error> {
 fn decode(v: &Value) -> Result<String, String> {
     let s = v.as_str().unwrap_or_default();
     B64.decode(s).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| format!("bad base64 {s:?}: {e}"))
-}
-
-/// The end of the range that holds every key starting with `prefix` (etcd's `GetPrefix`).
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 fn tail(path: &std::path::Path) -> String {

@@ -547,15 +547,10 @@ async fn health(args: HealthArgs) -> anyhow::Result<()> {
             }
             Err(status) => {
                 // The whole chain: "transport error" alone hides "this server speaks TLS only".
-                let mut why = status.message().to_string();
-                let mut source = std::error::Error::source(&status);
-                while let Some(e) = source {
-                    let text = e.to_string();
-                    if !why.contains(&text) {
-                        why = format!("{why}: {text}");
-                    }
-                    source = e.source();
-                }
+                let why = match std::error::Error::source(&status).map(mesh_util::error_chain) {
+                    Some(chain) if !status.message().contains(&chain) => format!("{}: {chain}", status.message()),
+                    _ => status.message().to_string(),
+                };
                 *report.other.entry(format!("{:?}: {why}", status.code())).or_default() += 1
             }
         }
