@@ -11,8 +11,10 @@ use std::process::ExitCode;
 const HELP: &str = "\
 cargo xtask <command>
 
-  demo                    start etcd, three greeter-servers and a client, narrate, clean up
-  test                    provision etcd, then fmt check, clippy -D warnings, every test
+  demo [--quick]          the narrated tour: etcd, greeter-servers and clients through every part,
+                          checked and cleaned up; --quick tells it in seconds on a private etcd
+  test                    provision etcd, then fmt check, clippy -D warnings, every test, the
+                          API docs and the quick demo
   etcd-up [--cluster N]   a detached local etcd under target/etcd/ (N = 1 or 3), idempotent
   etcd-up --secure        a detached local etcd with TLS, auth and mesh's roles; prints the flags to use
   etcd-down               stop it (its data stays under target/etcd/)
@@ -31,7 +33,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let result = match command.as_str() {
-        "demo" => util::no_args(rest).and_then(|()| demo::run()),
+        "demo" => demo::parse(rest).and_then(demo::run),
         "test" => util::no_args(rest).and_then(|()| test::run()),
         "etcd-up" if rest.iter().any(|a| a == "--secure") => {
             if rest.len() == 1 {
