@@ -184,3 +184,8 @@ impl Balancer {
         BalancedChannel::from_shared(shared)
     }
 }
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

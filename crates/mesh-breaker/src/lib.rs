@@ -64,3 +64,8 @@ pub use future::ResponseFuture;
 pub use layer::BreakerLayer;
 pub use service::{Breaker, BreakerHandle};
 pub use state::{Admission, Circuit, Outcome, State};
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

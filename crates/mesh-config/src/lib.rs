@@ -91,3 +91,8 @@ impl ConfigError {
         ConfigError { origin: origin.to_string(), reason: reason.into() }
     }
 }
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

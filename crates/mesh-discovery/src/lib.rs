@@ -262,3 +262,8 @@ impl StaticResolver {
         tokio_stream::once(self.set.clone()).chain(tokio_stream::pending())
     }
 }
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -51,3 +51,8 @@ pub use secure::{
 
 #[cfg(test)]
 mod tests;
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

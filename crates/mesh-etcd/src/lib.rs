@@ -21,8 +21,12 @@
 //! # }
 //! ```
 //!
-//! What it does not do: TLS (an `https://` endpoint is refused with a message), and any
-//! policy (what to register, what to do with events): that is the other crates' business.
+//! TLS and auth: [`EtcdOptions::with_tls`] (an `https://` endpoint without a CA is refused at
+//! start with a message), and a user whose password comes from a file or the environment
+//! ([`read_password`]), never from argv; an expired auth token is renewed, watches included.
+//!
+//! What it does not do: any policy (what to register, what to do with events): that is the
+//! other crates' business.
 
 mod client;
 mod error;
@@ -36,3 +40,8 @@ pub use lease::LeaseKeepAlive;
 pub use mesh_util::Backoff;
 pub use options::{EtcdOptions, EtcdTls, PASSWORD_ENV, read_password};
 pub use watch::{ListWatch, ViewStatus, WatchEvent};
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -41,3 +41,8 @@ mod table;
 
 pub use config::{CallerKey, InvalidLimit, Limit, LimiterConfig, MAX_RATE, Mode, PerCaller};
 pub use service::{LimiterHandle, PUSHBACK_KEY, RateLimit, RateLimitLayer, ResponseFuture};
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

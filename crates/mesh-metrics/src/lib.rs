@@ -29,3 +29,8 @@ mod exporter;
 
 pub use calls::{CallMetrics, CallMetricsLayer, ResponseFuture, Side};
 pub use exporter::{Exporter, MetricsError, install, installed};
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

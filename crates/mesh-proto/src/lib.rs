@@ -34,3 +34,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("generated/greeter_v1_desc
 
 /// The fully qualified gRPC service name, as health checks and reflection know it.
 pub const GREETER_SERVICE_NAME: &str = "greeter.v1.Greeter";
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

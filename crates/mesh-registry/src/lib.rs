@@ -48,3 +48,8 @@ pub enum RegistryError {
         timeout: std::time::Duration,
     },
 }
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

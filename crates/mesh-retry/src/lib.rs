@@ -63,3 +63,8 @@ mod service;
 pub use layer::{RetryHandle, RetryLayer};
 pub use policy::{InvalidRetryPolicy, RetryPolicy};
 pub use service::{ResponseFuture, Retry, RetryStats};
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

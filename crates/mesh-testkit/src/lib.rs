@@ -37,3 +37,8 @@ pub use mesh_etcd_local::pki;
 pub use secure::{Credentials, SecureOptions};
 pub use server::TestServer;
 pub use wait::eventually;
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

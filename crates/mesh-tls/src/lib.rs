@@ -48,3 +48,8 @@ pub use load::{Identity, TlsError};
 pub use reload::Reloader;
 pub use server::{IncomingOptions, ServerIo, ServerTls, incoming};
 pub use stream::{MaybeTls, OverTcp};
+
+/// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -212,7 +212,11 @@ async fn the_server_registers_the_documented_json_once_serving() {
     let value = etcd.get(&s1.key()).await.expect("get").expect("present");
     assert_eq!(
         value,
-        format!(r#"{{"Op":0,"Addr":"{}","Metadata":{{"weight":1,"version":"0.0.0","instance":"s1"}}}}"#, s1.addr)
+        format!(
+            r#"{{"Op":0,"Addr":"{}","Metadata":{{"weight":1,"version":"{}","instance":"s1"}}}}"#,
+            s1.addr,
+            env!("CARGO_PKG_VERSION")
+        )
     );
     // Someone deletes the key: it is back within a second.
     etcd.delete(&s1.key()).await.expect("delete");
