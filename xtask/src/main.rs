@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod deploy;
 mod etcd;
 mod package;
 mod test;
@@ -15,12 +16,13 @@ cargo xtask <command>
   demo [--quick]          the narrated tour: etcd, greeter-servers and clients through every part,
                           checked and cleaned up; --quick tells it in seconds on a private etcd
   test                    provision etcd, then fmt check, clippy -D warnings, every test, the
-                          API docs, the library crates
-                          packaged, and the quick demo
+                          API docs, deploy-check, package, and the quick demo
   etcd-up [--cluster N]   a detached local etcd under target/etcd/ (N = 1 or 3), idempotent
   etcd-up --secure        a detached local etcd with TLS, auth and mesh's roles; prints the flags to use
   etcd-down               stop it (its data stays under target/etcd/)
   etcd-status             show what runs and whether it is healthy
+  deploy-check            check deploy/: YAML parses, flags exist, k8s shutdown and probes, the
+                          Dockerfile's steps, and the etcd configurations run
   package                 cargo package (and its verifying build) for every library crate
   codegen [--check]       regenerate crates/mesh-proto from proto/; --check fails if stale
   bench [--runs N] [--duration SECS] [--quick] [--only SECTION,...]
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         "etcd-up" => etcd::parse_cluster(rest).and_then(etcd::up).map(drop),
         "etcd-down" => util::no_args(rest).and_then(|()| etcd::down()),
         "etcd-status" => util::no_args(rest).and_then(|()| etcd::status()),
+        "deploy-check" => util::no_args(rest).and_then(|()| deploy::run()),
         "package" => util::no_args(rest).and_then(|()| package::run()),
         "codegen" => codegen(rest),
         "bench" => bench::parse(rest).and_then(bench::run),

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: provision what the tests need, then fmt, clippy, every test, the API
-//! docs, the library crates packaged, and the quick demo.
+//! docs, deploy/, the library crates packaged,
+//! and the quick demo.
 
 use std::process::Command;
 
@@ -23,6 +24,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
     util::run(util::cargo().args(["test", "--workspace", "--doc"]))?;
     // The API docs build without a broken link or a warning.
     util::run(util::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    // What this machine can check of deploy/.
+    crate::deploy::run()?;
     // The library crates package and build on their own, as a user's dependency would.
     crate::package::run()?;
     // The main job end to end: the demo's story, told quickly.

@@ -1,0 +1,386 @@
+//! `cargo xtask deploy-check`: what this machine can check of deploy/ without Docker or a
+//! Kubernetes cluster.
+//!
+//! - Every YAML file parses (each document of it).
+//! - Every flag and `MESH_*` variable given to greeter-server or greeter-client in the compose
+//!   file, the Kubernetes manifests and the systemd files is one the binary accepts (read
+//!   from its `--help`), so a renamed flag cannot leave deploy/ behind.
+//! - The Kubernetes greeter-server: the advertised address is the pod IP from the downward
+//!   API, readiness is the gRPC probe on the port it listens on, the TLS files are under a
+//!   mounted secret, and the termination grace covers preStop + shutdown grace + drain.
+//! - The Dockerfile copies paths that exist, builds packages of this workspace, and copies
+//!   out the binaries it built.
+//! - The etcd configurations run: the one-member file and the three member files start a
+//!   real etcd (on loopback ports instead of their hosts') that becomes healthy.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::util;
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    let root = util::root();
+    let deploy = root.join("deploy");
+    util::run(util::cargo().args(["build", "-q", "-p", "greeter-server", "-p", "greeter-client"]))?;
+    let bin = root.join("target").join("debug");
+    let server = Cli::read(&bin.join("greeter-server"), &[])?;
+    let client =
+        Cli::read(&bin.join("greeter-client"), &[])?.with(Cli::read(&bin.join("greeter-client"), &["health"])?);
+
+    let mut files = Vec::new();
+    yaml_files(&deploy, &mut files)?;
+    for file in &files {
+        load(file)?;
+    }
+    println!("deploy-check: {} YAML files parse", files.len());
+
+    compose(&load(&deploy.join("docker/compose.yaml"))?, &server, &client)?;
+    println!("deploy-check: compose: every greeter flag and MESH_* variable exists");
+    kubernetes(&deploy.join("k8s"), &server, &client)?;
+    println!("deploy-check: k8s: flags, downward-API pod IP, gRPC readiness, TLS mounts, termination grace");
+    systemd(&deploy.join("systemd"), &server)?;
+    println!("deploy-check: systemd: MESH_* variables exist; the stop timeout covers grace and drain");
+    dockerfile(&root, &deploy.join("docker/Dockerfile"))?;
+    println!("deploy-check: Dockerfile: its COPY sources exist, it builds workspace binaries and copies them out");
+    etcd_configs(&root, &deploy.join("etcd"))?;
+    println!("deploy-check: etcd: the one-member and three-member configurations run and become healthy");
+    Ok(())
+}
+
+/// The long flags and `MESH_*` variables a binary accepts, from its `--help`.
+struct Cli {
+    name: String,
+    flags: BTreeSet<String>,
+    env: BTreeSet<String>,
+}
+
+impl Cli {
+    fn read(bin: &Path, sub: &[&str]) -> anyhow::Result<Cli> {
+        let help = util::output(Command::new(bin).args(sub).arg("--help"))?;
+        let mut flags = BTreeSet::new();
+        let mut env = BTreeSet::new();
+        for line in help.lines() {
+            let t = line.trim_start();
+            if let Some(rest) = t.strip_prefix("--").or_else(|| t.split_once(", --").map(|(_, r)| r)) {
+                let flag: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+                flags.insert(flag);
+            }
+            if let Some((_, rest)) = line.split_once("[env: ") {
+                env.insert(rest.split('=').next().unwrap_or_default().to_string());
+            }
+        }
+        let name = bin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        ensure!(!flags.is_empty(), "no flags found in `{} --help`", name);
+        Ok(Cli { name, flags, env })
+    }
+
+    fn with(mut self, other: Cli) -> Cli {
+        self.flags.extend(other.flags);
+        self.env.extend(other.env);
+        self
+    }
+
+    /// Checks the `--flag` or `--flag=value` words of `args`.
+    fn check_args(&self, args: &[String], at: &str) -> anyhow::Result<()> {
+        for arg in args {
+            if let Some(flag) = arg.strip_prefix("--") {
+                let flag = flag.split('=').next().unwrap_or_default();
+                ensure!(self.flags.contains(flag), "{at}: {} has no flag --{flag}", self.name);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_env(&self, name: &str, at: &str) -> anyhow::Result<()> {
+        if name.starts_with("MESH_") {
+            ensure!(self.env.contains(name), "{at}: {} reads no variable {name}", self.name);
+        }
+        Ok(())
+    }
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        if path.is_dir() {
+            yaml_files(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(())
+}
+
+/// Every document of a YAML file.
+fn load(path: &Path) -> anyhow::Result<Vec<Yaml>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let docs = YamlLoader::load_from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?;
+    ensure!(!docs.is_empty(), "{} holds no document", path.display());
+    Ok(docs)
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    y.as_vec().map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+fn compose(docs: &[Yaml], server: &Cli, client: &Cli) -> anyhow::Result<()> {
+    let services = docs[0]["services"].as_hash().context("compose.yaml: no services")?;
+    let names: Vec<&str> = services.keys().filter_map(Yaml::as_str).collect();
+    for want in
+        ["etcd-1", "etcd-2", "etcd-3", "greeter-server-1", "greeter-server-2", "greeter-server-3", "greeter-client"]
+    {
+        ensure!(names.contains(&want), "compose.yaml: no service {want}");
+    }
+    for (name, service) in services {
+        let name = name.as_str().unwrap_or_default();
+        let at = format!("compose.yaml service {name}");
+        let entry = strings(&service["entrypoint"]);
+        let cli = match entry.first().map(String::as_str) {
+            Some("greeter-client") => client,
+            Some("etcd") => continue,
+            _ if name.starts_with("greeter-server") => server,
+            _ => continue,
+        };
+        cli.check_args(&strings(&service["command"]), &at)?;
+        if let Some(env) = service["environment"].as_hash() {
+            for key in env.keys().filter_map(Yaml::as_str) {
+                cli.check_env(key, &at)?;
+            }
+        }
+        let health = strings(&service["healthcheck"]["test"]);
+        if health.get(1).map(String::as_str) == Some("greeter-client") {
+            client.check_args(&health, &format!("{at} healthcheck"))?;
+        }
+    }
+    Ok(())
+}
+
+fn kubernetes(dir: &Path, server: &Cli, client: &Cli) -> anyhow::Result<()> {
+    let mut saw_server = false;
+    for file in ["etcd.yaml", "greeter-server.yaml", "greeter-client.yaml"] {
+        for doc in load(&dir.join(file))? {
+            if doc["kind"].as_str() != Some("Deployment") {
+                continue;
+            }
+            let pod = &doc["spec"]["template"]["spec"];
+            for c in pod["containers"].as_vec().context("a Deployment without containers")? {
+                let command = strings(&c["command"]);
+                let args = strings(&c["args"]);
+                let at = format!("{file} container {}", c["name"].as_str().unwrap_or("?"));
+                let cli = match command.first().map(String::as_str) {
+                    Some("greeter-server") => server,
+                    Some("greeter-client") => client,
+                    _ => continue,
+                };
+                cli.check_args(&args, &at)?;
+                for e in c["env"].as_vec().cloned().unwrap_or_default() {
+                    cli.check_env(e["name"].as_str().unwrap_or_default(), &at)?;
+                }
+                if cli.name == "greeter-server" {
+                    greeter_server_pod(pod, c, &args, &at)?;
+                    saw_server = true;
+                }
+            }
+        }
+    }
+    ensure!(saw_server, "deploy/k8s has no greeter-server Deployment");
+    Ok(())
+}
+
+/// The value of `--flag=value` in `args`.
+fn arg<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().find_map(|a| a.strip_prefix(flag)?.strip_prefix('='))
+}
+
+/// Seconds in "2s", "500ms" or "1m".
+fn seconds(text: &str) -> anyhow::Result<f64> {
+    let parse = |n: &str| n.parse::<f64>().with_context(|| format!("{text:?} is not a duration"));
+    if let Some(ms) = text.strip_suffix("ms") {
+        Ok(parse(ms)? / 1000.0)
+    } else if let Some(s) = text.strip_suffix('s') {
+        parse(s)
+    } else if let Some(m) = text.strip_suffix('m') {
+        Ok(parse(m)? * 60.0)
+    } else {
+        bail!("{text:?} is not a duration")
+    }
+}
+
+fn greeter_server_pod(pod: &Yaml, c: &Yaml, args: &[String], at: &str) -> anyhow::Result<()> {
+    let env = c["env"].as_vec().cloned().unwrap_or_default();
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .and_then(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str().map(str::to_string))
+    };
+    ensure!(field("POD_IP").as_deref() == Some("status.podIP"), "{at}: POD_IP is not the downward API's status.podIP");
+    let advertise = arg(args, "--advertise").context("no --advertise")?;
+    ensure!(advertise.starts_with("$(POD_IP):"), "{at}: --advertise={advertise} is not the pod IP");
+    let listen = arg(args, "--listen").context("no --listen")?;
+    let port: i64 = listen.rsplit(':').next().unwrap_or_default().parse().context("--listen has no port")?;
+    ensure!(advertise.ends_with(&format!(":{port}")), "{at}: it advertises another port than it listens on");
+    ensure!(
+        c["readinessProbe"]["grpc"]["port"].as_i64() == Some(port),
+        "{at}: readiness is not the gRPC probe on {port}"
+    );
+    ensure!(arg(args, "--etcd").is_some_and(|e| e.contains("//etcd:")), "{at}: etcd is not reached by Service name");
+
+    let mounts: Vec<String> = c["volumeMounts"]
+        .as_vec()
+        .map(|v| v.iter().filter_map(|m| m["mountPath"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    for flag in ["--tls-cert", "--tls-key"] {
+        let path = arg(args, flag).with_context(|| format!("{at}: no {flag}"))?;
+        ensure!(mounts.iter().any(|m| path.starts_with(m.as_str())), "{at}: {flag}={path} is not under a mount");
+    }
+    let secret = pod["volumes"].as_vec().and_then(|v| v.iter().find_map(|v| v["secret"]["secretName"].as_str()));
+    ensure!(secret.is_some(), "{at}: the TLS files come from no Secret");
+
+    let pre_stop = strings(&c["lifecycle"]["preStop"]["exec"]["command"]);
+    ensure!(pre_stop.first().map(String::as_str) == Some("sleep"), "{at}: no preStop sleep");
+    let pre_stop = pre_stop.get(1).context("preStop sleep without seconds")?.parse::<f64>()?;
+    let grace = seconds(arg(args, "--shutdown-grace").unwrap_or("1s"))?;
+    let drain = seconds(arg(args, "--drain-timeout").unwrap_or("10s"))?;
+    let termination = pod["terminationGracePeriodSeconds"].as_i64().context("no terminationGracePeriodSeconds")? as f64;
+    ensure!(
+        termination > pre_stop + grace + drain,
+        "{at}: terminationGracePeriodSeconds {termination} does not cover preStop {pre_stop} + grace {grace} + drain {drain}"
+    );
+    Ok(())
+}
+
+fn systemd(dir: &Path, server: &Cli) -> anyhow::Result<()> {
+    let env_path = dir.join("greeter-server.env");
+    let env = fs::read_to_string(&env_path).with_context(|| format!("reading {}", env_path.display()))?;
+    let mut values = std::collections::BTreeMap::new();
+    for line in env.lines() {
+        // Commented-out settings are documentation: they must be right too.
+        let line = line.trim().trim_start_matches('#');
+        if let Some((key, value)) = line.split_once('=')
+            && key.starts_with("MESH_")
+        {
+            server.check_env(key, "greeter-server.env")?;
+            values.insert(key.to_string(), value.to_string());
+        }
+    }
+    let unit_path = dir.join("greeter-server.service");
+    let unit = fs::read_to_string(&unit_path).with_context(|| format!("reading {}", unit_path.display()))?;
+    let setting = |key: &str| unit.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::trim));
+    ensure!(setting("ExecStart").is_some_and(|e| e.ends_with("/greeter-server")), "greeter-server.service: ExecStart");
+    let stop = seconds(setting("TimeoutStopSec").context("greeter-server.service: no TimeoutStopSec")?)?;
+    let grace = seconds(values.get("MESH_SHUTDOWN_GRACE").map_or("1s", String::as_str))?;
+    let drain = seconds(values.get("MESH_DRAIN_TIMEOUT").map_or("10s", String::as_str))?;
+    ensure!(stop > grace + drain, "greeter-server.service: TimeoutStopSec {stop} s does not cover {grace} + {drain} s");
+    Ok(())
+}
+
+fn dockerfile(root: &Path, path: &Path) -> anyhow::Result<()> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut built = Vec::new();
+    let mut copied_out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.first().copied() {
+            Some("COPY") if words.get(1).is_some_and(|w| w.starts_with("--from=")) => {
+                let from = words.get(2).context("COPY --from without a source")?;
+                copied_out.push(from.rsplit('/').next().unwrap_or_default().to_string());
+            }
+            Some("COPY") => {
+                for src in &words[1..words.len() - 1] {
+                    ensure!(root.join(src).exists(), "Dockerfile: COPY {src}: no such path in the workspace");
+                }
+            }
+            Some("RUN") if line.contains("cargo build") => {
+                let mut it = words.iter();
+                while let Some(w) = it.next() {
+                    if *w == "-p" {
+                        built.push(it.next().context("-p without a package")?.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    ensure!(!built.is_empty(), "Dockerfile: no `cargo build -p …`");
+    for package in &built {
+        ensure!(
+            root.join("services").join(package).join("Cargo.toml").exists()
+                || root.join("crates").join(package).join("Cargo.toml").exists(),
+            "Dockerfile: builds {package}, which is not a package of this workspace"
+        );
+    }
+    for binary in &copied_out {
+        ensure!(built.contains(binary), "Dockerfile: copies out {binary}, which it does not build");
+    }
+    ensure!(!copied_out.is_empty(), "Dockerfile: copies no binary out of the build stage");
+    Ok(())
+}
+
+/// Starts etcd on each configuration, moved to loopback ports and a temp data dir, and waits
+/// until the members are healthy.
+fn etcd_configs(root: &Path, dir: &Path) -> anyhow::Result<()> {
+    let etcd = mesh_etcd_local::ensure_etcd()?;
+    let work = root.join("target").join("deploy-check");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let single = [dir.join("etcd.conf.yml")];
+    let cluster: Vec<PathBuf> = (1..=3).map(|i| dir.join("cluster").join(format!("etcd-{i}.conf.yml"))).collect();
+    for configs in [&single[..], &cluster[..]] {
+        let ports: Vec<(u16, u16)> = configs
+            .iter()
+            .map(|_| Ok((mesh_etcd_local::free_port()?, mesh_etcd_local::free_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let mut members: Vec<Child> = Vec::new();
+        let result = (|| {
+            for (i, config) in configs.iter().enumerate() {
+                let text = fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+                let mut local = text
+                    .replace("/var/lib/etcd", &work.join(format!("data-{}-{i}", configs.len())).display().to_string());
+                for (j, (client, peer)) in ports.iter().enumerate() {
+                    let host = if configs.len() == 1 { "127.0.0.1".to_string() } else { format!("etcd-{}", j + 1) };
+                    local = local.replace(&format!("{host}:2379"), &format!("127.0.0.1:{client}"));
+                    local = local.replace(&format!("{host}:2380"), &format!("127.0.0.1:{peer}"));
+                }
+                let (client, peer) = ports[i];
+                local = local.replace("0.0.0.0:2379", &format!("127.0.0.1:{client}"));
+                local = local.replace("0.0.0.0:2380", &format!("127.0.0.1:{peer}"));
+                let local_path = work.join(format!("{}-{i}.yml", configs.len()));
+                fs::write(&local_path, local).with_context(|| format!("writing {}", local_path.display()))?;
+                let log = fs::File::create(local_path.with_extension("log")).context("creating an etcd log")?;
+                members.push(
+                    Command::new(&etcd)
+                        .arg("--config-file")
+                        .arg(&local_path)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .with_context(|| format!("starting {}", etcd.display()))?,
+                );
+            }
+            let urls: Vec<String> = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect();
+            let healthy = mesh_etcd_local::wait_until(Duration::from_secs(30), || {
+                urls.iter().all(|u| mesh_etcd_local::is_healthy(u, Duration::from_millis(500)))
+            });
+            ensure!(healthy, "etcd did not become healthy on {:?}; logs under {}", configs, work.display());
+            Ok(())
+        })();
+        for mut m in members {
+            let _ = mesh_etcd_local::signal(m.id(), mesh_etcd_local::Signal::Term);
+            if !mesh_etcd_local::wait_until(Duration::from_secs(10), || matches!(m.try_wait(), Ok(Some(_)))) {
+                let _ = m.kill();
+            }
+            let _ = m.wait();
+        }
+        result?;
+    }
+    let _ = fs::remove_dir_all(&work);
+    Ok(())
+}
