@@ -40,7 +40,7 @@ mod service;
 mod table;
 
 pub use config::{CallerKey, InvalidLimit, Limit, LimiterConfig, MAX_RATE, Mode, PerCaller};
-pub use service::{LimiterHandle, PUSHBACK_KEY, RateLimit, RateLimitLayer, ResponseFuture};
+pub use service::{LimiterHandle, PUSHBACK_KEY, RateLimit, RateLimitLayer, ResponseFuture, Scope};
 
 /// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
 #[cfg(doctest)]

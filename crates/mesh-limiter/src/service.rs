@@ -26,13 +26,50 @@ struct Shared {
     counts: Counts,
 }
 
-/// Calls admitted and rejected, on a cache line of their own: every call writes them, and
-/// they must not evict the table pointer that every call reads.
+/// Calls admitted and rejected per [`Scope`], on a cache line of their own: every call
+/// writes them, and they must not evict the table pointer that every call reads.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Counts {
-    admitted: AtomicU64,
-    rejected: AtomicU64,
+    admitted: [AtomicU64; 3],
+    rejected: [AtomicU64; 3],
+}
+
+impl Counts {
+    fn admit(&self, scope: Scope) {
+        self.admitted[scope as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn reject(&self, scope: Scope) {
+        self.rejected[scope as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Which budget decided a call: what [`LimiterHandle::admitted_in`] and
+/// [`LimiterHandle::rejected_in`] count by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// The server's own limit, for methods without one of their own.
+    Server = 0,
+    /// A method's own limit.
+    Method = 1,
+    /// A caller's budget (with limits per caller), whether it follows the server's or a
+    /// method's limit.
+    Caller = 2,
+}
+
+impl Scope {
+    /// Every scope.
+    pub const ALL: [Scope; 3] = [Scope::Server, Scope::Method, Scope::Caller];
+
+    /// `server`, `method` or `caller`: the scope as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Server => "server",
+            Scope::Method => "method",
+            Scope::Caller => "caller",
+        }
+    }
 }
 
 /// Limits the calls of every service it wraps with one set of buckets: tonic layers a
@@ -110,12 +147,22 @@ impl LimiterHandle {
 
     /// Calls admitted so far (exempt ones are not counted).
     pub fn admitted(&self) -> u64 {
-        self.shared.counts.admitted.load(Ordering::Relaxed)
+        Scope::ALL.iter().map(|&s| self.admitted_in(s)).sum()
     }
 
     /// Calls rejected so far.
     pub fn rejected(&self) -> u64 {
-        self.shared.counts.rejected.load(Ordering::Relaxed)
+        Scope::ALL.iter().map(|&s| self.rejected_in(s)).sum()
+    }
+
+    /// Calls a budget of `scope` admitted so far.
+    pub fn admitted_in(&self, scope: Scope) -> u64 {
+        self.shared.counts.admitted[scope as usize].load(Ordering::Relaxed)
+    }
+
+    /// Calls a budget of `scope` rejected so far.
+    pub fn rejected_in(&self, scope: Scope) -> u64 {
+        self.shared.counts.rejected[scope as usize].load(Ordering::Relaxed)
     }
 
     /// How many callers have buckets of their own (with limits per caller).
@@ -184,13 +231,14 @@ where
         };
         let caller = table.caller(&request);
         // Admitted calls, the most common by far, touch the bucket without cloning it.
-        let Some(bucket) = table.with_bucket(path, caller, |b| (!b.try_admit()).then(|| b.clone())) else {
-            self.shared.counts.admitted.fetch_add(1, Ordering::Relaxed);
+        let (bucket, scope) = table.with_bucket(path, caller, |b, scope| ((!b.try_admit()).then(|| b.clone()), scope));
+        let Some(bucket) = bucket else {
+            self.shared.counts.admit(scope);
             return ResponseFuture::inner(self.inner.call(request));
         };
         match bucket.limit.mode {
             Mode::Reject => {
-                self.shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                self.shared.counts.reject(scope);
                 ResponseFuture::rejected(rejection(path, caller.as_ref().map(|c| c as _), &bucket))
             }
             Mode::Wait { max_wait } => {
@@ -202,10 +250,10 @@ where
                 let caller = caller.map(|c| c.to_string());
                 ResponseFuture::waiting(Box::pin(async move {
                     if bucket.admit_within(max_wait).await {
-                        shared.counts.admitted.fetch_add(1, Ordering::Relaxed);
+                        shared.counts.admit(scope);
                         inner.call(request).await
                     } else {
-                        shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                        shared.counts.reject(scope);
                         Ok(rejection(&path, caller.as_ref().map(|c| c as _), &bucket))
                     }
                 }))

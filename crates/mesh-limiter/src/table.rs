@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::Scope;
 use crate::bucket::Bucket;
 use crate::config::{CallerKey, Limit, LimiterConfig, PerCaller};
 
@@ -146,11 +147,15 @@ impl Table {
         &self,
         path: &str,
         caller: Option<Caller<'_>>,
-        then: impl FnOnce(&Arc<Bucket>) -> R,
+        then: impl FnOnce(&Arc<Bucket>, Scope) -> R,
     ) -> R {
         let Some(callers) = &self.callers else {
-            return then(self.methods.get(path).unwrap_or(&self.default));
+            return match self.methods.get(path) {
+                Some(bucket) => then(bucket, Scope::Method),
+                None => then(&self.default, Scope::Server),
+            };
         };
+        let then = |bucket: &Arc<Bucket>| then(bucket, Scope::Caller);
         let lookup = Lookup {
             config: &self.config,
             settings: &callers.settings,

@@ -267,3 +267,43 @@ async fn a_limiter_that_starts_off_limits_once_given_limits_and_stops_when_turne
     }
     assert_eq!((handle.admitted(), handle.rejected()), (1, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_counted_by_the_scope_whose_budget_decided_them() {
+    use mesh_limiter::Scope;
+    let slow = Limit::try_new(0.1, 2).expect("valid");
+    let config = LimiterConfig::try_new(Limit::try_new(1000.0, 1000).expect("valid"))
+        .expect("valid")
+        .with_method("/greeter.v1.Greeter/SayHello", slow);
+    let (server, handle) = serve(config, Counting::default()).await;
+    let mut client = GreeterClient::new(channel(&server).await);
+    for _ in 0..5 {
+        let _ = client.say_hello(HelloRequest { name: "m".into() }).await;
+    }
+    // The stream has no limit of its own: the server's budget decides it.
+    for _ in 0..3 {
+        let status = client.say_hello_stream(HelloStreamRequest::default()).await.expect_err("not in this test");
+        assert_eq!(status.code(), Code::Unimplemented, "admitted, then answered by the greeter");
+    }
+    let counts = |s: Scope| (handle.admitted_in(s), handle.rejected_in(s));
+    assert_eq!(counts(Scope::Method), (2, 3));
+    assert_eq!(counts(Scope::Server), (3, 0));
+    assert_eq!(counts(Scope::Caller), (0, 0));
+    assert_eq!((handle.admitted(), handle.rejected()), (5, 3));
+
+    // With budgets per caller, each caller's bucket decides, whatever limit it follows.
+    handle
+        .update(
+            LimiterConfig::try_new(slow)
+                .expect("valid")
+                .with_per_caller(PerCaller::new(CallerKey::Metadata("x-tenant".into()))),
+        )
+        .expect("valid");
+    for _ in 0..3 {
+        let mut request = Request::new(HelloRequest { name: "c".into() });
+        request.metadata_mut().insert("x-tenant", "t1".parse().expect("ascii"));
+        let _ = client.say_hello(request).await;
+    }
+    assert_eq!(counts(Scope::Caller), (2, 1));
+    assert_eq!(Scope::ALL.map(Scope::as_str), ["server", "method", "caller"]);
+}

@@ -214,8 +214,30 @@ pub(crate) fn render() -> String {
     out
 }
 
+/// The call counts of a [`CallMetricsLayer::for_collector`] layer: calls by method and gRPC
+/// code, shared with every service the layer made.
+#[derive(Debug, Clone)]
+pub struct CallCounts(Arc<Table>);
+
+impl CallCounts {
+    /// Calls by method and code name (`OK`, `UNAVAILABLE`, …), codes without calls left out.
+    pub fn by_method_and_code(&self) -> Vec<(String, &'static str, u64)> {
+        let mut out = Vec::new();
+        for m in self.0.methods.load().values().chain(self.0.other.get()) {
+            for (code, n) in m.codes.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    out.push((m.name.to_string(), CODE_NAMES[code], n));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
 /// A label value as Prometheus' text format wants it.
-fn escape(value: &str) -> String {
+pub(crate) fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
@@ -245,6 +267,29 @@ impl CallMetricsLayer {
     /// [`crate::install`]; a layer made before that (or without it) passes calls through at
     /// no cost and records nothing.
     pub fn new(side: Side) -> Self {
+        match Self::unregistered(side) {
+            CallMetricsLayer { table: Some(table) } => {
+                TABLES.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&table));
+                CallMetricsLayer { table: Some(table) }
+            }
+            off => off,
+        }
+    }
+
+    /// A layer whose counts are not in the per-method metrics of every scrape but are
+    /// written by a [`crate::collector`] that holds its [`CallMetricsLayer::counts`], with the
+    /// labels it chooses and only while it chooses to: say, the calls to each endpoint a
+    /// balancer has now, so that an endpoint that leaves takes its series with it.
+    pub fn for_collector(side: Side) -> Self {
+        Self::unregistered(side)
+    }
+
+    /// The counts of this layer's calls, for a collector; `None` without a recorder.
+    pub fn counts(&self) -> Option<CallCounts> {
+        self.table.clone().map(CallCounts)
+    }
+
+    fn unregistered(side: Side) -> Self {
         if !crate::installed() {
             return CallMetricsLayer { table: None };
         }
@@ -254,7 +299,6 @@ impl CallMetricsLayer {
             other: OnceLock::new(),
             grow: std::sync::Mutex::new(()),
         });
-        TABLES.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&table));
         CallMetricsLayer { table: Some(table) }
     }
 }

@@ -46,10 +46,12 @@ pub fn install() -> Result<Exporter, MetricsError> {
 
 impl Exporter {
     /// Everything recorded so far, in Prometheus' text format: what went through the
-    /// `metrics` facade, and the call metrics of every [`crate::CallMetricsLayer`].
+    /// `metrics` facade, the call metrics of every [`crate::CallMetricsLayer`], and what
+    /// every registered [`crate::collector`] reads now.
     pub fn render(&self) -> String {
         let mut text = self.handle.render();
         text.push_str(&crate::calls::render());
+        text.push_str(&crate::collect::render());
         text
     }
 
@@ -126,24 +128,10 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The help text of every metric mesh's services export, shown as `# HELP` in a scrape.
+/// The help text of the metrics the services record through the facade (the configuration's),
+/// shown as `# HELP` in a scrape; the other metrics come with their collectors' help.
 fn describe() {
     use metrics::{describe_counter, describe_gauge};
-    describe_counter!("mesh_limiter_admitted_total", "Calls the rate limiter admitted.");
-    describe_counter!("mesh_limiter_rejected_total", "Calls the rate limiter rejected with RESOURCE_EXHAUSTED.");
-    describe_gauge!("mesh_limiter_callers", "Callers with a budget of their own (per-caller limits).");
-    describe_counter!("mesh_endpoint_calls_total", "Attempts sent to an endpoint.");
-    describe_counter!("mesh_endpoint_failures_total", "Attempts that failed at an endpoint.");
-    describe_gauge!("mesh_endpoint_up", "1 while an endpoint has a connection, else 0.");
-    describe_gauge!("mesh_breaker_state", "An endpoint's circuit breaker: 0 closed, 1 half-open, 2 open.");
-    describe_counter!("mesh_breaker_transitions_total", "Changes of state of an endpoint's circuit breaker.");
-    describe_gauge!("mesh_service_breaker_state", "The service's circuit breaker: 0 closed, 1 half-open, 2 open.");
-    describe_counter!("mesh_service_breaker_transitions_total", "Changes of state of the service's circuit breaker.");
-    describe_counter!("mesh_retries_total", "Retries made.");
-    describe_counter!("mesh_retry_budget_exhausted_total", "Retries refused because the retry budget was spent.");
-    describe_gauge!("mesh_discovery_endpoints", "Endpoints discovery knows of.");
-    describe_gauge!("mesh_discovery_staleness_seconds", "Seconds since etcd last confirmed discovery's view.");
-    describe_counter!("mesh_discovery_malformed_total", "Registrations skipped because they did not parse.");
     describe_gauge!("mesh_config_revision", "etcd revision of the configuration applied; 0 for file and flags alone.");
     describe_counter!("mesh_config_applied_total", "Configuration documents applied.");
     describe_counter!("mesh_config_rejections_total", "Configuration documents refused.");

@@ -25,9 +25,11 @@
 //! ```
 
 mod calls;
+mod collect;
 mod exporter;
 
-pub use calls::{CallMetrics, CallMetricsLayer, ResponseFuture, Side};
+pub use calls::{CallCounts, CallMetrics, CallMetricsLayer, ResponseFuture, Side};
+pub use collect::{Collector, Families, collector};
 pub use exporter::{Exporter, MetricsError, install, installed};
 
 /// The README's example, compiled (and run, unless marked `no_run`) as a doctest.

@@ -347,6 +347,7 @@ struct Client {
     _reloading: Option<mesh_tls::Reloader>,
     /// Serves and samples the metrics while the client runs.
     _metrics: Vec<tokio_util::task::AbortOnDropHandle<()>>,
+    _collector: Option<mesh_metrics::Collector>,
 }
 
 async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
@@ -392,10 +393,15 @@ async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
         }
         None => None,
     };
-    if !metrics.is_empty() {
-        metrics.push(crate::stack::sample_metrics(&mesh));
-    }
-    Ok(Client { mesh, timeout: live_timeout, _following: following, _reloading: reloading, _metrics: metrics })
+    let collector = (!metrics.is_empty()).then(|| crate::stack::collect_metrics(&mesh));
+    Ok(Client {
+        mesh,
+        timeout: live_timeout,
+        _following: following,
+        _reloading: reloading,
+        _metrics: metrics,
+        _collector: collector,
+    })
 }
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {

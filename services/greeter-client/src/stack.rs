@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
 use mesh_balancer::{BalancedChannel, Balancer, BalancerConfig, Endpoint, EndpointSet};
-use mesh_metrics::{CallMetrics, CallMetricsLayer, Side};
+use mesh_metrics::{CallCounts, CallMetrics, CallMetricsLayer, Side};
 use std::time::Duration;
 
 use mesh_breaker::{
@@ -17,8 +17,8 @@ use mesh_retry::{InvalidRetryPolicy, Retry, RetryHandle, RetryLayer, RetryPolicy
 use tonic::transport::Channel;
 use tower_layer::Layer as _;
 
-/// Each endpoint's stack under the balancer: its channel behind its own breaker.
-pub type EndpointStack = Breaker<Channel, GrpcClassifier>;
+/// Each endpoint's stack under the balancer: its channel, counted, behind its own breaker.
+pub type EndpointStack = Breaker<CallMetrics<Channel>, GrpcClassifier>;
 
 /// What generated clients call: service breaker → retries → balancer → endpoint breakers.
 pub type MeshChannel = CallMetrics<Breaker<Retry<BalancedChannel<EndpointStack>>, GrpcClassifier>>;
@@ -82,6 +82,8 @@ pub struct Mesh {
     /// Retries made and refused.
     pub retries: Arc<RetryStats>,
     endpoint_breakers: Arc<Mutex<HashMap<String, BreakerHandle>>>,
+    /// Each endpoint's attempts by method and code, with metrics on.
+    endpoint_calls: Arc<Mutex<HashMap<String, CallCounts>>>,
     /// The settings of endpoint breakers, for the endpoints still to come too.
     endpoint_config: Arc<Mutex<BreakerConfig>>,
     retry: RetryHandle,
@@ -104,13 +106,22 @@ impl Mesh {
         let retry_layer = RetryLayer::try_new(resilience.retry.clone())?;
         let endpoint_breakers: Arc<Mutex<HashMap<String, BreakerHandle>>> = Arc::default();
         let handles = endpoint_breakers.clone();
+        let endpoint_calls: Arc<Mutex<HashMap<String, CallCounts>>> = Arc::default();
+        let calls = endpoint_calls.clone();
         let balanced = Balancer::spawn_with(
             config,
             move |endpoint: &Endpoint, channel| {
                 // A new endpoint takes the settings in force now (checked when they were set).
                 let layer = BreakerLayer::try_new(endpoint_service.clone(), lock(&current).clone())
                     .unwrap_or_else(|_| endpoint_layer.clone());
-                let breaker = layer.with_name(endpoint.address.clone()).layer(channel);
+                // Attempts by endpoint, method and code, under the breaker: what was sent.
+                // Written by `collect_metrics` for the endpoints the balancer has now.
+                let counting = CallMetricsLayer::for_collector(Side::Client);
+                if let Some(counts) = counting.counts() {
+                    lock(&calls).insert(endpoint.id.clone(), counts);
+                }
+                let counted = counting.layer(channel);
+                let breaker = layer.with_name(endpoint.address.clone()).layer(counted);
                 lock(&handles).insert(endpoint.id.clone(), breaker.handle());
                 breaker
             },
@@ -128,6 +139,7 @@ impl Mesh {
             channel,
             balanced,
             endpoint_breakers,
+            endpoint_calls,
             endpoint_config,
             discovery: None,
         })
@@ -170,43 +182,90 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What the stack counts, as metrics, once a second until dropped: per endpoint its calls,
-/// failures, connection and breaker; the service's breaker; retries and the budget; and
-/// discovery's endpoints and staleness.
-pub fn sample_metrics(mesh: &Mesh) -> tokio_util::task::AbortOnDropHandle<()> {
+/// What the stack counts, as metrics read at each scrape while the returned collector
+/// lives: per endpoint its connection, attempts, failures and breaker; the service's breaker;
+/// retries and the budget; and discovery's endpoints and staleness. An endpoint that leaves
+/// the set leaves the scrape with it.
+pub fn collect_metrics(mesh: &Mesh) -> mesh_metrics::Collector {
     let mesh = mesh.clone();
-    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        let retries = metrics::counter!("mesh_retries_total");
-        let exhausted = metrics::counter!("mesh_retry_budget_exhausted_total");
-        let service = mesh.balanced.service().to_string();
-        loop {
-            for e in mesh.balanced.endpoints() {
-                let labels = [("endpoint", e.address.clone())];
-                metrics::counter!("mesh_endpoint_calls_total", &labels).absolute(e.requests);
-                metrics::counter!("mesh_endpoint_failures_total", &labels).absolute(e.failures);
-                let up = e.state == mesh_balancer::EndpointState::Ready;
-                metrics::gauge!("mesh_endpoint_up", &labels).set(if up { 1.0 } else { 0.0 });
-                if let Some(breaker) = mesh.endpoint_breaker(&e.id) {
-                    metrics::gauge!("mesh_breaker_state", &labels).set(state_number(breaker.state()));
-                    metrics::counter!("mesh_breaker_transitions_total", &labels).absolute(breaker.transitions());
-                }
+    mesh_metrics::collector(move |out| {
+        let service = mesh.balanced.service();
+        let endpoints = mesh.balanced.endpoints();
+        let mut calls = lock(&mesh.endpoint_calls);
+        // Counts of endpoints gone from the set go too (one that comes back starts afresh).
+        calls.retain(|id, _| endpoints.iter().any(|e| &e.id == id));
+        for e in endpoints {
+            let labels = [("service", service), ("endpoint", e.address.as_str())];
+            if let Some(counts) = calls.get(&e.id) {
+                out.calls(
+                    "mesh_client_endpoint_calls_total",
+                    "Attempts sent to an endpoint, by method and gRPC code.",
+                    &labels,
+                    counts,
+                );
             }
-            let labels = [("service", service.clone())];
-            metrics::gauge!("mesh_service_breaker_state", &labels).set(state_number(mesh.service_breaker.state()));
-            metrics::counter!("mesh_service_breaker_transitions_total", &labels)
-                .absolute(mesh.service_breaker.transitions());
-            retries.absolute(mesh.retries.retries());
-            exhausted.absolute(mesh.retries.budget_exhausted());
-            if let Some(discovery) = &mesh.discovery {
-                let status = discovery.borrow().clone();
-                metrics::gauge!("mesh_discovery_endpoints", &labels).set(status.endpoints as f64);
-                metrics::counter!("mesh_discovery_malformed_total", &labels).absolute(status.malformed);
-                let stale = status.view.as_ref().and_then(|v| v.staleness()).map_or(f64::NAN, |d| d.as_secs_f64());
-                metrics::gauge!("mesh_discovery_staleness_seconds", &labels).set(stale);
+            let up = e.state == mesh_balancer::EndpointState::Ready;
+            out.gauge(
+                "mesh_endpoint_up",
+                "1 while an endpoint has a connection, else 0.",
+                &labels,
+                f64::from(u8::from(up)),
+            );
+            out.counter("mesh_endpoint_requests_total", "Attempts sent to an endpoint.", &labels, e.requests);
+            out.counter("mesh_endpoint_failures_total", "Attempts that failed at an endpoint.", &labels, e.failures);
+            if let Some(breaker) = mesh.endpoint_breaker(&e.id) {
+                out.gauge(
+                    "mesh_breaker_state",
+                    "An endpoint's circuit breaker: 0 closed, 1 half-open, 2 open.",
+                    &labels,
+                    state_number(breaker.state()),
+                );
+                out.counter(
+                    "mesh_breaker_transitions_total",
+                    "Changes of state of an endpoint's circuit breaker.",
+                    &labels,
+                    breaker.transitions(),
+                );
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-    }))
+        let labels = [("service", service)];
+        out.gauge(
+            "mesh_service_breaker_state",
+            "The service's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            &labels,
+            state_number(mesh.service_breaker.state()),
+        );
+        out.counter(
+            "mesh_service_breaker_transitions_total",
+            "Changes of state of the service's circuit breaker.",
+            &labels,
+            mesh.service_breaker.transitions(),
+        );
+        out.counter("mesh_retries_total", "Retries made.", &labels, mesh.retries.retries());
+        out.counter(
+            "mesh_retry_budget_exhausted_total",
+            "Retries refused because the retry budget was spent.",
+            &labels,
+            mesh.retries.budget_exhausted(),
+        );
+        if let Some(discovery) = &mesh.discovery {
+            let status = discovery.borrow().clone();
+            out.gauge("mesh_discovery_endpoints", "Endpoints discovery knows of.", &labels, status.endpoints as f64);
+            out.counter(
+                "mesh_discovery_malformed_total",
+                "Registrations skipped because they did not parse.",
+                &labels,
+                status.malformed,
+            );
+            let stale = status.view.as_ref().and_then(|v| v.staleness()).map_or(f64::NAN, |d| d.as_secs_f64());
+            out.gauge(
+                "mesh_discovery_staleness_seconds",
+                "Seconds since etcd last confirmed discovery's view; NaN before it first did.",
+                &labels,
+                stale,
+            );
+        }
+    })
 }
 
 /// A breaker's state as a number: 0 closed, 1 half-open, 2 open.

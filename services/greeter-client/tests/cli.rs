@@ -244,7 +244,12 @@ async fn a_running_client_serves_metrics_whose_call_counter_moves_between_two_sc
     let calls = value(&second, "mesh_client_calls_total", &[method, ok]).expect("the call counter");
     assert!(calls > first.0, "the call counter did not move: {} then {calls}", first.0);
     assert_eq!(value(&second, "mesh_endpoint_up", &[]), Some(1.0), "{second:#?}");
-    assert!(value(&second, "mesh_endpoint_calls_total", &[]).is_some_and(|n| n > 0.0), "{second:#?}");
+    assert!(value(&second, "mesh_endpoint_requests_total", &[]).is_some_and(|n| n > 0.0), "{second:#?}");
+    let endpoint = format!(r#"endpoint="{}""#, server.uri().trim_start_matches("http://"));
+    assert!(
+        value(&second, "mesh_client_endpoint_calls_total", &[&endpoint, method, ok]).is_some_and(|n| n > 0.0),
+        "calls by endpoint, method and code: {second:#?}"
+    );
     assert_eq!(value(&second, "mesh_breaker_state", &[]), Some(0.0));
     assert_eq!(value(&second, "mesh_retries_total", &[]), Some(0.0));
     assert!(value(&second, "mesh_client_call_duration_seconds_count", &[method]).is_some_and(|n| n >= calls));

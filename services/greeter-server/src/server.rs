@@ -307,9 +307,7 @@ pub async fn serve(
     {
         warn!("log level {level:?} not applied: {e}");
     }
-    let _limiter_metrics = options
-        .metrics
-        .then(|| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(limiter_metrics(limiter.handle()))));
+    let _limiter_metrics = options.metrics.then(|| limiter_metrics(limiter.handle()));
     let applier = tokio::spawn(apply_changes(
         options.config.clone(),
         limiter.handle(),
@@ -428,17 +426,32 @@ async fn apply_changes(
     }
 }
 
-/// The limiter's counts as metrics, once a second.
-async fn limiter_metrics(limits: mesh_limiter::LimiterHandle) {
-    let admitted = metrics::counter!("mesh_limiter_admitted_total");
-    let rejected = metrics::counter!("mesh_limiter_rejected_total");
-    let callers = metrics::gauge!("mesh_limiter_callers");
-    loop {
-        admitted.absolute(limits.admitted());
-        rejected.absolute(limits.rejected());
-        callers.set(limits.callers() as f64);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+/// The limiter's counts as metrics, read at each scrape while the collector lives: admitted
+/// and rejected calls by the scope whose budget decided them, and the callers told apart.
+fn limiter_metrics(limits: mesh_limiter::LimiterHandle) -> mesh_metrics::Collector {
+    mesh_metrics::collector(move |out| {
+        for scope in mesh_limiter::Scope::ALL {
+            let labels = [("scope", scope.as_str())];
+            out.counter(
+                "mesh_limiter_admitted_total",
+                "Calls the rate limiter admitted, by the budget that decided: server, method or caller.",
+                &labels,
+                limits.admitted_in(scope),
+            );
+            out.counter(
+                "mesh_limiter_rejected_total",
+                "Calls the rate limiter rejected with RESOURCE_EXHAUSTED, by the budget that decided.",
+                &labels,
+                limits.rejected_in(scope),
+            );
+        }
+        out.gauge(
+            "mesh_limiter_callers",
+            "Callers with a budget of their own (per-caller limits).",
+            &[],
+            limits.callers() as f64,
+        );
+    })
 }
 
 /// Completes on SIGINT or SIGTERM.

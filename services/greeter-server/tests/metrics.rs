@@ -49,7 +49,7 @@ async fn a_scrape_shows_calls_by_method_and_code_their_latency_and_the_limiter_m
     let say_hello = r#"method="/greeter.v1.Greeter/SayHello""#;
     let samples = mesh_testkit::eventually("the limiter's counts to be sampled", Duration::from_secs(5), || async {
         let samples = scrape(&metrics).await?;
-        (value(&samples, "mesh_limiter_admitted_total", &[]) == Some(4.0)).then_some(samples)
+        (value(&samples, "mesh_limiter_admitted_total", &[r#"scope="server""#]) == Some(4.0)).then_some(samples)
     })
     .await
     .expect("scraped");
@@ -61,7 +61,8 @@ async fn a_scrape_shows_calls_by_method_and_code_their_latency_and_the_limiter_m
     );
     assert_eq!(value(&samples, "mesh_server_call_duration_seconds_count", &[say_hello]), Some(4.0), "{samples:#?}");
     assert_eq!(value(&samples, "mesh_server_call_duration_seconds_bucket", &[say_hello, r#"le="+Inf""#]), Some(4.0));
-    assert_eq!(value(&samples, "mesh_limiter_rejected_total", &[]), Some(0.0));
+    assert_eq!(value(&samples, "mesh_limiter_rejected_total", &[r#"scope="server""#]), Some(0.0));
+    assert_eq!(value(&samples, "mesh_limiter_admitted_total", &[r#"scope="method""#]), Some(0.0));
 
     let (status, _) = get(&metrics, "/other").await.expect("a request");
     assert_eq!(status, "HTTP/1.1 404 Not Found");

@@ -4,7 +4,7 @@ use super::*;
 use crate::config::CallerKey;
 
 fn bucket_of(table: &Table, path: &str, caller: Option<Caller<'_>>) -> Arc<Bucket> {
-    table.with_bucket(path, caller, Arc::clone)
+    table.with_bucket(path, caller, |b, _| Arc::clone(b))
 }
 
 fn per_caller(max_callers: usize) -> LimiterConfig {
