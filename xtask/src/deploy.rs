@@ -10,6 +10,7 @@
 //!   mounted secret, and the termination grace covers preStop + shutdown grace + drain.
 //! - The Dockerfile copies paths that exist, builds packages of this workspace, and copies
 //!   out the binaries it built.
+//! - docs/OPERATING.md names every flag and `MESH_*` variable of both services.
 //! - The etcd configurations run: the one-member file and the three member files start a
 //!   real etcd (on loopback ports instead of their hosts') that becomes healthy.
 
@@ -48,6 +49,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
     println!("deploy-check: systemd: MESH_* variables exist; the stop timeout covers grace and drain");
     dockerfile(&root, &deploy.join("docker/Dockerfile"))?;
     println!("deploy-check: Dockerfile: its COPY sources exist, it builds workspace binaries and copies them out");
+    let subcommands =
+        [Cli::read(&bin.join("greeter-server"), &["config"])?, Cli::read(&bin.join("greeter-client"), &["bench"])?];
+    operators_guide(&root.join("docs").join("OPERATING.md"), [&server, &client].into_iter().chain(&subcommands))?;
+    println!("deploy-check: docs/OPERATING.md names every flag and MESH_* variable of both services");
     etcd_configs(&root, &deploy.join("etcd"))?;
     println!("deploy-check: etcd: the one-member and three-member configurations run and become healthy");
     Ok(())
@@ -103,6 +108,22 @@ impl Cli {
         }
         Ok(())
     }
+}
+
+/// The operator's guide names every flag and variable the binaries accept.
+fn operators_guide<'a>(path: &Path, clis: impl Iterator<Item = &'a Cli>) -> anyhow::Result<()> {
+    let guide = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    for cli in clis {
+        for flag in &cli.flags {
+            if flag != "help" && flag != "version" {
+                ensure!(guide.contains(&format!("`--{flag}`")), "{}: no `--{flag}` of {}", path.display(), cli.name);
+            }
+        }
+        for var in &cli.env {
+            ensure!(guide.contains(var.as_str()), "{}: no {var} of {}", path.display(), cli.name);
+        }
+    }
+    Ok(())
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
