@@ -432,9 +432,16 @@ async fn a_running_server_applies_a_new_greeting_limit_and_log_level_and_refuses
     })
     .await;
     assert!(applied.is_ok(), "{}", s1.log());
-    // The limit applies too: 1 per second with a burst of 1, so the next call is over it.
-    let status = greet(client.clone()).await.expect_err("over the limit");
-    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    // The limit applies too: 1 per second with a burst of 1, so of ten calls in a row at most
+    // a couple pass (on a loaded machine a second may pass between two of them).
+    let mut rejected = Vec::new();
+    for _ in 0..10 {
+        if let Err(status) = greet(client.clone()).await {
+            rejected.push(status.code());
+        }
+    }
+    assert!(rejected.len() >= 5, "the 1/s limit rejected only {} of 10 calls", rejected.len());
+    assert!(rejected.iter().all(|&c| c == tonic::Code::ResourceExhausted), "{rejected:?}");
 
     // A bad document: `validate` and `apply` refuse it and write nothing.
     let bad = dir.path().join("bad.json");
