@@ -11,7 +11,6 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http_body::Frame;
 use pin_project_lite::pin_project;
-use tonic::body::Body;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -281,6 +280,12 @@ impl CallMetricsLayer {
         }
     }
 
+    /// A layer that records nothing and passes calls through, for a process that turned
+    /// metrics off but wants one service type either way.
+    pub fn off() -> Self {
+        CallMetricsLayer { table: None }
+    }
+
     /// A layer that counts calls by method and code (it does not time them) and whose counts
     /// are not in the per-method metrics of every scrape but are written by a [`crate::collector`] that holds its [`CallMetricsLayer::counts`], with the
     /// labels it chooses and only while it chooses to: say, the calls to each endpoint a
@@ -330,7 +335,7 @@ where
     ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    type Response = http::Response<Body>;
+    type Response = http::Response<RecordingBody<ResB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -386,7 +391,7 @@ where
     ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    type Output = Result<http::Response<Body>, E>;
+    type Output = Result<http::Response<RecordingBody<ResB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -396,16 +401,17 @@ where
         Poll::Ready(match result {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
-                // A trailers-only response carries its status in its headers; without a
-                // recorder the body passes as it is (no new box for a tonic Body).
-                let body = match (record, mesh_util::grpc::grpc_status(&parts.headers)) {
-                    (None, _) => Body::new(body),
+                // A trailers-only response carries its status in its headers; otherwise the
+                // body records the call at its end. Not boxed: whoever needs one box (a
+                // balancer, a breaker) makes it, and a generated client takes any body.
+                let record = match (record, mesh_util::grpc::grpc_status(&parts.headers)) {
                     (Some(mut record), Some(code)) => {
                         record.finish(code);
-                        Body::new(body)
+                        None
                     }
-                    (record, None) => Body::new(RecordingBody { inner: body, record }),
+                    (record, _) => record,
                 };
+                let body = RecordingBody { inner: body, record };
                 Ok(http::Response::from_parts(parts, body))
             }
             Err(e) => {
@@ -419,9 +425,11 @@ where
 }
 
 pin_project! {
-    /// A response body that records the call at its end: its trailers' status, UNKNOWN for
-    /// an end without one, UNAVAILABLE for an error.
-    struct RecordingBody<B> {
+    /// The response body of [`CallMetrics`]: the inner body, which records the call at its
+    /// end (its trailers' status, UNKNOWN for an end without one, UNAVAILABLE for an error)
+    /// unless the call was recorded already.
+    #[derive(Debug)]
+    pub struct RecordingBody<B> {
         #[pin]
         inner: B,
         record: Option<Record>,

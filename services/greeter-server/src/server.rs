@@ -327,7 +327,7 @@ pub async fn serve(
             .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
             .http2_keepalive_interval(Some(limits.keepalive_interval).filter(|d| !d.is_zero()))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .layer(tower::util::option_layer(options.metrics.then(|| CallMetricsLayer::new(Side::Server))))
+            .layer(if options.metrics { CallMetricsLayer::new(Side::Server) } else { CallMetricsLayer::off() })
             .layer(limiter)
             .add_service(health_service)
             .add_service(reflection_v1)
