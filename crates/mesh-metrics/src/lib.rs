@@ -6,9 +6,13 @@
 //!   process, and [`Exporter::serve`] answers scrapes of `/metrics` in Prometheus' text
 //!   format.
 //!
-//! Anything else a process wants to export goes through the same facade
-//! (`metrics::gauge!("…").set(…)`); the services sample what mesh's other crates count
-//! (breakers, retries, the limiter, discovery, configuration) that way.
+//! - [`collector`]: a function called at each scrape that writes the current values of what
+//!   it watches; a series is then in the scrape exactly as long as its source exists. The
+//!   services read mesh's other crates that way (each endpoint of a balancer with its breaker
+//!   and calls by code, the limiter per scope, retries, discovery).
+//!
+//! Anything else a process wants to export goes through the `metrics` facade
+//! (`metrics::gauge!("…").set(…)`), as the configuration's revision does.
 //!
 //! ```
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
