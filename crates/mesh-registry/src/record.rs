@@ -1,8 +1,9 @@
 //! The Instance record, its key and its value in etcd.
 //!
 //! Key: `{root}/services/{service}/{instance_id}`. Value: the JSON shape of etcd's Go naming
-//! package (`go.etcd.io/etcd/client/v3/naming/endpoints.Update`), so Go clients that dial
-//! `etcd:///mesh/services/greeter` find our servers and we find Go servers:
+//! package (`go.etcd.io/etcd/client/v3/naming/endpoints.Update`), so Go clients of etcd's
+//! gRPC resolver find our servers and we find Go servers (a Go client dials
+//! `etcd:////mesh/services/greeter`: the resolver drops the first `/` of the path):
 //!
 //! ```json
 //! {"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"weight":100,"zone":"eu-1a","version":"0.3.0","instance":"10.0.0.5:50051","tls":true}}

@@ -1,0 +1,212 @@
+//! Interoperability with the real Go libraries: Go greeter-servers that register with etcd's
+//! `endpoints.Manager`, and a Go client that finds servers through etcd's gRPC resolver
+//! (`interop/go`, built here with the `go` command), beside greeter-servers and mesh's client,
+//! against a real etcd.
+//!
+//! These tests need Go (the version interop/go/go.mod names, or newer). `cargo xtask test`
+//! leaves them out, saying so in one line, on a machine without it; run here without Go they
+//! fail saying how to get it, never pass.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use greeter_client::{Mesh, Resilience};
+use mesh_balancer::Strategy;
+use mesh_etcd_local::Signal;
+use mesh_proto::pb::HelloRequest;
+use mesh_proto::pb::greeter_client::GreeterClient;
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds interop/go's two commands once per test process; their directory.
+fn go_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let module = root().join("interop").join("go");
+        let out = root().join("target").join("go-interop");
+        let go = std::env::var_os("GO").unwrap_or_else(|| "go".into());
+        let built = Command::new(&go)
+            .current_dir(&module)
+            .args(["build", "-mod=readonly", "-buildvcs=false", "-o"])
+            .arg(&out)
+            .arg("./cmd/...")
+            .output();
+        match built {
+            Ok(o) if o.status.success() => out,
+            Ok(o) => panic!("`go build` in interop/go failed: {}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => panic!(
+                "these tests need Go (interop/go/go.mod names the version) and `go` could not be run: {e}; \
+                 install it, or let `cargo xtask test` leave them out"
+            ),
+        }
+    })
+}
+
+/// A process of ours, killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGTERM, and its exit status within 15 s.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        mesh_etcd_local::signal(self.child.id(), Signal::Term).expect("SIGTERM");
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "{} did not stop on SIGTERM:\n{}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(name: &str, mut cmd: Command) -> Proc {
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.reopen().expect("log handle"))
+        .stderr(log.reopen().expect("log handle"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    Proc { name: name.into(), child, log }
+}
+
+/// A Go greeter-server registered by endpoints.Manager as `instance` at `addr`.
+fn go_server(etcd: &mesh_testkit::Etcd, instance: &str, addr: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(go_bin().join("go-greeter-server"));
+    cmd.args(["-listen", addr, "-instance", instance, "-etcd", &etcd.endpoints().join(","), "-ttl", "3"]);
+    cmd.args(["-grace", "300ms"]).args(extra);
+    spawn(instance, cmd)
+}
+
+/// A greeter-server registered by mesh-registry as `instance` at `addr`.
+fn rust_server(etcd: &mesh_testkit::Etcd, instance: &str, addr: &str) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_greeter-server"));
+    cmd.args(["--listen", addr, "--instance-id", instance, "--etcd", &etcd.endpoints().join(",")]);
+    cmd.args(["--ttl", "3s", "--shutdown-grace", "300ms", "--no-config"]).env("RUST_LOG", "info");
+    spawn(instance, cmd)
+}
+
+fn free_addr() -> String {
+    format!("127.0.0.1:{}", mesh_etcd_local::free_port().expect("port"))
+}
+
+/// Waits until `names` are all registered under /mesh/services/greeter/.
+async fn registered(etcd: &mesh_testkit::Etcd, names: &[&str], procs: &[&Proc]) {
+    let found = mesh_testkit::eventually("the servers to register", Duration::from_secs(20), || async {
+        for name in names {
+            etcd.get(&format!("/mesh/services/greeter/{name}")).await.ok()??;
+        }
+        Some(())
+    })
+    .await;
+    if found.is_err() {
+        let logs: Vec<String> = procs.iter().map(|p| format!("--- {}:\n{}", p.name, p.log())).collect();
+        panic!("{names:?} did not all register within 20 s\n{}", logs.join("\n"));
+    }
+}
+
+/// `count` calls through mesh's client stack with `strategy`, discovering greeter in etcd;
+/// replies per served_by, and the failures.
+async fn rust_calls(etcd: &mesh_testkit::Etcd, strategy: Strategy, count: usize) -> (BTreeMap<String, u64>, u64) {
+    let mesh: Mesh = greeter_client::discovered(
+        &etcd.endpoints().join(","),
+        "/mesh",
+        "greeter",
+        strategy,
+        &Resilience::default(),
+        None,
+    )
+    .await
+    .expect("discovered");
+    let mut client = GreeterClient::new(mesh.channel.clone());
+    let (mut by, mut failed) = (BTreeMap::new(), 0);
+    for _ in 0..count {
+        match client.say_hello(HelloRequest { name: "interop".into() }).await {
+            Ok(reply) => *by.entry(reply.into_inner().served_by).or_default() += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (by, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_interop_servers_registered_by_endpoints_manager_are_balanced_by_mesh_with_each_strategy_and_their_weight_honoured()
+ {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let a = go_server(&etcd, "go-a", &free_addr(), &[]);
+    let b = go_server(&etcd, "go-b", &free_addr(), &["-weight", "3"]);
+    registered(&etcd, &["go-a", "go-b"], &[&a, &b]).await;
+    // What Go wrote, as Go wrote it: the shape mesh-registry writes too.
+    let value = etcd.get("/mesh/services/greeter/go-b").await.expect("get").expect("present");
+    assert!(value.contains(r#""Metadata":{"instance":"go-b","version":"go","weight":3}"#), "{value}");
+
+    for name in ["round_robin", "random", "weighted", "consistent_hash", "p2c", "p2c_ewma"] {
+        let strategy: Strategy = name.parse().expect("a strategy");
+        let (by, failed) = rust_calls(&etcd, strategy, 40).await;
+        assert_eq!(failed, 0, "{name}: {by:?}");
+        assert_eq!(by.values().sum::<u64>(), 40, "{name}: {by:?}");
+        match name {
+            "round_robin" => assert_eq!((by.get("go-a"), by.get("go-b")), (Some(&20), Some(&20)), "{by:?}"),
+            // Go's weight 3 beside no weight (1): exactly 10 and 30 of 40.
+            "weighted" => assert_eq!((by.get("go-a"), by.get("go-b")), (Some(&10), Some(&30)), "{by:?}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_interop_client_finds_greeter_servers_through_etcds_resolver_and_a_sigtermed_one_leaves_without_a_lost_call()
+{
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let r1 = rust_server(&etcd, "rs-1", &free_addr());
+    let r2 = rust_server(&etcd, "rs-2", &free_addr());
+    registered(&etcd, &["rs-1", "rs-2"], &[&r1, &r2]).await;
+
+    // etcd's resolver drops the first "/" of the target's path, so keys under "/mesh/…" are
+    // reached with four slashes; and grpc-go would send that path as :authority, which
+    // hyper refuses (PROTOCOL_ERROR), so the Go client names the service as its authority.
+    let mut go = Command::new(go_bin().join("go-greeter-client"));
+    go.args(["-etcd", &etcd.endpoints().join(","), "-target", "etcd:////mesh/services/greeter"]);
+    go.args(["-authority", "greeter", "-duration", "4s", "-interval", "5ms", "-timeout", "2s"]);
+    let client = spawn("go-greeter-client", go);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = r2.terminate();
+    assert!(status.success(), "rs-2 exited with {status}");
+    let mut client = client;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = client.child.wait().expect("wait");
+        (status, client.log())
+    })
+    .await
+    .expect("join");
+    let (status, out) = status;
+    assert!(status.success(), "the Go client failed calls: {out}");
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["failed"], 0, "{out}");
+    assert!(report["served_by"]["rs-1"].as_u64().is_some_and(|n| n > 0), "{out}");
+    assert!(report["served_by"]["rs-2"].as_u64().is_some_and(|n| n > 0), "rs-2 served before it left: {out}");
+    drop(r1);
+}
