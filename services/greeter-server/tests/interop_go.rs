@@ -101,10 +101,10 @@ fn go_server(etcd: &mesh_testkit::Etcd, instance: &str, addr: &str, extra: &[&st
 }
 
 /// A greeter-server registered by mesh-registry as `instance` at `addr`.
-fn rust_server(etcd: &mesh_testkit::Etcd, instance: &str, addr: &str) -> Proc {
+fn rust_server(etcd: &mesh_testkit::Etcd, instance: &str, addr: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_greeter-server"));
     cmd.args(["--listen", addr, "--instance-id", instance, "--etcd", &etcd.endpoints().join(",")]);
-    cmd.args(["--ttl", "3s", "--shutdown-grace", "300ms", "--no-config"]).env("RUST_LOG", "info");
+    cmd.args(["--ttl", "3s", "--shutdown-grace", "300ms", "--no-config"]).args(extra).env("RUST_LOG", "info");
     spawn(instance, cmd)
 }
 
@@ -130,16 +130,18 @@ async fn registered(etcd: &mesh_testkit::Etcd, names: &[&str], procs: &[&Proc]) 
 /// `count` calls through mesh's client stack with `strategy`, discovering greeter in etcd;
 /// replies per served_by, and the failures.
 async fn rust_calls(etcd: &mesh_testkit::Etcd, strategy: Strategy, count: usize) -> (BTreeMap<String, u64>, u64) {
-    let mesh: Mesh = greeter_client::discovered(
-        &etcd.endpoints().join(","),
-        "/mesh",
-        "greeter",
-        strategy,
-        &Resilience::default(),
-        None,
-    )
-    .await
-    .expect("discovered");
+    calls_through(&discover(etcd, strategy, None).await, count).await
+}
+
+async fn discover(etcd: &mesh_testkit::Etcd, strategy: Strategy, tls: Option<mesh_tls::ClientTls>) -> Mesh {
+    let etcd = etcd.endpoints().join(",");
+    greeter_client::discovered(&etcd, "/mesh", "greeter", strategy, &Resilience::default(), tls)
+        .await
+        .expect("discovered")
+}
+
+/// `count` calls through `mesh`: replies per served_by, and the failures.
+async fn calls_through(mesh: &Mesh, count: usize) -> (BTreeMap<String, u64>, u64) {
     let mut client = GreeterClient::new(mesh.channel.clone());
     let (mut by, mut failed) = (BTreeMap::new(), 0);
     for _ in 0..count {
@@ -180,8 +182,8 @@ async fn go_interop_servers_registered_by_endpoints_manager_are_balanced_by_mesh
 async fn go_interop_client_finds_greeter_servers_through_etcds_resolver_and_a_sigtermed_one_leaves_without_a_lost_call()
 {
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
-    let r1 = rust_server(&etcd, "rs-1", &free_addr());
-    let r2 = rust_server(&etcd, "rs-2", &free_addr());
+    let r1 = rust_server(&etcd, "rs-1", &free_addr(), &[]);
+    let r2 = rust_server(&etcd, "rs-2", &free_addr(), &[]);
     registered(&etcd, &["rs-1", "rs-2"], &[&r1, &r2]).await;
 
     // etcd's resolver drops the first "/" of the target's path, so keys under "/mesh/…" are
@@ -209,4 +211,101 @@ async fn go_interop_client_finds_greeter_servers_through_etcds_resolver_and_a_si
     assert!(report["served_by"]["rs-1"].as_u64().is_some_and(|n| n > 0), "{out}");
     assert!(report["served_by"]["rs-2"].as_u64().is_some_and(|n| n > 0), "rs-2 served before it left: {out}");
     drop(r1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_interop_a_mixed_fleet_restarted_one_by_one_under_mesh_loses_no_call() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let names = ["go-1", "rs-1", "go-2", "rs-2"];
+    let addrs: Vec<String> = names.iter().map(|_| free_addr()).collect();
+    let start = |i: usize| {
+        if names[i].starts_with("go") {
+            go_server(&etcd, names[i], &addrs[i], &[])
+        } else {
+            rust_server(&etcd, names[i], &addrs[i], &[])
+        }
+    };
+    let mut fleet: Vec<Option<Proc>> = (0..names.len()).map(|i| Some(start(i))).collect();
+    let procs: Vec<&Proc> = fleet.iter().flatten().collect();
+    registered(&etcd, &names, &procs).await;
+
+    let mesh = discover(&etcd, Strategy::RoundRobin, None).await;
+    let calling = tokio::sync::watch::channel(true);
+    let caller = {
+        let (mesh, running) = (mesh.clone(), calling.1.clone());
+        tokio::spawn(async move {
+            let mut client = GreeterClient::new(mesh.channel.clone());
+            let (mut served, mut failures) = (Vec::new(), Vec::new());
+            while *running.borrow() {
+                match client.say_hello(HelloRequest { name: "fleet".into() }).await {
+                    Ok(reply) => served.push(reply.into_inner().served_by),
+                    Err(status) => failures.push(status),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (served, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..names.len() {
+        let old = fleet[i].take().expect("running");
+        let status = tokio::task::spawn_blocking(move || old.terminate()).await.expect("join");
+        assert!(status.success(), "{} exited with {status} on SIGTERM", names[i]);
+        fleet[i] = Some(start(i));
+        let procs: Vec<&Proc> = fleet.iter().flatten().collect();
+        registered(&etcd, &[names[i]], &procs).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = calling.0.send(false);
+    let (served, failures) = caller.await.expect("caller");
+    assert!(
+        failures.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failures.len(),
+        served.len() + failures.len(),
+        failures
+    );
+    let tail = &served[served.len() * 3 / 4..];
+    for name in names {
+        assert!(
+            tail.iter().any(|s| s == name),
+            "{name} served nothing after the restarts: {:?}",
+            &tail[..10.min(tail.len())]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_interop_with_tls_the_go_client_calls_greeter_servers_and_mesh_calls_go_servers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = mesh_testkit::pki::Pki::create(dir.path(), "interop").expect("CA");
+    let cert = pki
+        .issue("server", "greeter", &["127.0.0.1", "greeter"], mesh_testkit::pki::Validity::Current)
+        .expect("certificate");
+    let (cert_path, key_path) = (cert.cert.to_str().expect("utf-8"), cert.key.to_str().expect("utf-8"));
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let go = go_server(&etcd, "go-tls", &free_addr(), &["-tls-cert", cert_path, "-tls-key", key_path]);
+    let rs = rust_server(&etcd, "rs-tls", &free_addr(), &["--tls-cert", cert_path, "--tls-key", key_path]);
+    registered(&etcd, &["go-tls", "rs-tls"], &[&go, &rs]).await;
+    let value = etcd.get("/mesh/services/greeter/go-tls").await.expect("get").expect("present");
+    assert!(value.contains(r#""tls":true"#), "the Go server says it speaks TLS: {value}");
+
+    // mesh's client, trusting the CA, calls both over TLS.
+    let tls = mesh_tls::ClientTls::load(pki.ca_file(), None).expect("client TLS");
+    let (by, failed) = calls_through(&discover(&etcd, Strategy::RoundRobin, Some(tls)).await, 20).await;
+    assert_eq!((failed, by.get("go-tls"), by.get("rs-tls")), (0, Some(&10), Some(&10)), "{by:?}");
+
+    // The Go client, trusting the same CA, calls both over TLS.
+    let ca = pki.ca_file();
+    let mut cmd = Command::new(go_bin().join("go-greeter-client"));
+    cmd.args(["-etcd", &etcd.endpoints().join(","), "-target", "etcd:////mesh/services/greeter"]);
+    cmd.args(["-authority", "greeter", "-tls-ca", ca.to_str().expect("utf-8"), "-count", "20", "-timeout", "3s"]);
+    let out = cmd.output().expect("run the Go client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(report["failed"], 0, "{text}");
+    assert!(report["served_by"]["go-tls"].as_u64().is_some_and(|n| n > 0), "{text}");
+    assert!(report["served_by"]["rs-tls"].as_u64().is_some_and(|n| n > 0), "{text}");
 }
