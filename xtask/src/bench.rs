@@ -319,13 +319,21 @@ fn run_all(opts: &Opts, bins: &Bins) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server under h2load: its label and the flags of `greeter-server` (none: the bare tonic
-/// greeter).
+/// A server under h2load: its label and what runs it.
 struct H2Side {
     label: &'static str,
-    greeter_args: Option<Vec<String>>,
+    server: H2Server,
     /// Whether h2load dials it over TLS.
     tls: bool,
+}
+
+enum H2Server {
+    /// The bare tonic greeter.
+    Bare,
+    /// greeter-server with these flags.
+    Greeter(Vec<String>),
+    /// interop/go's grpc-go greeter-server, not registered.
+    GrpcGo(PathBuf),
 }
 
 /// One h2load run against one server.
@@ -335,6 +343,8 @@ struct H2Sample {
     p99_us: f64,
     /// Server CPU time per request, in microseconds.
     cpu_us: f64,
+    /// The server's write system calls per request (`syscw` of /proc/PID/io).
+    writes: f64,
 }
 
 /// `SayHello { name: "bench" }` as a gRPC message: no compression, length, protobuf.
@@ -353,6 +363,15 @@ fn cpu_us(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(11)? + ticks(12)?) * 10_000.0)
 }
 
+/// Write system calls (write, writev) a process has made, from /proc/PID/io.
+fn write_calls(pid: u32) -> anyhow::Result<f64> {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).with_context(|| format!("reading /proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no syscw in /proc io")
+}
+
 /// One h2load run: `c` connections, `m` streams each, for `secs` seconds.
 fn h2load_run(h2load: &std::path::Path, target: &str, c: u32, m: u32, secs: u64, pid: u32) -> anyhow::Result<H2Sample> {
     let dir = util::root().join("target").join("bench");
@@ -369,9 +388,10 @@ fn h2load_run(h2load: &std::path::Path, target: &str, c: u32, m: u32, secs: u64,
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .arg(format!("--log-file={}", log.display()))
         .arg(format!("{target}/greeter.v1.Greeter/SayHello"));
-    let before = cpu_us(pid)?;
+    let (before, writes_before) = (cpu_us(pid)?, write_calls(pid)?);
     let out = util::output(&mut cmd)?;
     let cpu = cpu_us(pid)? - before;
+    let writes = write_calls(pid)? - writes_before;
     let number_after = |key: &str| -> anyhow::Result<f64> {
         let at = out.find(key).with_context(|| format!("no {key:?} in h2load's output: {out}"))?;
         let tail = out[at + key.len()..].trim_start();
@@ -389,7 +409,7 @@ fn h2load_run(h2load: &std::path::Path, target: &str, c: u32, m: u32, secs: u64,
     let _ = fs::remove_file(&log);
     latencies.sort_by(f64::total_cmp);
     let p99 = latencies.get(latencies.len().saturating_sub(1) * 99 / 100).copied().unwrap_or(0.0);
-    Ok(H2Sample { throughput: done / secs as f64, p99_us: p99, cpu_us: cpu / done })
+    Ok(H2Sample { throughput: done / secs as f64, p99_us: p99, cpu_us: cpu / done, writes: writes / done })
 }
 
 /// The server side alone, driven by h2load (which, unlike a tonic client, does not saturate
@@ -412,19 +432,36 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
     let mut with_tls = limiter.clone();
     with_tls.extend(["--tls-cert".into(), cert.cert.display().to_string()]);
     with_tls.extend(["--tls-key".into(), cert.key.display().to_string()]);
-    let sides = [
-        H2Side { label: "bare tonic", greeter_args: None, tls: false },
-        H2Side { label: "greeter-server", greeter_args: Some(limiter), tls: false },
-        H2Side { label: "greeter-server, no limiter", greeter_args: Some(Vec::new()), tls: false },
-        H2Side { label: "greeter-server, TLS", greeter_args: Some(with_tls), tls: true },
+    let mut sides = vec![
+        H2Side { label: "bare tonic", server: H2Server::Bare, tls: false },
+        H2Side { label: "greeter-server", server: H2Server::Greeter(limiter), tls: false },
+        H2Side { label: "greeter-server, no limiter", server: H2Server::Greeter(Vec::new()), tls: false },
+        H2Side { label: "greeter-server, TLS", server: H2Server::Greeter(with_tls), tls: true },
     ];
+    // E: a current grpc-go greeter (interop/go), when this machine has the Go to build it.
+    let grpc_go = util::build_go_interop();
+    match &grpc_go {
+        Ok(dir) => sides.push(H2Side { label: "grpc-go", server: H2Server::GrpcGo(dir.clone()), tls: false }),
+        Err(why) => eprintln!("  no grpc-go column: {why}"),
+    }
     let mut running = Vec::new();
     for side in &sides {
-        let kind = if side.greeter_args.is_some() { ServerKind::Greeter } else { ServerKind::Bare };
         let port = mesh_etcd_local::free_port()?;
         let addr = format!("127.0.0.1:{port}");
-        let mut cmd = server_command(kind, bins, &addr);
-        cmd.args(side.greeter_args.iter().flatten()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut cmd = match &side.server {
+            H2Server::Bare => server_command(ServerKind::Bare, bins, &addr),
+            H2Server::Greeter(args) => {
+                let mut cmd = server_command(ServerKind::Greeter, bins, &addr);
+                cmd.args(args);
+                cmd
+            }
+            H2Server::GrpcGo(dir) => {
+                let mut cmd = pinned(0, dir.join("go-greeter-server"));
+                cmd.args(["-listen", &addr, "-no-register", "-instance", "grpc-go"]);
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().with_context(|| format!("starting the {} server", side.label))?;
         let pid = child.id();
         let scheme = if side.tls { "https" } else { "http" };
@@ -442,6 +479,12 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
          | point | A req/s | B req/s | B/A | C/A | B/C (limiter) | A p99 µs | B p99 µs | A CPU µs/req | B CPU µs/req | B/A CPU | D req/s | D/B (TLS) | D p99 µs |\n\
          |---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|---|---:|\n",
         opts.runs
+    );
+    let mut grpc_go_table = String::from(
+        "E = a current grpc-go greeter (interop/go, grpc-go as go.mod pins it), same load generator, same rounds. \
+         Writes are the server's write system calls per request (/proc/PID/io syscw).\n\n\
+         | point | E req/s | A/E | B/E | E p99 µs | E CPU µs/req | A writes/req | B writes/req | E writes/req |\n\
+         |---|---:|---|---|---:|---:|---:|---:|---:|\n",
     );
     for (c, m) in [(1u32, 1u32), (1, 16), (4, 16)] {
         let mut samples: Vec<Vec<H2Sample>> = vec![Vec::new(); sides.len()];
@@ -480,8 +523,25 @@ fn h2load_table(opts: &Opts, bins: &Bins) -> anyhow::Result<String> {
             ratio(1, 3, |s| s.throughput),
             med(3, |s| s.p99_us),
         );
+        if sides.len() > 4 {
+            let _ = writeln!(
+                grpc_go_table,
+                "| c{c} m{m} | {:.0} | {} | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} |",
+                med(4, |s| s.throughput),
+                ratio(4, 0, |s| s.throughput),
+                ratio(4, 1, |s| s.throughput),
+                med(4, |s| s.p99_us),
+                med(4, |s| s.cpu_us),
+                med(0, |s| s.writes),
+                med(1, |s| s.writes),
+                med(4, |s| s.writes),
+            );
+        }
     }
     md.push_str("\ntargets: B/A ≥ 0.97 and B/A CPU ≤ 1.05 at every point; B/C ≥ 0.98; D/B (TLS on vs off) ≥ 0.90\n\n");
+    if grpc_go.is_ok() {
+        md.push_str(&grpc_go_table);
+    }
     Ok(md)
 }
 

@@ -52,3 +52,48 @@ pub(crate) fn no_args(rest: &[String]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Whether `go` (or `$GO`) is at least the version interop/go/go.mod names; why not if not.
+pub(crate) fn go_toolchain() -> Result<(), String> {
+    let go_mod = root().join("interop").join("go").join("go.mod");
+    let text = std::fs::read_to_string(&go_mod).map_err(|e| format!("reading {}: {e}", go_mod.display()))?;
+    let needed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("go "))
+        .map(str::trim)
+        .ok_or_else(|| format!("{} names no Go version", go_mod.display()))?;
+    let go = std::env::var_os("GO").unwrap_or_else(|| "go".into());
+    let out = Command::new(&go)
+        .args(["env", "GOVERSION"])
+        .output()
+        .map_err(|e| format!("no Go toolchain (`go` could not be run: {e}); go.mod needs go {needed}"))?;
+    let have = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("go").to_string();
+    if !out.status.success() || version(&have) < version(needed) {
+        return Err(format!("Go {have} is older than the go {needed} interop/go/go.mod needs"));
+    }
+    Ok(())
+}
+
+/// "1.26.8" as numbers, for comparing; a pre-release tail ("rc1") is dropped.
+fn version(v: &str) -> Vec<u64> {
+    v.split('.').map(|p| p.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap_or(0)).collect()
+}
+
+/// Builds interop/go's commands (the Go greeter-server and client) into target/go-interop/;
+/// that directory, or why not.
+pub(crate) fn build_go_interop() -> Result<PathBuf, String> {
+    go_toolchain()?;
+    let out = root().join("target").join("go-interop");
+    let go = std::env::var_os("GO").unwrap_or_else(|| "go".into());
+    let built = Command::new(go)
+        .current_dir(root().join("interop").join("go"))
+        .args(["build", "-mod=readonly", "-buildvcs=false", "-o"])
+        .arg(&out)
+        .arg("./cmd/...")
+        .output()
+        .map_err(|e| format!("running go build: {e}"))?;
+    if !built.status.success() {
+        return Err(format!("go build in interop/go failed: {}", String::from_utf8_lossy(&built.stderr).trim()));
+    }
+    Ok(out)
+}
