@@ -84,6 +84,8 @@ fn version(v: &str) -> Vec<u64> {
 pub(crate) fn build_go_interop() -> Result<PathBuf, String> {
     go_toolchain()?;
     let out = root().join("target").join("go-interop");
+    // `go build -o DIR` of several commands needs DIR to exist.
+    std::fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     let go = std::env::var_os("GO").unwrap_or_else(|| "go".into());
     let built = Command::new(go)
         .current_dir(root().join("interop").join("go"))

@@ -25,26 +25,37 @@ fn root() -> PathBuf {
 }
 
 /// Builds interop/go's two commands once per test process; their directory.
+///
+/// Test processes run side by side: each builds into a directory of its own (Go's build
+/// cache makes all but the first build quick), then renames the binaries into place, which
+/// is atomic and leaves a binary another test is running intact.
 fn go_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let module = root().join("interop").join("go");
         let out = root().join("target").join("go-interop");
+        let own = out.join(format!(".build-{}", std::process::id()));
+        std::fs::create_dir_all(&own).unwrap_or_else(|e| panic!("creating {}: {e}", own.display()));
         let go = std::env::var_os("GO").unwrap_or_else(|| "go".into());
         let built = Command::new(&go)
             .current_dir(&module)
             .args(["build", "-mod=readonly", "-buildvcs=false", "-o"])
-            .arg(&out)
+            .arg(&own)
             .arg("./cmd/...")
             .output();
         match built {
-            Ok(o) if o.status.success() => out,
+            Ok(o) if o.status.success() => {}
             Ok(o) => panic!("`go build` in interop/go failed: {}", String::from_utf8_lossy(&o.stderr)),
             Err(e) => panic!(
                 "these tests need Go (interop/go/go.mod names the version) and `go` could not be run: {e}; \
                  install it, or let `cargo xtask test` leave them out"
             ),
         }
+        for name in ["go-greeter-server", "go-greeter-client"] {
+            std::fs::rename(own.join(name), out.join(name)).unwrap_or_else(|e| panic!("placing {name}: {e}"));
+        }
+        let _ = std::fs::remove_dir_all(&own);
+        out
     })
 }
 
