@@ -148,16 +148,14 @@ fn private_etcd(logs: &Path) -> anyhow::Result<DemoEtcd> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let mut etcd = DemoEtcd::Private { spec, child };
-    if let DemoEtcd::Private { spec, .. } = &etcd
-        && let Err(e) = spec.wait_healthy(Duration::from_secs(30))
-    {
+    let healthy = spec.wait_healthy(Duration::from_secs(30));
+    let (pid, urls) = (child.id(), spec.client_urls().join(","));
+    let etcd = DemoEtcd::Private { spec, child };
+    if let Err(e) = healthy {
         let _ = stop_etcd(etcd);
         bail!("{e}; see {}", log_path.display());
     }
-    if let DemoEtcd::Private { spec, child } = &mut etcd {
-        say!("etcd is up (pid {}): {} (its own, on free ports)", child.id(), spec.client_urls().join(","));
-    }
+    say!("etcd is up (pid {pid}): {urls} (its own, on free ports)");
     Ok(etcd)
 }
 
@@ -172,11 +170,7 @@ fn stop_etcd(etcd: DemoEtcd) -> anyhow::Result<()> {
             }
         }
         DemoEtcd::Private { spec, mut child } => {
-            let _ = mesh_etcd_local::signal(child.id(), Signal::Term);
-            if !mesh_etcd_local::wait_until(Duration::from_secs(10), || matches!(child.try_wait(), Ok(Some(_)))) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            util::terminate(&mut child, Duration::from_secs(10));
             for m in &spec.members {
                 let _ = fs::remove_dir_all(&m.data_dir);
             }

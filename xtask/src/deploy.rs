@@ -394,11 +394,7 @@ fn etcd_configs(root: &Path, dir: &Path) -> anyhow::Result<()> {
             Ok(())
         })();
         for mut m in members {
-            let _ = mesh_etcd_local::signal(m.id(), mesh_etcd_local::Signal::Term);
-            if !mesh_etcd_local::wait_until(Duration::from_secs(10), || matches!(m.try_wait(), Ok(Some(_)))) {
-                let _ = m.kill();
-            }
-            let _ = m.wait();
+            util::terminate(&mut m, Duration::from_secs(10));
         }
         result?;
     }

@@ -37,6 +37,15 @@ pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// SIGTERM to `child`, and SIGKILL if it has not exited within `within`; reaped either way.
+pub(crate) fn terminate(child: &mut std::process::Child, within: std::time::Duration) {
+    let _ = mesh_etcd_local::signal(child.id(), mesh_etcd_local::Signal::Term);
+    if !mesh_etcd_local::wait_until(within, || matches!(child.try_wait(), Ok(Some(_)))) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
 pub(crate) fn shown(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {

@@ -271,13 +271,11 @@ impl CallMetricsLayer {
     /// [`crate::install`]; a layer made before that (or without it) passes calls through at
     /// no cost and records nothing.
     pub fn new(side: Side) -> Self {
-        match Self::unregistered(side, true) {
-            CallMetricsLayer { table: Some(table) } => {
-                TABLES.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&table));
-                CallMetricsLayer { table: Some(table) }
-            }
-            off => off,
+        let layer = Self::unregistered(side, true);
+        if let Some(table) = &layer.table {
+            TABLES.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(table));
         }
+        layer
     }
 
     /// A layer that records nothing and passes calls through, for a process that turned

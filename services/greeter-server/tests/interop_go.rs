@@ -119,6 +119,28 @@ fn rust_server(etcd: &mesh_testkit::Etcd, instance: &str, addr: &str, extra: &[&
     spawn(instance, cmd)
 }
 
+/// The Go client, finding greeter through etcd's resolver, with `args`.
+///
+/// etcd's resolver drops the first "/" of the target's path, so keys under "/mesh/…" are
+/// reached with four slashes; and grpc-go would send that path as :authority, which hyper
+/// refuses (PROTOCOL_ERROR), so the client names the service as its authority.
+fn go_client(etcd: &mesh_testkit::Etcd, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(go_bin().join("go-greeter-client"));
+    cmd.args(["-etcd", &etcd.endpoints().join(","), "-target", "etcd:////mesh/services/greeter"]);
+    cmd.args(["-authority", "greeter"]).args(args);
+    spawn("go-greeter-client", cmd)
+}
+
+/// Waits for the Go client to end, and checks it exited 0: its JSON report, and its whole
+/// output for messages.
+async fn go_report(mut client: Proc) -> (serde_json::Value, String) {
+    let (status, out) =
+        tokio::task::spawn_blocking(move || (client.child.wait().expect("wait"), client.log())).await.expect("join");
+    assert!(status.success(), "the Go client failed calls: {out}");
+    let report = serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    (report, out)
+}
+
 fn free_addr() -> String {
     format!("127.0.0.1:{}", mesh_etcd_local::free_port().expect("port"))
 }
@@ -197,31 +219,14 @@ async fn go_interop_client_finds_greeter_servers_through_etcds_resolver_and_a_si
     let r2 = rust_server(&etcd, "rs-2", &free_addr(), &[]);
     registered(&etcd, &["rs-1", "rs-2"], &[&r1, &r2]).await;
 
-    // etcd's resolver drops the first "/" of the target's path, so keys under "/mesh/…" are
-    // reached with four slashes; and grpc-go would send that path as :authority, which
-    // hyper refuses (PROTOCOL_ERROR), so the Go client names the service as its authority.
-    let mut go = Command::new(go_bin().join("go-greeter-client"));
-    go.args(["-etcd", &etcd.endpoints().join(","), "-target", "etcd:////mesh/services/greeter"]);
-    go.args(["-authority", "greeter", "-duration", "4s", "-interval", "5ms", "-timeout", "2s"]);
-    let client = spawn("go-greeter-client", go);
+    let client = go_client(&etcd, &["-duration", "4s", "-interval", "5ms", "-timeout", "2s"]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = r2.terminate();
     assert!(status.success(), "rs-2 exited with {status}");
-    let mut client = client;
-    let status = tokio::task::spawn_blocking(move || {
-        let status = client.child.wait().expect("wait");
-        (status, client.log())
-    })
-    .await
-    .expect("join");
-    let (status, out) = status;
-    assert!(status.success(), "the Go client failed calls: {out}");
-    let report: serde_json::Value =
-        serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let (report, out) = go_report(client).await;
     assert_eq!(report["failed"], 0, "{out}");
     assert!(report["served_by"]["rs-1"].as_u64().is_some_and(|n| n > 0), "{out}");
     assert!(report["served_by"]["rs-2"].as_u64().is_some_and(|n| n > 0), "rs-2 served before it left: {out}");
-    drop(r1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,14 +314,9 @@ async fn go_interop_with_tls_the_go_client_calls_greeter_servers_and_mesh_calls_
 
     // The Go client, trusting the same CA, calls both over TLS.
     let ca = pki.ca_file();
-    let mut cmd = Command::new(go_bin().join("go-greeter-client"));
-    cmd.args(["-etcd", &etcd.endpoints().join(","), "-target", "etcd:////mesh/services/greeter"]);
-    cmd.args(["-authority", "greeter", "-tls-ca", ca.to_str().expect("utf-8"), "-count", "20", "-timeout", "3s"]);
-    let out = cmd.output().expect("run the Go client");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
-    assert_eq!(report["failed"], 0, "{text}");
-    assert!(report["served_by"]["go-tls"].as_u64().is_some_and(|n| n > 0), "{text}");
-    assert!(report["served_by"]["rs-tls"].as_u64().is_some_and(|n| n > 0), "{text}");
+    let client = go_client(&etcd, &["-tls-ca", ca.to_str().expect("utf-8"), "-count", "20", "-timeout", "3s"]);
+    let (report, out) = go_report(client).await;
+    assert_eq!(report["failed"], 0, "{out}");
+    assert!(report["served_by"]["go-tls"].as_u64().is_some_and(|n| n > 0), "{out}");
+    assert!(report["served_by"]["rs-tls"].as_u64().is_some_and(|n| n > 0), "{out}");
 }
