@@ -69,6 +69,9 @@ pub struct ResolverStatus {
     pub endpoints: usize,
     /// Values skipped because they did not parse, since the start.
     pub malformed: u64,
+    /// Whether endpoints known before an etcd rebuild are still kept beside what etcd holds
+    /// (the settle period).
+    pub settling: bool,
 }
 
 impl EtcdResolver {
@@ -174,6 +177,7 @@ impl EtcdResolver {
             status_tx.send_modify(|s| {
                 s.endpoints = n;
                 s.malformed = malformed;
+                s.settling = settling;
             });
         }
     }

@@ -40,6 +40,23 @@ pub fn find_etcdctl() -> Option<PathBuf> {
         .or_else(|| on_path("etcdctl"))
 }
 
+/// Finds the tool that restores an etcd snapshot into a data directory: `ETCDUTL_BIN` if
+/// set, else `etcdutl` beside the etcd binary or on `PATH` (etcd 3.5 and later), else
+/// etcdctl, whose `snapshot restore` does the same up to etcd 3.5. Returns the binary and
+/// whether it is etcdutl.
+pub fn find_snapshot_restorer() -> Option<(PathBuf, bool)> {
+    if let Some(bin) = env::var_os("ETCDUTL_BIN") {
+        return Some((PathBuf::from(bin), true)).filter(|(p, _)| is_executable(p));
+    }
+    find_etcd()
+        .ok()
+        .and_then(|etcd| etcd.parent().map(|dir| dir.join("etcdutl")))
+        .filter(|p| is_executable(p))
+        .or_else(|| on_path("etcdutl"))
+        .map(|p| (p, true))
+        .or_else(|| find_etcdctl().map(|p| (p, false)))
+}
+
 /// Finds etcd, installing it first where this machine allows (see [`install_etcd`]).
 pub fn ensure_etcd() -> Result<PathBuf, Error> {
     match find_etcd() {

@@ -41,7 +41,7 @@ pub mod pki;
 mod secure;
 
 pub use error::Error;
-pub use find::{INSTALL_HINT, ensure_etcd, ensure_tool, find_etcd, find_etcdctl, install_etcd};
+pub use find::{INSTALL_HINT, ensure_etcd, ensure_tool, find_etcd, find_etcdctl, find_snapshot_restorer, install_etcd};
 pub use health::{gateway_post, is_healthy, wait_until};
 pub use launch::{ClusterSpec, MemberSpec, Signal, free_port, process_is_etcd, signal, start_member};
 pub use secure::{

@@ -69,6 +69,9 @@ pub struct ViewStatus {
     pub confirmed_at: Option<Instant>,
     /// How many times the set was listed (the first listing counts).
     pub resets: u64,
+    /// How many of those listings found etcd restored or rebuilt (another cluster id, or a
+    /// revision behind the view's).
+    pub rebuilds: u64,
     /// The last error, while out of sync.
     pub last_error: Option<String>,
 }
@@ -154,6 +157,7 @@ impl ListWatch {
             revision,
             confirmed_at: None,
             resets: 0,
+            rebuilds: 0,
             last_error: None,
         });
         let backoff = Backoff::new(Duration::from_millis(100), etcd.options().retry_backoff_max);
@@ -255,6 +259,7 @@ impl ListWatch {
                     s.revision = listing.revision;
                     s.confirmed_at = Some(Instant::now());
                     s.resets += 1;
+                    s.rebuilds += u64::from(rebuilt);
                 });
                 debug!(prefix = %self.prefix, keys = listing.kvs.len(), revision = listing.revision, "listed");
                 Some(WatchEvent::Reset { kvs: listing.kvs, revision: listing.revision, rebuilt })

@@ -139,6 +139,18 @@ impl Etcd {
         self.wait_healthy(START_TIMEOUT).await
     }
 
+    /// `kill -9` every member, then starts them all again on their data dirs, as after a
+    /// power cut; waits until they are healthy.
+    pub async fn restart_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.size() {
+            self.kill(i)?;
+        }
+        for i in 0..self.size() {
+            self.spawn(i)?;
+        }
+        self.wait_healthy(START_TIMEOUT).await
+    }
+
     /// Restarts a one-member etcd on an empty data dir and the same ports: a new cluster,
     /// with a new cluster id, revision 1 and no keys, as after a disaster without backup.
     pub async fn restart_fresh(&mut self) -> Result<(), Error> {
@@ -203,6 +215,14 @@ impl Etcd {
         revision(&resp, &format!("put {key}"))
     }
 
+    /// Puts `key` = `value` through member `i`'s gateway (a follower forwards it to the
+    /// leader); returns the revision of the put.
+    pub async fn put_on(&self, i: usize, key: &str, value: impl AsRef<[u8]>) -> Result<i64, Error> {
+        let body = json!({"key": B64.encode(key), "value": B64.encode(value)});
+        let resp = self.call_member(i, "/v3/kv/put", body).await?;
+        revision(&resp, &format!("put {key}"))
+    }
+
     /// Gets the value of `key`, if present.
     pub async fn get(&self, key: &str) -> Result<Option<String>, Error> {
         let kvs = self.range(json!({"key": B64.encode(key)}), key).await?;
@@ -238,6 +258,56 @@ impl Etcd {
         let body = json!({"key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string()});
         let resp = self.call("/v3/kv/put", body).await?;
         revision(&resp, &format!("put {key}"))
+    }
+
+    /// Puts `key` = `value` keeping the lease the key has (`etcdctl put --ignore-lease`): an
+    /// overwrite that a lease-holder's keepalive does not notice.
+    pub async fn put_ignore_lease(&self, key: &str, value: impl AsRef<[u8]>) -> Result<i64, Error> {
+        let body = json!({"key": B64.encode(key), "value": B64.encode(value), "ignore_lease": true});
+        let resp = self.call("/v3/kv/put", body).await?;
+        revision(&resp, &format!("put --ignore-lease {key}"))
+    }
+
+    /// Runs `ops` in one transaction (`etcdctl txn`): a watcher gets every event in one
+    /// response at one revision. Returns that revision.
+    pub async fn txn(&self, ops: &[TxnOp]) -> Result<i64, Error> {
+        let success: Vec<Value> = ops
+            .iter()
+            .map(|op| match op {
+                TxnOp::Put(k, v) => json!({"request_put": {"key": B64.encode(k), "value": B64.encode(v)}}),
+                TxnOp::Delete(k) => json!({"request_delete_range": {"key": B64.encode(k)}}),
+                TxnOp::DeletePrefix(p) => json!({"request_delete_range": {
+                    "key": B64.encode(p),
+                    "range_end": B64.encode(mesh_etcd_local::prefix_end(p.as_bytes())),
+                }}),
+            })
+            .collect();
+        let resp = self.call("/v3/kv/txn", json!({"success": success})).await?;
+        revision(&resp, "txn")
+    }
+
+    /// Every key under `prefix` with the revision of the store when they were read.
+    pub async fn get_prefix_with_revision(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), Error> {
+        let body =
+            json!({"key": B64.encode(prefix), "range_end": B64.encode(mesh_etcd_local::prefix_end(prefix.as_bytes()))});
+        let resp = self.call("/v3/kv/range", body).await?;
+        let at = revision(&resp, &format!("get --prefix {prefix}"))?;
+        Ok((kvs(&resp, prefix)?, at))
+    }
+
+    /// The cluster id and the store revision, as the first running member reports them.
+    pub async fn status(&self) -> Result<Status, Error> {
+        let resp = self.call("/v3/maintenance/status", json!({})).await?;
+        Ok(Status {
+            cluster_id: number(&resp["header"]["cluster_id"]).unwrap_or(0) as u64,
+            revision: revision(&resp, "status")?,
+        })
+    }
+
+    /// The index of a running member that is not the leader.
+    pub async fn follower(&self) -> Result<usize, Error> {
+        let leader = self.leader().await?;
+        self.live().find(|&i| i != leader).ok_or_else(|| Error::Usage("no running member besides the leader".into()))
     }
 
     /// Grants a lease of `ttl_secs`; returns its id.
@@ -300,17 +370,17 @@ impl Etcd {
         Ok(())
     }
 
-    fn signal(&self, i: usize, sig: Signal) -> Result<(), Error> {
+    pub(crate) fn signal(&self, i: usize, sig: Signal) -> Result<(), Error> {
         let pid = self.pid(i).ok_or_else(|| Error::Usage(format!("etcd member {i} is not running")))?;
         Ok(mesh_etcd_local::signal(pid, sig)?)
     }
 
-    fn member_mut(&mut self, i: usize) -> Result<&mut Member, Error> {
+    pub(crate) fn member_mut(&mut self, i: usize) -> Result<&mut Member, Error> {
         let n = self.members.len();
         self.members.get_mut(i).ok_or_else(|| Error::Usage(format!("no etcd member {i} in a cluster of {n}")))
     }
 
-    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+    pub(crate) fn live(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.members.len()).filter(|&i| self.members[i].child.is_some() && !self.members[i].paused)
     }
 
@@ -334,21 +404,11 @@ impl Etcd {
 
     async fn range(&self, body: Value, what: &str) -> Result<Vec<KeyValue>, Error> {
         let resp = self.call("/v3/kv/range", body).await?;
-        let kvs = resp["kvs"].as_array().cloned().unwrap_or_default();
-        kvs.iter()
-            .map(|kv| {
-                Ok(KeyValue {
-                    key: decode(&kv["key"]).map_err(|d| gateway_err(what, d))?,
-                    value: decode(&kv["value"]).map_err(|d| gateway_err(what, d))?,
-                    mod_revision: number(&kv["mod_revision"]).unwrap_or(0),
-                    lease: number(&kv["lease"]).unwrap_or(0),
-                })
-            })
-            .collect()
+        kvs(&resp, what)
     }
 
     /// Calls the gateway on the first running member that answers.
-    async fn call(&self, path: &str, body: Value) -> Result<Value, Error> {
+    pub(crate) async fn call(&self, path: &str, body: Value) -> Result<Value, Error> {
         let mut last = None;
         for i in self.live() {
             match self.call_member(i, path, body.clone()).await {
@@ -383,7 +443,41 @@ impl Drop for Etcd {
     }
 }
 
-fn gateway_err(call: &str, detail: String) -> Error {
+/// One operation of [`Etcd::txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    /// Put a key (no lease).
+    Put(String, String),
+    /// Delete a key.
+    Delete(String),
+    /// Delete every key under a prefix.
+    DeletePrefix(String),
+}
+
+/// What [`Etcd::status`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// The cluster's id.
+    pub cluster_id: u64,
+    /// The store's revision.
+    pub revision: i64,
+}
+
+fn kvs(resp: &Value, what: &str) -> Result<Vec<KeyValue>, Error> {
+    let kvs = resp["kvs"].as_array().cloned().unwrap_or_default();
+    kvs.iter()
+        .map(|kv| {
+            Ok(KeyValue {
+                key: decode(&kv["key"]).map_err(|d| gateway_err(what, d))?,
+                value: decode(&kv["value"]).map_err(|d| gateway_err(what, d))?,
+                mod_revision: number(&kv["mod_revision"]).unwrap_or(0),
+                lease: number(&kv["lease"]).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn gateway_err(call: &str, detail: String) -> Error {
     Error::Gateway { call: call.to_string(), detail }
 }
 
@@ -399,12 +493,12 @@ fn revision(resp: &Value, call: &str) -> Result<i64, Error> {
     number(&resp["header"]["revision"]).ok_or_else(|| gateway_err(call, format!("no revision in {resp}")))
 }
 
-fn decode(v: &Value) -> Result<String, String> {
+pub(crate) fn decode(v: &Value) -> Result<String, String> {
     let s = v.as_str().unwrap_or_default();
     B64.decode(s).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| format!("bad base64 {s:?}: {e}"))
 }
 
-fn tail(path: &std::path::Path) -> String {
+pub(crate) fn tail(path: &std::path::Path) -> String {
     let text = File::open(path)
         .ok()
         .and_then(|mut f| {

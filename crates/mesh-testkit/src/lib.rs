@@ -2,7 +2,9 @@
 //!
 //! - [`Etcd`]: one member or a three-member cluster of the real `etcd` binary on free
 //!   loopback ports in a temp dir, waited on until healthy and killed on drop, with the faults
-//!   tests need: kill -9, SIGSTOP/SIGCONT, restart on the same or a fresh data dir, compaction.
+//!   tests need: kill -9, SIGSTOP/SIGCONT, a member slowed down, restart on the same or a
+//!   fresh data dir, a snapshot saved and restored, compaction, overwrites that keep a lease,
+//!   transactions of several puts and deletes.
 //!   It reads and writes keys through etcd's own JSON gateway, independently of the code
 //!   under test, so a test can write a value exactly as a Go program would.
 //! - [`TestServer`]: any tonic service served on `127.0.0.1:0`, with a graceful shutdown and
@@ -28,14 +30,16 @@ mod greeter;
 pub mod prometheus;
 mod secure;
 mod server;
+mod snapshot;
 mod wait;
 
 pub use error::Error;
-pub use etcd::{Etcd, KeyValue};
+pub use etcd::{Etcd, KeyValue, Status, TxnOp};
 pub use greeter::NamedGreeter;
 pub use mesh_etcd_local::pki;
 pub use secure::{Credentials, SecureOptions};
 pub use server::TestServer;
+pub use snapshot::Slowdown;
 pub use wait::eventually;
 
 /// The README's example, compiled (and run, unless marked `no_run`) as a doctest.
