@@ -202,6 +202,9 @@ struct Session {
     /// The watch showed the key held deleted or replaced: read it to tell a real loss
     /// from an event older than our own put.
     verify: bool,
+    /// The watch showed the key under our lease with a value that is not ours (an
+    /// `etcdctl put --ignore-lease`): put ours back over the key at this revision.
+    repair: Option<i64>,
     /// What the key holds, as the watch or a read last showed it; `None` until known.
     view: Option<Option<KeyValue>>,
     /// The key changed under an attempt, or another live instance holds it: wait until the
@@ -266,7 +269,7 @@ impl Keeper {
         let mut s = Session::default();
         let mut retry_at = Instant::now();
         loop {
-            let act = if s.holding { s.refresh_due || s.verify } else { !s.waiting };
+            let act = if s.holding { s.refresh_due || s.verify || s.repair.is_some() } else { !s.waiting };
             // A step that is due runs at once: tokio's timer would only fire on its next
             // millisecond tick.
             if act && retry_at <= Instant::now() {
@@ -274,6 +277,8 @@ impl Keeper {
                     self.acquire(&mut s).await
                 } else if s.verify {
                     self.verify(&mut s).await
+                } else if let Some(revision) = s.repair {
+                    self.repair(&mut s, revision).await
                 } else {
                     self.refresh(&mut s).await
                 };
@@ -332,6 +337,7 @@ impl Keeper {
         s.ever_held = true;
         s.refresh_due = false;
         s.verify = false;
+        s.repair = None;
         s.conflict_logged = None;
         let id = s.lease.unwrap_or_default();
         if std::mem::take(&mut s.warned) {
@@ -383,6 +389,19 @@ impl Keeper {
             }
         }
         s.view = Some(now);
+        Ok(())
+    }
+
+    /// Puts our value back over one someone wrote under our lease, if the key is still at
+    /// `revision`; otherwise the watch shows what it became, and we decide again.
+    async fn repair(&self, s: &mut Session, revision: i64) -> Result<(), Failed> {
+        let put = self.etcd.put_if(&self.key, self.value.as_bytes(), s.lease, revision);
+        let done = self.bounded("put", put).await?;
+        s.repair = None;
+        if done.is_some() {
+            warn!(key = %self.key, "our key held another value under our lease; put ours back");
+            self.state.send_modify(|st| st.puts += 1);
+        }
         Ok(())
     }
 
@@ -462,17 +481,30 @@ impl Keeper {
             WatchEvent::Delete { .. } => None,
         };
         s.waiting = false;
+        s.repair = None;
         if s.holding && now.as_ref().is_none_or(|kv| Some(kv.lease) != s.lease) {
             // The event may predate our own put (revisions cannot tell: etcd may have been
             // rebuilt since), so read the key before giving it up.
             s.verify = true;
+        } else if let Some(kv) = now.as_ref().filter(|kv| s.holding && kv.value != self.value.as_bytes()) {
+            s.repair = Some(kv.mod_revision);
         }
         s.view = Some(now);
     }
 
     fn lease_lost(&self, s: &mut Session) {
-        if let Some(id) = s.lease.take() {
-            warn!(key = %self.key, lease = %format!("{id:x}"), "lease lost (expired, revoked, or etcd lost its data); registering again");
+        match s.lease.take() {
+            Some(id) if s.holding => warn!(
+                key = %self.key,
+                lease = %format!("{id:x}"),
+                "lease lost (expired, revoked, or etcd lost its data); registering again"
+            ),
+            // A lease granted for a put that found the key taken, and left to expire while
+            // waiting for it: nothing was lost.
+            Some(id) => {
+                debug!(key = %self.key, lease = %format!("{id:x}"), "the lease granted before waiting expired; granting another")
+            }
+            None => {}
         }
         s.keepalive = None;
         s.holding = false;

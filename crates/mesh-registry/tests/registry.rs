@@ -77,6 +77,27 @@ async fn a_deleted_key_is_back_within_1s() {
 }
 
 #[tokio::test]
+async fn an_overwrite_that_keeps_our_lease_is_replaced_by_our_own_value() {
+    // `etcdctl put --ignore-lease`: the key stays under our lease, so the keepalive never
+    // notices; the self-watch must, and put our value back.
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let reg = registrar(&etcd, 10).spawn(&instance(50061));
+    assert!(reg.wait_registered(Duration::from_secs(5)).await);
+    let ours = etcd.get(reg.key()).await.expect("get").expect("registered");
+    let lease = reg.state().borrow().lease;
+    etcd.put_ignore_lease(reg.key(), r#"{"Op":0,"Addr":"127.0.0.1:2"}"#).await.expect("overwrite");
+    // Well within one TTL (10 s): the repair comes from the watch, not from a lease expiring.
+    eventually("our value back", Duration::from_secs(5), || async {
+        (etcd.get(reg.key()).await.ok().flatten().as_deref() == Some(ours.as_str())).then_some(())
+    })
+    .await
+    .expect("repaired");
+    let held = holder(&etcd, reg.key()).await.expect("held");
+    assert_eq!(Some(held.lease), lease, "under the same lease");
+    assert_eq!(reg.state().borrow().puts, 2, "one put, one repair: {:?}", reg.state().borrow());
+}
+
+#[tokio::test]
 async fn dropped_without_deregistering_the_key_expires_within_ttl_plus_1s() {
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
     let reg = registrar(&etcd, 2).spawn(&instance(50054));
