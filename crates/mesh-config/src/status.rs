@@ -65,6 +65,26 @@ impl StatusReport {
         ttl: Duration,
         status: watch::Receiver<ConfigStatus>,
     ) -> Self {
+        let (always, gate) = watch::channel(true);
+        let report = Self::spawn_while(etcd, key, instance, ttl, status, gate);
+        // Nothing ever closes the gate: the report outlives the sender.
+        drop(always);
+        report
+    }
+
+    /// Like [`StatusReport::spawn`], but reports only while `gate` says so: a server
+    /// reports only while it holds its instance id, so a second process started with the
+    /// same id, waiting for the key, never writes over the status of the one that holds it.
+    /// When the gate closes the lease is revoked (the key goes with it, if it is still
+    /// ours); a gate whose sender is gone stays as it last was.
+    pub fn spawn_while(
+        etcd: Etcd,
+        key: impl Into<String>,
+        instance: impl Into<String>,
+        ttl: Duration,
+        status: watch::Receiver<ConfigStatus>,
+        gate: watch::Receiver<bool>,
+    ) -> Self {
         let key = key.into();
         let (lease_tx, lease) = watch::channel(None);
         let stop = CancellationToken::new();
@@ -74,6 +94,7 @@ impl StatusReport {
             instance: instance.into(),
             ttl: ttl.max(Duration::from_secs(1)),
             status,
+            gate,
             lease: lease_tx,
         };
         let task = tokio::spawn(reporter.run(stop.clone()));
@@ -115,6 +136,7 @@ struct Reporter {
     instance: String,
     ttl: Duration,
     status: watch::Receiver<ConfigStatus>,
+    gate: watch::Receiver<bool>,
     lease: watch::Sender<Option<i64>>,
 }
 
@@ -123,6 +145,17 @@ impl Reporter {
         let mut backoff = Backoff::new(Duration::from_millis(100), (self.ttl / 3).min(Duration::from_secs(3)));
         let mut warned = false;
         loop {
+            let gate = &mut self.gate;
+            let opened = async move {
+                // A gate whose sender is gone stays as it last was.
+                if gate.wait_for(|open| *open).await.is_err() && !*gate.borrow() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = opened => {}
+            }
             let result = tokio::select! {
                 () = stop.cancelled() => return,
                 r = self.session(&stop) => r,
@@ -152,11 +185,24 @@ impl Reporter {
         info!(key = %self.key, "reporting the config status");
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.tick().await;
+        let mut gate = self.gate.clone();
+        let closed = async move {
+            if gate.wait_for(|open| !*open).await.is_err() {
+                // The gate's sender is gone: it stays open.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(closed);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 _ = tick.tick() => {
                     keepalive.refresh().await?;
+                }
+                () = &mut closed => {
+                    info!(key = %self.key, "no longer reporting the config status: another instance holds the id");
+                    self.lease.send_replace(None);
+                    return self.etcd.revoke(lease.id).await;
                 }
                 changed = self.status.changed() => {
                     if changed.is_err() {

@@ -121,6 +121,10 @@ pub struct RegistryOptions {
     pub config: RegistrarConfig,
     /// What to register.
     pub instance: Instance,
+    /// Told whether this process holds its instance id: true once registered, false while
+    /// another live instance holds the key (a second server started with the same id), so
+    /// that what is reported beside the registration is reported by the holder only.
+    pub holds_id: watch::Sender<bool>,
 }
 
 /// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns
@@ -171,6 +175,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         None => local.to_string(),
     };
     let instance_id = args.instance_id.unwrap_or_else(|| advertise.clone());
+    let (holds_id, holding) = watch::channel(false);
     let registry = etcd.map(|etcd| RegistryOptions {
         etcd,
         config: RegistrarConfig { root: args.etcd_prefix.clone(), ttl: args.ttl },
@@ -183,6 +188,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
             tls: tls.is_some(),
         },
+        holds_id,
     });
     if fault.is_on() {
         warn!(
@@ -215,7 +221,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
     };
     let report = live.as_ref().zip(etcd).map(|(live, etcd)| {
         let key = mesh_config::status_key(&args.etcd_prefix, &args.service, &instance_id);
-        StatusReport::spawn(etcd, key, instance_id.clone(), args.ttl, live.status())
+        StatusReport::spawn_while(etcd, key, instance_id.clone(), args.ttl, live.status(), holding)
     });
     let options = ServeOptions {
         instance_id,
@@ -346,6 +352,9 @@ pub async fn serve(
     // Registered only now that it listens and reports SERVING.
     let registration =
         options.registry.as_ref().map(|r| Registrar::new(r.etcd.clone(), r.config.clone()).spawn(&r.instance));
+    let _holding = options.registry.as_ref().zip(registration.as_ref()).map(|(r, registration)| {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_holding(registration.state(), r.holds_id.clone())))
+    });
 
     tokio::select! {
         result = &mut server => {
@@ -380,6 +389,24 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Tells `holds` whether the registration holds its instance id: from its first
+/// registration on, until another live instance is found holding the key.
+async fn follow_holding(mut state: watch::Receiver<mesh_registry::RegistrationState>, holds: watch::Sender<bool>) {
+    loop {
+        let (registered, conflict) = {
+            let s = state.borrow_and_update();
+            (s.registered, s.conflict.is_some())
+        };
+        holds.send_if_modified(|held| {
+            let now = registered || (*held && !conflict);
+            std::mem::replace(held, now) != now
+        });
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Applies each new configuration: the limits (kept buckets where unchanged), the greeting
