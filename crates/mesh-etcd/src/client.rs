@@ -5,7 +5,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::OnceCell;
 
-use crate::{ErrorKind, EtcdError, EtcdOptions};
+use crate::{ErrorKind, EtcdError, EtcdOptions, MAX_MESSAGE_BYTES};
 
 /// A handle to etcd: cheap to clone, connects lazily on first use (so creating one never
 /// fails because etcd is down), and bounds every request by the request timeout.
@@ -136,14 +136,57 @@ impl Etcd {
 
     async fn range(&self, key: &str, prefix: bool) -> Result<Listing, EtcdError> {
         let op = || if prefix { format!("list {key}") } else { format!("get {key}") };
-        let options = prefix.then(|| GetOptions::new().with_prefix());
-        let resp = self.run(op, |mut c| async move { c.get(key, options).await }).await?;
-        let header = resp.header().ok_or_else(|| no_header(op()))?;
-        Ok(Listing {
-            kvs: resp.kvs().iter().map(KeyValue::from_client).collect(),
-            revision: header.revision(),
-            cluster_id: header.cluster_id(),
-        })
+        if !prefix {
+            let resp = self.run(op, |c| async move { kv(&c).get(key, None).await }).await?;
+            let header = resp.header().ok_or_else(|| no_header(op()))?;
+            return Ok(Listing {
+                kvs: resp.kvs().iter().map(KeyValue::from_client).collect(),
+                revision: header.revision(),
+                cluster_id: header.cluster_id(),
+            });
+        }
+        // A compaction between two pages makes the revision of the first unreadable: list
+        // again from the start, at a newer revision.
+        let mut attempt = 0;
+        loop {
+            match self.list_pages(key).await {
+                Err(e) if matches!(e.kind(), ErrorKind::Compacted(_)) && attempt < 3 => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// Lists `prefix` in pages of `list_page_size` keys, every page at the revision of the
+    /// first, so that the listing is one consistent view however large the prefix.
+    async fn list_pages(&self, prefix: &str) -> Result<Listing, EtcdError> {
+        let end = prefix_end(prefix.as_bytes());
+        let page = self.inner.options.list_page_size.max(1);
+        let mut start = prefix.as_bytes().to_vec();
+        let mut listing = Listing { kvs: Vec::new(), revision: 0, cluster_id: 0 };
+        loop {
+            let op = || format!("list {prefix} (page from {:?})", String::from_utf8_lossy(&start));
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+            if listing.revision > 0 {
+                options = options.with_revision(listing.revision);
+            }
+            let from = start.clone();
+            let resp = self.run(op, |c| async move { kv(&c).get(from, Some(options)).await }).await?;
+            let header = resp.header().ok_or_else(|| no_header(op()))?;
+            if listing.revision == 0 {
+                listing.revision = header.revision();
+                listing.cluster_id = header.cluster_id();
+            }
+            listing.kvs.extend(resp.kvs().iter().map(KeyValue::from_client));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts right after the last key: the key with a 0 byte
+                    // appended is the smallest key above it.
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok(listing),
+            }
+        }
     }
 
     /// Puts `key` = `value`, attached to `lease` if given; returns the new revision.
@@ -242,7 +285,9 @@ impl Etcd {
         let mut stream = self
             .run(
                 || format!("watch {key} from revision {start_revision}"),
-                |mut c| async move { c.watch(key, Some(options)).await },
+                |c| async move {
+                    c.watch_client().max_decoding_message_size(MAX_MESSAGE_BYTES).watch(key, Some(options)).await
+                },
             )
             .await?;
         // The first message says whether the watch was created, or why not.
@@ -278,6 +323,25 @@ pub(crate) struct WatchStart {
     pub(crate) stream: etcd_client::WatchStream,
     pub(crate) cluster_id: u64,
     pub(crate) revision: i64,
+}
+
+/// A KV client of `client` that reads answers as large as etcd sends.
+fn kv(client: &Client) -> etcd_client::KvClient {
+    client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The end of the range of keys that start with `prefix`, as etcd's `WithPrefix` computes
+/// it: the prefix with its last byte below 0xff incremented and the rest dropped; `\0` (every
+/// key) when there is none.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 fn no_header(op: String) -> EtcdError {

@@ -38,7 +38,7 @@ pub use client::{Etcd, KeyValue, Lease, Listing};
 pub use error::{ErrorKind, EtcdError};
 pub use lease::LeaseKeepAlive;
 pub use mesh_util::Backoff;
-pub use options::{EtcdOptions, EtcdTls, PASSWORD_ENV, read_password};
+pub use options::{DEFAULT_LIST_PAGE_SIZE, EtcdOptions, EtcdTls, MAX_MESSAGE_BYTES, PASSWORD_ENV, read_password};
 pub use watch::{ListWatch, ViewStatus, WatchEvent};
 
 /// The README's example, compiled (and run, unless marked `no_run`) as a doctest.

@@ -3,6 +3,15 @@ use std::time::Duration;
 
 use crate::EtcdError;
 
+/// Keys per page of a listing by default: 500 registrations of the few kilobytes a Go
+/// service may write stay a few megabytes per answer.
+pub const DEFAULT_LIST_PAGE_SIZE: i64 = 500;
+
+/// The largest message read from etcd: what etcd's gRPC server may send (its
+/// `MaxSendMsgSize`, 2 GiB - 1), where a gRPC client's default of 4 MiB would refuse a large
+/// listing or a watch answer carrying many big values, and with it every later listing.
+pub const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+
 /// The environment variable the etcd password is read from when no file is given.
 pub const PASSWORD_ENV: &str = "MESH_ETCD_PASSWORD";
 
@@ -73,6 +82,9 @@ pub struct EtcdOptions {
     /// keeps it under a third of its lease TTL). Short enough that everything recovers
     /// within seconds of etcd's return.
     pub retry_backoff_max: Duration,
+    /// How many keys one page of a listing holds: a prefix with more is listed in pages,
+    /// all at the revision of the first, so a large fleet is read whole and consistent.
+    pub list_page_size: i64,
 }
 
 impl std::fmt::Debug for EtcdOptions {
@@ -89,6 +101,7 @@ impl std::fmt::Debug for EtcdOptions {
             .field("tls", &self.tls)
             .field("watch_progress_interval", &self.watch_progress_interval)
             .field("retry_backoff_max", &self.retry_backoff_max)
+            .field("list_page_size", &self.list_page_size)
             .finish()
     }
 }
@@ -96,7 +109,8 @@ impl std::fmt::Debug for EtcdOptions {
 impl EtcdOptions {
     /// Options for `endpoints` (client URLs or `host:port`s) with the defaults: 2 s to
     /// connect, 3 s per request, keepalive every 5 s with a 3 s timeout, leader required,
-    /// a progress check of quiet watches every 5 s, retries at most 3 s apart.
+    /// a progress check of quiet watches every 5 s, retries at most 3 s apart, listings in
+    /// pages of 500 keys.
     pub fn new<I, S>(endpoints: I) -> Result<Self, EtcdError>
     where
         I: IntoIterator<Item = S>,
@@ -124,6 +138,7 @@ impl EtcdOptions {
             tls: None,
             watch_progress_interval: Duration::from_secs(5),
             retry_backoff_max: Duration::from_secs(3),
+            list_page_size: DEFAULT_LIST_PAGE_SIZE,
         })
     }
 
@@ -167,6 +182,12 @@ impl EtcdOptions {
     /// Sets the connect timeout.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets how many keys one page of a listing holds (at least 1).
+    pub fn with_list_page_size(mut self, keys: i64) -> Self {
+        self.list_page_size = keys.max(1);
         self
     }
 

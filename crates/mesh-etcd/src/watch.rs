@@ -1,9 +1,18 @@
 //! List-then-watch with resume: the primitive that discovery, the registry's self-watch and
-//! config share. It lists a prefix (revision R), watches from R+1 with progress
-//! notifications, and on anything that makes its view doubtful (a watch error or a stream
-//! that ends, as etcd-client's does when etcd dies; a compaction; a different cluster id; a
-//! revision that goes backwards; no answer to a progress request) it backs off and lists
-//! again, handing the consumer the full set (a [`WatchEvent::Reset`]) to diff against.
+//! config share. It lists a prefix (revision R; in pages at one revision when large),
+//! watches from R+1 with progress notifications, and on anything that makes its view
+//! doubtful (a watch error or a stream that ends, as etcd-client's does when etcd dies; a
+//! compaction; a different cluster id; no answer to a progress request) it backs off and
+//! lists again, handing the consumer the full set (a [`WatchEvent::Reset`]) to diff
+//! against. A listing that keeps failing is warned about once, and its recovery said.
+//!
+//! Only a listing decides that etcd was restored or rebuilt (another cluster id, or a
+//! revision behind the view's): listings are linearizable, while a watch may be served by a
+//! follower that lags behind the member that answered the listing, whose answers then carry
+//! an older revision. Such a watch is waited on as it catches up (its events already in the
+//! view are skipped); one that stays behind for several progress intervals is dropped and
+//! the prefix listed again, which is no rebuild. A restore restarts etcd, which ends every
+//! watch, so the listing after it sees the older revision.
 //!
 //! It is pull-based: the consumer's own task calls [`ListWatch::next`], which returns only
 //! events and retries everything else forever, with jittered backoff. How stale the view
@@ -95,6 +104,8 @@ pub struct ListWatch {
     cluster_id: Option<u64>,
     /// A watch saw signs of a rebuilt etcd; the next listing reports it.
     rebuild_seen: bool,
+    /// The last listing failed (warned once; the next success says so).
+    list_failing: bool,
     pending: VecDeque<WatchEvent>,
     backoff: Backoff,
     status: watch::Sender<ViewStatus>,
@@ -121,7 +132,13 @@ struct Watching {
     last_message: Instant,
     /// A progress request is outstanding since then.
     asked_at: Option<Instant>,
+    /// Since when the member serving the watch reports a revision behind the view's.
+    lagging: Option<Instant>,
 }
+
+/// How many progress intervals a member serving a watch may stay behind the view before
+/// the view is listed again from another answer.
+const LAG_PATIENCE: u32 = 6;
 
 impl ListWatch {
     /// Lists every key under `prefix` and then watches them.
@@ -169,6 +186,7 @@ impl ListWatch {
             revision,
             cluster_id: None,
             rebuild_seen: false,
+            list_failing: false,
             pending: VecDeque::new(),
             backoff,
             status,
@@ -251,6 +269,9 @@ impl ListWatch {
                         "etcd was restored or rebuilt (another cluster id, or an older revision); using what it holds now"
                     );
                 }
+                if std::mem::take(&mut self.list_failing) {
+                    info!(prefix = %self.prefix, keys = listing.kvs.len(), "listing works again");
+                }
                 self.cluster_id = Some(listing.cluster_id);
                 self.revision = listing.revision;
                 self.backoff.reset();
@@ -265,7 +286,13 @@ impl ListWatch {
                 Some(WatchEvent::Reset { kvs: listing.kvs, revision: listing.revision, rebuilt })
             }
             Err(e) => {
-                self.out_of_sync(&e);
+                if self.list_failing {
+                    debug!(prefix = %self.prefix, "{e}");
+                } else {
+                    warn!(prefix = %self.prefix, "listing failed, keeping the last view and retrying: {e}");
+                    self.list_failing = true;
+                }
+                self.lost_sync(e.to_string());
                 self.list_after_backoff();
                 None
             }
@@ -275,18 +302,27 @@ impl ListWatch {
     async fn open_watch(&mut self, from: i64) {
         match self.etcd.watch(&self.prefix, self.is_prefix, from).await {
             Ok(WatchStart { stream, cluster_id, revision }) => {
-                if self.cluster_id.is_some_and(|id| id != cluster_id) || revision < self.revision {
+                if self.cluster_id.is_some_and(|id| id != cluster_id) {
                     self.rebuild_seen = true;
-                    self.relist(format!(
-                        "etcd changed under us (cluster {cluster_id:x}, revision {revision}, ours {})",
-                        self.revision
-                    ));
+                    self.relist(format!("etcd changed under us (cluster {cluster_id:x}, ours {:x?})", self.cluster_id));
                     return;
+                }
+                // The watch may be served by a member behind the one that answered the
+                // (linearizable) listing: a follower that lags. That is no rebuild; its
+                // events come as it catches up, and those already in the view are skipped.
+                // Only a listing tells a restored etcd (see `list`).
+                let lagging = (revision < self.revision).then(Instant::now);
+                if lagging.is_some() {
+                    debug!(
+                        prefix = %self.prefix,
+                        "the member serving the watch is at revision {revision}, behind our {}; waiting for it to catch up",
+                        self.revision
+                    );
                 }
                 self.cluster_id = Some(cluster_id);
                 self.backoff.reset();
                 let now = Instant::now();
-                self.state = State::Watching(Box::new(Watching { stream, last_message: now, asked_at: None }));
+                self.state = State::Watching(Box::new(Watching { stream, last_message: now, asked_at: None, lagging }));
                 self.status.send_modify(|s| {
                     s.in_sync = true;
                     s.confirmed_at = Some(now);
@@ -327,9 +363,21 @@ impl ListWatch {
             self.rebuild_seen = true;
             return self.relist(format!("the cluster id changed to {theirs:x}"));
         }
-        if header_revision > 0 && header_revision < self.revision {
-            self.rebuild_seen = true;
-            return self.relist(format!("etcd's revision {header_revision} is behind ours {}", self.revision));
+        if let State::Watching(w) = &mut self.state {
+            if header_revision > 0 && header_revision < self.revision {
+                // A lagging member (see `open_watch`), not a rebuild: a restored etcd
+                // restarts, which ends the stream, and the listing after it tells.
+                let since = *w.lagging.get_or_insert_with(Instant::now);
+                let patience = self.etcd.options().watch_progress_interval * LAG_PATIENCE;
+                if since.elapsed() > patience {
+                    return self.doubt(format!(
+                        "the member serving the watch stayed behind our revision {} (at {header_revision}) for {patience:?}",
+                        self.revision
+                    ));
+                }
+            } else {
+                w.lagging = None;
+            }
         }
         // The events of one response may share a revision (one transaction), so they are
         // compared with the revision the view had before this response, and the view moves

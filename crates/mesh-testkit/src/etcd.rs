@@ -286,6 +286,17 @@ impl Etcd {
         revision(&resp, "txn")
     }
 
+    /// Every key under `prefix` as it was at `revision`; fails once that revision is
+    /// compacted.
+    pub async fn get_prefix_at(&self, prefix: &str, revision: i64) -> Result<Vec<KeyValue>, Error> {
+        let body = json!({
+            "key": B64.encode(prefix),
+            "range_end": B64.encode(mesh_etcd_local::prefix_end(prefix.as_bytes())),
+            "revision": revision.to_string(),
+        });
+        self.range(body, prefix).await
+    }
+
     /// Every key under `prefix` with the revision of the store when they were read.
     pub async fn get_prefix_with_revision(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), Error> {
         let body =
