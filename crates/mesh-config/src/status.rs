@@ -1,4 +1,4 @@
-//! Each instance's applied status in etcd, under a lease of its own, so that an operator
+//! Each instance's applied status in etcd, under a lease (its own, or its registration's), so that an operator
 //! sees which instance runs which revision and what it refused:
 //! `etcdctl get --prefix /mesh/status/`.
 
@@ -65,39 +65,43 @@ impl StatusReport {
         ttl: Duration,
         status: watch::Receiver<ConfigStatus>,
     ) -> Self {
-        let (always, gate) = watch::channel(true);
-        let report = Self::spawn_while(etcd, key, instance, ttl, status, gate);
-        // Nothing ever closes the gate: the report outlives the sender.
-        drop(always);
-        report
+        Self::start(etcd, key.into(), instance.into(), ttl.max(Duration::from_secs(1)), status, |r, stop| r.run(stop))
     }
 
-    /// Like [`StatusReport::spawn`], but reports only while `gate` says so: a server
-    /// reports only while it holds its instance id, so a second process started with the
-    /// same id, waiting for the key, never writes over the status of the one that holds it.
-    /// When the gate closes the lease is revoked (the key goes with it, if it is still
-    /// ours); a gate whose sender is gone stays as it last was.
-    pub fn spawn_while(
+    /// Like [`StatusReport::spawn`], but under a lease someone else keeps: the lease of
+    /// the instance's registration, as `lease` says it now; `None` while the instance
+    /// holds no registration. The status then lives and dies with the registration: a
+    /// second process started with the same instance id, waiting for the key another holds,
+    /// never writes over the holder's status, and a lost lease takes the status with it
+    /// until the next one is granted. [`StatusReport::stop`] revokes nothing (the
+    /// registration's deregistration removes both).
+    pub fn spawn_under(
         etcd: Etcd,
         key: impl Into<String>,
         instance: impl Into<String>,
+        status: watch::Receiver<ConfigStatus>,
+        lease: watch::Receiver<Option<i64>>,
+    ) -> Self {
+        // The TTL is the registration's business here.
+        Self::start(etcd, key.into(), instance.into(), Duration::ZERO, status, |r, stop| r.run_under(lease, stop))
+    }
+
+    fn start<F, Fut>(
+        etcd: Etcd,
+        key: String,
+        instance: String,
         ttl: Duration,
         status: watch::Receiver<ConfigStatus>,
-        gate: watch::Receiver<bool>,
-    ) -> Self {
-        let key = key.into();
+        run: F,
+    ) -> Self
+    where
+        F: FnOnce(Reporter, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let (lease_tx, lease) = watch::channel(None);
         let stop = CancellationToken::new();
-        let reporter = Reporter {
-            etcd: etcd.clone(),
-            key: key.clone(),
-            instance: instance.into(),
-            ttl: ttl.max(Duration::from_secs(1)),
-            status,
-            gate,
-            lease: lease_tx,
-        };
-        let task = tokio::spawn(reporter.run(stop.clone()));
+        let reporter = Reporter { etcd: etcd.clone(), key: key.clone(), instance, ttl, status, lease: lease_tx };
+        let task = tokio::spawn(run(reporter, stop.clone()));
         StatusReport { key, etcd, lease, stop, task: Some(task) }
     }
 
@@ -136,7 +140,6 @@ struct Reporter {
     instance: String,
     ttl: Duration,
     status: watch::Receiver<ConfigStatus>,
-    gate: watch::Receiver<bool>,
     lease: watch::Sender<Option<i64>>,
 }
 
@@ -145,17 +148,6 @@ impl Reporter {
         let mut backoff = Backoff::new(Duration::from_millis(100), (self.ttl / 3).min(Duration::from_secs(3)));
         let mut warned = false;
         loop {
-            let gate = &mut self.gate;
-            let opened = async move {
-                // A gate whose sender is gone stays as it last was.
-                if gate.wait_for(|open| *open).await.is_err() && !*gate.borrow() {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = opened => {}
-            }
             let result = tokio::select! {
                 () = stop.cancelled() => return,
                 r = self.session(&stop) => r,
@@ -185,24 +177,11 @@ impl Reporter {
         info!(key = %self.key, "reporting the config status");
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.tick().await;
-        let mut gate = self.gate.clone();
-        let closed = async move {
-            if gate.wait_for(|open| !*open).await.is_err() {
-                // The gate's sender is gone: it stays open.
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::pin!(closed);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 _ = tick.tick() => {
                     keepalive.refresh().await?;
-                }
-                () = &mut closed => {
-                    info!(key = %self.key, "no longer reporting the config status: another instance holds the id");
-                    self.lease.send_replace(None);
-                    return self.etcd.revoke(lease.id).await;
                 }
                 changed = self.status.changed() => {
                     if changed.is_err() {
@@ -211,6 +190,70 @@ impl Reporter {
                         return Ok(());
                     }
                     self.put(lease.id).await?;
+                }
+            }
+        }
+    }
+
+    /// Writes the status under the lease `under` names, again on every change of either.
+    async fn run_under(mut self, mut under: watch::Receiver<Option<i64>>, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+        let mut warned = false;
+        // The lease the status in force was written under.
+        let mut written: Option<i64> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            let lease = *under.borrow_and_update();
+            let due = retry_at.is_none_or(|at| at <= tokio::time::Instant::now());
+            if let Some(lease) = lease.filter(|l| written != Some(*l) && due) {
+                retry_at = None;
+                match self.put(lease).await {
+                    Ok(()) => {
+                        if written.is_none() {
+                            info!(key = %self.key, lease = %format!("{lease:x}"), "reporting the config status");
+                        }
+                        written = Some(lease);
+                        backoff.reset();
+                        warned = false;
+                    }
+                    // The registration lost that lease; its next one is reported to us.
+                    Err(e) if e.is_lease_not_found() => {
+                        debug!(key = %self.key, "status report: {e}; waiting for the registration's next lease");
+                        written = Some(lease);
+                    }
+                    Err(e) => {
+                        if warned {
+                            debug!(key = %self.key, "status report: {e}");
+                        } else {
+                            warn!(key = %self.key, "cannot write the config status yet, retrying: {e}");
+                            warned = true;
+                        }
+                        retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
+                    }
+                }
+            }
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = retry => {}
+                changed = under.changed() => {
+                    if changed.is_err() {
+                        // The registration is gone: what was written stays until stopped.
+                        stop.cancelled().await;
+                        return;
+                    }
+                }
+                changed = self.status.changed() => {
+                    if changed.is_err() {
+                        stop.cancelled().await;
+                        return;
+                    }
+                    written = None;
                 }
             }
         }

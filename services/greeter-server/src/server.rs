@@ -121,10 +121,11 @@ pub struct RegistryOptions {
     pub config: RegistrarConfig,
     /// What to register.
     pub instance: Instance,
-    /// Told whether this process holds its instance id: true once registered, false while
-    /// another live instance holds the key (a second server started with the same id), so
-    /// that what is reported beside the registration is reported by the holder only.
-    pub holds_id: watch::Sender<bool>,
+    /// Told the lease the registration holds its key with (`None` while it holds none: not
+    /// yet registered, its lease lost, or another live instance holding the id), so that
+    /// the status reported beside the registration is written under the same lease, by
+    /// the holder only.
+    pub holds_id: watch::Sender<Option<i64>>,
 }
 
 /// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns
@@ -175,7 +176,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         None => local.to_string(),
     };
     let instance_id = args.instance_id.unwrap_or_else(|| advertise.clone());
-    let (holds_id, holding) = watch::channel(false);
+    let (holds_id, holding) = watch::channel(None);
     let registry = etcd.map(|etcd| RegistryOptions {
         etcd,
         config: RegistrarConfig { root: args.etcd_prefix.clone(), ttl: args.ttl },
@@ -221,7 +222,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
     };
     let report = live.as_ref().zip(etcd).map(|(live, etcd)| {
         let key = mesh_config::status_key(&args.etcd_prefix, &args.service, &instance_id);
-        StatusReport::spawn_while(etcd, key, instance_id.clone(), args.ttl, live.status(), holding)
+        StatusReport::spawn_under(etcd, key, instance_id.clone(), live.status(), holding)
     });
     let options = ServeOptions {
         instance_id,
@@ -391,18 +392,17 @@ pub async fn serve(
     Ok(())
 }
 
-/// Tells `holds` whether the registration holds its instance id: from its first
-/// registration on, until another live instance is found holding the key.
-async fn follow_holding(mut state: watch::Receiver<mesh_registry::RegistrationState>, holds: watch::Sender<bool>) {
+/// Tells `holds` the lease the registration holds its key with, as it changes.
+async fn follow_holding(
+    mut state: watch::Receiver<mesh_registry::RegistrationState>,
+    holds: watch::Sender<Option<i64>>,
+) {
     loop {
-        let (registered, conflict) = {
+        let lease = {
             let s = state.borrow_and_update();
-            (s.registered, s.conflict.is_some())
+            s.lease.filter(|_| s.registered)
         };
-        holds.send_if_modified(|held| {
-            let now = registered || (*held && !conflict);
-            std::mem::replace(held, now) != now
-        });
+        holds.send_if_modified(|held| std::mem::replace(held, lease) != lease);
         if state.changed().await.is_err() {
             return;
         }

@@ -365,6 +365,11 @@ async fn two_servers_with_one_instance_id_do_not_fight_and_the_second_takes_over
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
     let first = Server::start("dup", &etcd);
     registered(&etcd, &[&first], Duration::from_secs(10)).await;
+    let status_key = "/mesh/status/greeter/dup";
+    let status_of = || async { etcd.get_prefix(status_key).await.ok()?.into_iter().find(|kv| kv.key == status_key) };
+    let reported = eventually("the first reports its status", Duration::from_secs(10), || status_of())
+        .await
+        .expect("status reported");
     let start = etcd.revision().await.expect("revision");
     let second = Server::start("dup", &etcd);
     let started = Instant::now();
@@ -383,6 +388,13 @@ async fn two_servers_with_one_instance_id_do_not_fight_and_the_second_takes_over
     assert_eq!(conflicts.len(), 1, "the conflict is logged once: {conflicts:?}");
     assert!(conflicts[0].contains(&first.key()) && conflicts[0].contains(&first.addr), "{}", conflicts[0]);
     assert!(conflicts[0].contains("ERROR"), "{}", conflicts[0]);
+    let status = status_of().await.expect("the holder's status");
+    assert_eq!(
+        (status.lease, status.mod_revision),
+        (reported.lease, reported.mod_revision),
+        "the waiting second wrote the status key of the first: {status:?}"
+    );
+    assert!(!log.contains("lease lost"), "the second never held the key, so lost no lease: {log}");
 
     let status = first.stop();
     assert!(status.success(), "{status}");
@@ -394,6 +406,11 @@ async fn two_servers_with_one_instance_id_do_not_fight_and_the_second_takes_over
     .await
     .expect("taken over");
     println!("the second server took the key {:?} after the first exited", exited.elapsed());
+    eventually("the second reports its status", Duration::from_secs(10), || async {
+        status_of().await.filter(|kv| kv.lease != reported.lease).map(drop)
+    })
+    .await
+    .expect("the new holder reports");
 }
 
 /// Runs `greeter-server config …` against `etcd`; (exit success, stdout, stderr).
