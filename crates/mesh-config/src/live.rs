@@ -96,16 +96,19 @@ impl<T: Document> ConfigWatcher<T> {
         value_tx: watch::Sender<Arc<T>>,
         status_tx: watch::Sender<ConfigStatus>,
     ) {
-        let mut applier = Applier { watcher: &self, value_tx, status_tx, seen: 0 };
+        let mut applier = Applier { watcher: &self, value_tx, status_tx, floor: 0, considered: None };
         loop {
             match list_watch.next().await {
                 WatchEvent::Reset { kvs, rebuilt, revision } => {
-                    if rebuilt {
-                        // Another cluster, or a restored one: its revisions start over.
-                        applier.seen = 0;
-                    }
+                    // Whatever comes after a listing is newer than it, even from an etcd
+                    // whose revisions started over.
+                    applier.floor = revision;
                     match kvs.into_iter().find(|kv| kv.key == self.key) {
-                        Some(kv) => applier.consider(kv),
+                        // A listing is the truth: a document other than the one last
+                        // considered is considered, even at an older revision (an etcd
+                        // restored from a snapshot holds an older document).
+                        Some(kv) if applier.considered != Some(kv.mod_revision) => applier.consider(kv),
+                        Some(_) => {}
                         None if rebuilt => info!(
                             key = %self.key,
                             "etcd was rebuilt and holds no document; the configuration in force stays"
@@ -113,8 +116,16 @@ impl<T: Document> ConfigWatcher<T> {
                         None => applier.removed(revision),
                     }
                 }
-                WatchEvent::Put(kv) => applier.consider(kv),
-                WatchEvent::Delete { revision, .. } => applier.removed(revision),
+                WatchEvent::Put(kv) if kv.mod_revision > applier.floor => {
+                    applier.floor = kv.mod_revision;
+                    applier.consider(kv);
+                }
+                WatchEvent::Delete { revision, .. } if revision > applier.floor => {
+                    applier.floor = revision;
+                    applier.removed(revision);
+                }
+                // Already seen: a watch resumed at an older revision.
+                WatchEvent::Put(_) | WatchEvent::Delete { .. } => {}
             }
             if applier.value_tx.is_closed() {
                 return;
@@ -127,19 +138,18 @@ struct Applier<'a, T> {
     watcher: &'a ConfigWatcher<T>,
     value_tx: watch::Sender<Arc<T>>,
     status_tx: watch::Sender<ConfigStatus>,
-    /// The highest revision of the key considered: anything older is stale.
-    seen: i64,
+    /// Events at or below this revision are already in the view.
+    floor: i64,
+    /// The revision of the document last considered (applied or refused), `None` after a
+    /// deletion: a listing showing it again changes nothing.
+    considered: Option<i64>,
 }
 
 impl<T: Document> Applier<'_, T> {
     fn consider(&mut self, kv: KeyValue) {
         let key = &self.watcher.key;
         let revision = kv.mod_revision;
-        if revision <= self.seen {
-            // A relisting shows what was already considered, or an older revision.
-            return;
-        }
-        self.seen = revision;
+        self.considered = Some(revision);
         let origin = format!("{key} at revision {revision}");
         match crate::parse::<T>(&self.watcher.base, &kv.value, &origin) {
             Ok(config) => {
@@ -159,10 +169,10 @@ impl<T: Document> Applier<'_, T> {
 
     /// The key is gone from a live etcd: back to the file and flag settings.
     fn removed(&mut self, revision: i64) {
-        if revision < self.seen || self.status_tx.borrow().revision.is_none() {
+        self.considered = None;
+        if self.status_tx.borrow().revision.is_none() {
             return;
         }
-        self.seen = revision;
         self.value_tx.send_replace(self.watcher.base_config.clone());
         self.status_tx.send_modify(|s| s.revision = None);
         info!(key = %self.watcher.key, revision, "configuration deleted; back to the file and flag settings");

@@ -235,3 +235,42 @@ async fn an_etcd_outage_changes_nothing_and_the_watch_resumes_after_it() {
     until_status(&config, "a put after the outage", |s| s.revision == Some(next)).await;
     assert_eq!(config.status().borrow().applied, 2);
 }
+
+#[tokio::test]
+async fn after_a_restore_from_a_snapshot_the_older_document_etcd_holds_again_is_applied() {
+    // Apply A, snapshot, apply B, restore the snapshot: etcd holds A again, at a revision
+    // below B's, with the same cluster id. A listing is the truth: every watcher runs A, as
+    // a watcher started afterwards does, so the fleet is not split.
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let a = etcd.put(KEY, r#"{"greeting": "A", "rate_per_sec": 5}"#).await.expect("put A");
+    let config = watch(&etcd);
+    until_status(&config, "A applied", |s| s.revision == Some(a)).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snapshot = dir.path().join("snap.db");
+    etcd.snapshot(&snapshot).await.expect("snapshot");
+    let b = etcd.put(KEY, r#"{"greeting": "B", "rate_per_sec": 6}"#).await.expect("put B");
+    until_status(&config, "B applied", |s| s.revision == Some(b)).await;
+    // The restore and a few writes elsewhere, which move the restored etcd's revision past
+    // B's, happen before the watcher lists again: this test's runtime has one thread, held
+    // here until they are done. Its revisions then cannot tell that etcd went back.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Runtime::new().expect("runtime");
+                runtime.block_on(async {
+                    etcd.restore(&snapshot).await.expect("restore");
+                    for i in 0..3 {
+                        etcd.put("/mesh/other", i.to_string()).await.expect("put");
+                    }
+                })
+            })
+            .join()
+            .expect("restore thread");
+    });
+    assert!(etcd.revision().await.expect("revision") > b, "the restored etcd is past B's revision");
+    until_status(&config, "A applied again", |s| s.revision == Some(a)).await;
+    assert_eq!(config.current().greeting, "A");
+    let fresh = watch(&etcd);
+    until_status(&fresh, "a new watcher runs A", |s| s.revision == Some(a)).await;
+    assert_eq!(*fresh.current(), *config.current(), "old and new watchers run the same document");
+}
