@@ -144,12 +144,18 @@ impl EtcdResolver {
                         view = fresh;
                     }
                     WatchEvent::Put(kv) => {
+                        // What etcd now holds under a key settles it: a copy kept from before
+                        // a rebuild no longer stands in for it.
+                        kept.remove(&kv.key);
                         // A value that no longer parses keeps the last good one.
                         if let Some(instance) = self.decode(&kv, &mut malformed) {
                             view.insert(kv.key, instance);
                         }
                     }
                     WatchEvent::Delete { key, .. } => {
+                        // A server that re-registered and then left (deregistered, expired)
+                        // is gone, settling or not.
+                        kept.remove(&key);
                         view.remove(&key);
                     }
                 },

@@ -229,3 +229,49 @@ async fn a_call_right_after_spawning_over_etcd_discovery_succeeds_on_a_current_t
 async fn a_call_right_after_spawning_over_etcd_discovery_succeeds_on_a_multi_thread_runtime() {
     first_call_over_etcd().await;
 }
+
+#[tokio::test]
+async fn during_the_settle_period_a_server_that_re_registered_and_left_is_dropped_at_once() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    for id in ["a", "b", "c"] {
+        etcd.put(
+            &format!("{PREFIX}{id}"),
+            format!(r#"{{"Op":0,"Addr":"127.0.0.1:70{}"}}"#, id.as_bytes()[0] - b'a' + 1),
+        )
+        .await
+        .expect("put");
+    }
+    let client = Etcd::new(
+        EtcdOptions::new(etcd.endpoints())
+            .expect("endpoints")
+            .with_request_timeout(Duration::from_millis(800))
+            .with_connect_timeout(Duration::from_millis(300)),
+    );
+    // A settle period far longer than the test waits: what happens in it is the point.
+    let resolution = EtcdResolver::new(client, "/mesh", "greeter").with_settle(Duration::from_secs(120)).spawn();
+    resolution.wait_listed(Duration::from_secs(5)).await.expect("listed");
+    etcd.restart_fresh().await.expect("fresh etcd");
+    // a and b re-register in the new etcd; c never comes back and is kept while settling.
+    for id in ["a", "b"] {
+        etcd.put(
+            &format!("{PREFIX}{id}"),
+            format!(r#"{{"Op":0,"Addr":"127.0.0.1:70{}"}}"#, id.as_bytes()[0] - b'a' + 1),
+        )
+        .await
+        .expect("put");
+    }
+    let mut status = resolution.status();
+    let settling = tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.settling)).await.is_ok();
+    assert!(settling, "never settling: {:?}", resolution.status().borrow());
+    // b deregisters: its key is deleted from the new etcd, which settles it.
+    etcd.delete(&format!("{PREFIX}b")).await.expect("delete");
+    let sorted = || {
+        let mut seen = ids(&resolution);
+        seen.sort();
+        seen
+    };
+    eventually("b dropped while settling", Duration::from_secs(5), || async { (sorted() == ["a", "c"]).then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: the client publishes {:?}", sorted()));
+    assert!(resolution.status().borrow().settling, "still settling: c is kept");
+}
