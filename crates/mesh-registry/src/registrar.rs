@@ -190,6 +190,8 @@ const OWN_LEASES_KEPT: usize = 8;
 struct Session {
     /// The lease to put with, once granted; it may have expired since.
     lease: Option<i64>,
+    /// When etcd last confirmed `lease` alive (granted or refreshed).
+    lease_confirmed: Option<Instant>,
     keepalive: Option<LeaseKeepAlive>,
     /// Leases this registration granted, newest last.
     own_leases: Vec<i64>,
@@ -321,9 +323,15 @@ impl Keeper {
                     return Ok(());
                 }
             };
+            // A lease etcd last confirmed more than TTL/3 ago (granted before a wait for a
+            // key another instance held, say) may expire right after the put, which would
+            // lose the key again at once: take a fresh one.
             let id = match s.lease {
-                Some(id) => id,
-                None => self.grant(s).await?,
+                Some(id) if s.lease_confirmed.is_some_and(|at| at.elapsed() < self.step()) => id,
+                _ => {
+                    s.keepalive = None;
+                    self.grant(s).await?
+                }
             };
             let put = self.etcd.put_if(&self.key, self.value.as_bytes(), Some(id), expected);
             if self.bounded("put", put).await?.is_some() {
@@ -358,6 +366,7 @@ impl Keeper {
     async fn grant(&self, s: &mut Session) -> Result<i64, Failed> {
         let lease = self.bounded("grant a lease for", self.etcd.grant(self.ttl)).await?;
         s.lease = Some(lease.id);
+        s.lease_confirmed = Some(Instant::now());
         s.own_leases.push(lease.id);
         if s.own_leases.len() > OWN_LEASES_KEPT {
             s.own_leases.remove(0);
@@ -415,6 +424,7 @@ impl Keeper {
         match self.bounded("keep alive", keepalive.refresh()).await {
             Ok(ttl) => {
                 debug!(key = %self.key, ttl, "lease refreshed");
+                s.lease_confirmed = Some(Instant::now());
                 s.refresh_due = false;
                 if std::mem::take(&mut s.warned) {
                     info!(key = %self.key, "etcd is back; the lease is alive");

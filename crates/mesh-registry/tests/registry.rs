@@ -214,6 +214,34 @@ async fn holder(etcd: &mesh_testkit::Etcd, key: &str) -> Option<mesh_testkit::Ke
 }
 
 #[tokio::test]
+async fn a_waiting_instance_takes_a_freed_key_with_a_lease_that_has_its_whole_ttl() {
+    // The second waits with the lease it granted for its first put, refreshed by no one.
+    // When the key is freed (the holder's lease revoked, as `etcdctl lease revoke` or a
+    // `del --prefix` does), taking it with that lease would put the key under a lease with
+    // little left to live, lost again if it runs out before the next refresh; the two
+    // would then trade the key. It takes it with a fresh lease.
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let first = registrar(&etcd, 10).spawn(&named("dup", 50063));
+    assert!(first.wait_registered(Duration::from_secs(5)).await);
+    let key = first.key().to_string();
+    let second = registrar(&etcd, 10).spawn(&named("dup", 50064));
+    eventually("the second sees the conflict", Duration::from_secs(5), || async {
+        second.state().borrow().conflict.clone()
+    })
+    .await
+    .expect("conflict reported");
+    // Half the second's first lease goes by.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let lease = holder(&etcd, &key).await.expect("held").lease;
+    etcd.revoke(lease).await.expect("revoke the holder's lease");
+    let taken = eventually("the key held again", Duration::from_secs(5), || async { holder(&etcd, &key).await })
+        .await
+        .expect("taken");
+    let left = etcd.time_to_live(taken.lease).await.expect("time to live");
+    assert!(left.is_some_and(|s| s >= 8), "the key was taken under a lease with {left:?} s of 10 left: {taken:?}");
+}
+
+#[tokio::test]
 async fn two_live_instances_with_one_id_do_not_fight_and_the_second_takes_over_when_the_first_leaves() {
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
     let first = registrar(&etcd, 2).spawn(&named("dup", 50060));

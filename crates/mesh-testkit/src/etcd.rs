@@ -327,6 +327,12 @@ impl Etcd {
         number(&resp["ID"]).ok_or_else(|| gateway_err("grant", format!("no ID in {resp}")))
     }
 
+    /// The seconds `lease` has left (`None` once it expired or was revoked).
+    pub async fn time_to_live(&self, lease: i64) -> Result<Option<i64>, Error> {
+        let resp = self.call("/v3/lease/timetolive", json!({"ID": lease.to_string()})).await?;
+        Ok(number(&resp["TTL"]).filter(|ttl| *ttl > 0))
+    }
+
     /// Revokes `lease`, deleting every key attached to it in one revision.
     pub async fn revoke(&self, lease: i64) -> Result<(), Error> {
         self.call("/v3/lease/revoke", json!({"ID": lease.to_string()})).await.map(drop)
