@@ -24,7 +24,7 @@
 mod record;
 mod registrar;
 
-pub use record::{DEFAULT_ROOT, DecodeError, Instance, MAX_VALUE_BYTES, check_addr, prefix};
+pub use record::{DEFAULT_ROOT, DecodeError, Instance, MAX_VALUE_BYTES, check_addr, check_name, prefix};
 pub use registrar::{Registrar, RegistrarConfig, Registration, RegistrationState};
 
 /// Why leaving the registry failed.

@@ -114,7 +114,7 @@ impl Instance {
     pub fn decode(prefix: &str, key: &str, value: &[u8]) -> Result<Instance, DecodeError> {
         let id = key
             .strip_prefix(prefix)
-            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .filter(|id| check_name(id).is_ok())
             .ok_or_else(|| DecodeError::KeyShape { prefix: prefix.to_string() })?;
         if value.len() > MAX_VALUE_BYTES {
             return Err(DecodeError::TooLarge(value.len()));
@@ -181,6 +181,20 @@ impl Instance {
 /// `{root}/services/{service}/`: the prefix under which instances of `service` live.
 pub fn prefix(root: &str, service: &str) -> String {
     format!("{}/services/{service}/", root.trim_end_matches('/'))
+}
+
+/// Checks that `name` can be one segment of a key: an instance id (the last segment, which
+/// every client reads back as the id) or a service name. It must not be empty nor hold a
+/// `/`, or the key it makes lands outside `{root}/services/{service}/{id}` and every client
+/// skips it.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty; give a name without '/'".into());
+    }
+    if name.contains('/') {
+        return Err(format!("{name:?} holds a '/', which would put its key outside the service's prefix"));
+    }
+    Ok(())
 }
 
 /// Checks that `addr` is `host:port` with a host and a port from 1 to 65535.

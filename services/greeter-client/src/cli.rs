@@ -80,8 +80,8 @@ pub struct TargetArgs {
     /// Root prefix of mesh's keys in etcd.
     #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh")]
     pub etcd_prefix: String,
-    /// The service to discover.
-    #[arg(long, env = "MESH_SERVICE", default_value = "greeter")]
+    /// The service to discover (not empty, no `/`).
+    #[arg(long, env = "MESH_SERVICE", default_value = "greeter", value_parser = checked_service)]
     pub service: String,
     /// How calls are spread: round_robin, random, consistent_hash, weighted, p2c, p2c_ewma.
     #[arg(long, env = "MESH_STRATEGY", default_value = "round_robin", value_parser = parse_strategy)]
@@ -313,6 +313,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text (for `cargo xtask bench`).
     #[arg(long)]
     pub json: bool,
+}
+
+fn checked_service(s: &str) -> Result<String, String> {
+    mesh_registry::check_name(s).map(|()| s.to_string())
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {

@@ -15,8 +15,9 @@ pub struct Args {
     #[arg(long, env = "MESH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// The id this instance reports as `served_by`; default: the bound host:port.
-    #[arg(long, env = "MESH_INSTANCE_ID")]
+    /// The id this instance registers under (the last segment of its key) and reports as
+    /// `served_by`; not empty, no `/`; default: the advertised host:port.
+    #[arg(long, env = "MESH_INSTANCE_ID", value_parser = checked_name)]
     pub instance_id: Option<String>,
 
     /// On SIGINT/SIGTERM, how long in-flight calls get to finish before they are cut,
@@ -34,8 +35,8 @@ pub struct Args {
     #[arg(long, env = "MESH_ADVERTISE")]
     pub advertise: Option<String>,
 
-    /// The service name to register under.
-    #[arg(long, env = "MESH_SERVICE", default_value = "greeter", global = true)]
+    /// The service name to register under (not empty, no `/`).
+    #[arg(long, env = "MESH_SERVICE", default_value = "greeter", global = true, value_parser = checked_name)]
     pub service: String,
 
     /// etcd endpoints, comma-separated.
@@ -304,10 +305,20 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+fn checked_name(s: &str) -> Result<String, String> {
+    mesh_registry::check_name(s).map(|()| s.to_string())
+}
+
+/// The longest lease etcd grants (its `MaxLeaseTTL`); it refuses longer ones.
+const MAX_TTL_SECS: u64 = 9_000_000_000;
+
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if ttl < Duration::from_secs(1) || ttl.subsec_nanos() != 0 {
         return Err(format!("{s:?}: etcd leases count whole seconds; use 1s or more, e.g. 10s"));
+    }
+    if ttl.as_secs() > MAX_TTL_SECS {
+        return Err(format!("{s:?}: etcd grants leases of at most {MAX_TTL_SECS} seconds (about 285 years)"));
     }
     Ok(ttl)
 }
@@ -326,7 +337,16 @@ mod tests {
 
     #[test]
     fn registry_flags_are_checked_and_named() {
-        for (flag, value) in [("--ttl", "500ms"), ("--ttl", "1.5s"), ("--weight", "0")] {
+        for (flag, value) in [
+            ("--ttl", "500ms"),
+            ("--ttl", "1.5s"),
+            ("--ttl", "10000000000s"),
+            ("--weight", "0"),
+            ("--instance-id", "zone-a/s1"),
+            ("--instance-id", ""),
+            ("--service", "billing/v1"),
+            ("--service", ""),
+        ] {
             let err = Args::try_parse_from(["greeter-server", flag, value]).expect_err(value);
             assert!(err.to_string().contains(flag), "{err}");
         }

@@ -245,6 +245,9 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
     result
 }
 
+/// How many method limits a log line spells out.
+const DESCRIBED_METHODS: usize = 5;
+
 /// The limits in a log line: "200/s, burst 20, reject; /a.B/C 5/s, burst 1, reject".
 fn describe(config: &mesh_limiter::LimiterConfig) -> String {
     let one = |l: &mesh_limiter::Limit| {
@@ -264,8 +267,13 @@ fn describe(config: &mesh_limiter::LimiterConfig) -> String {
         format!("{}/s, burst {}{rounded}, {mode}", l.rate_per_sec, l.burst)
     };
     let mut out = one(&config.default);
-    for (path, limit) in &config.methods {
+    // A document may set thousands of method limits: a log line names a few and counts
+    // the rest.
+    for (path, limit) in config.methods.iter().take(DESCRIBED_METHODS) {
         out.push_str(&format!("; {path} {}", one(limit)));
+    }
+    if config.methods.len() > DESCRIBED_METHODS {
+        out.push_str(&format!("; and {} more method limits", config.methods.len() - DESCRIBED_METHODS));
     }
     if let Some(p) = &config.per_caller {
         out.push_str(&format!("; per caller by {:?}, at most {} callers", p.key, p.max_callers));
@@ -508,3 +516,6 @@ async fn shutdown_signal() {
         () = term => info!("SIGTERM received"),
     }
 }
+
+#[cfg(test)]
+mod tests;
