@@ -69,6 +69,12 @@ pub use status::{AppliedStatus, StatusReport, status_key};
 /// `#[serde(deny_unknown_fields)]` on it, so that a misspelt field is an error, not a
 /// silent default.
 pub trait Document: serde::de::DeserializeOwned + Send + Sync + 'static {
+    /// Sections a document from etcd replaces whole instead of merging field by field over
+    /// the file and flags, as paths of field names (`&[&["server", "limiter"]]`): settings
+    /// that are only valid together, so that a document is valid or not whatever flags an
+    /// instance was started with, and `config validate` can say which.
+    const WHOLE_SECTIONS: &'static [&'static [&'static str]] = &[];
+
     /// Checks the values; the error says what is wrong, naming the field.
     fn validate(&self) -> Result<(), String> {
         Ok(())

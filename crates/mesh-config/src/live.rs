@@ -53,6 +53,8 @@ pub struct ConfigStatus {
     pub last_rejection: Option<Rejection>,
     /// Documents applied since the start.
     pub applied: u64,
+    /// Whether etcd was read once (its document, or its absence, taken into account).
+    pub listed: bool,
 }
 
 /// A document refused: its revision and the reason.
@@ -115,6 +117,7 @@ impl<T: Document> ConfigWatcher<T> {
                         ),
                         None => applier.removed(revision),
                     }
+                    applier.status_tx.send_if_modified(|s| !std::mem::replace(&mut s.listed, true));
                 }
                 WatchEvent::Put(kv) if kv.mod_revision > applier.floor => {
                     applier.floor = kv.mod_revision;
@@ -188,6 +191,14 @@ impl<T> LiveConfig<T> {
     /// A receiver of every configuration put in force from now on.
     pub fn subscribe(&self) -> watch::Receiver<Arc<T>> {
         self.value.clone()
+    }
+
+    /// Waits until etcd was read once (the document applied or refused, or found
+    /// absent), at most `timeout`; returns whether it was. A client calls this before its
+    /// first call, so that the document's settings govern every call, the first included.
+    pub async fn wait_listed(&self, timeout: std::time::Duration) -> bool {
+        let mut status = self.status.clone();
+        tokio::time::timeout(timeout, status.wait_for(|s| s.listed)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// Where the configuration in force comes from, and the last refusal.

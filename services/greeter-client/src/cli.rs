@@ -378,15 +378,24 @@ async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
     let live_timeout = crate::LiveTimeout::new(timeout);
     let following = match etcd.filter(|_| !t.no_config) {
         Some(etcd) => {
-            let layers = mesh_config::Layers::defaults(&greeter_config::GreeterConfig::default())?;
-            let key = mesh_config::config_key(&t.etcd_prefix, &t.service);
-            let live = mesh_config::ConfigWatcher::<greeter_config::GreeterConfig>::new(etcd, key, &layers)?.spawn();
             let base = crate::ClientBase {
                 strategy: t.strategy.clone(),
                 endpoint_breaker: resilience.endpoint_breaker.clone(),
                 retry: resilience.retry.clone(),
                 timeout,
             };
+            // Checked over this client's flags: a document it would refuse is refused whole.
+            let layers = crate::layers(&base)?;
+            let key = mesh_config::config_key(&t.etcd_prefix, &t.service);
+            let live = mesh_config::ConfigWatcher::<greeter_config::GreeterConfig>::new(etcd, key, &layers)?.spawn();
+            // The document governs the first call too: wait for it (bounded, as for the
+            // first resolution) and apply it before any call is made.
+            if !live.wait_listed(CONFIG_TIMEOUT).await {
+                tracing::warn!(
+                    "the configuration document was not read within {CONFIG_TIMEOUT:?}; calling on the flags' settings until it is"
+                );
+            }
+            crate::apply(&live.current().client, &mesh, &base, &live_timeout).await;
             let task = tokio::spawn(crate::follow(live.subscribe(), mesh.clone(), base, live_timeout.clone()));
             if !metrics.is_empty() {
                 metrics.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(greeter_config::config_metrics(
@@ -407,6 +416,9 @@ async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
         _collector: collector,
     })
 }
+
+/// How long a client waits for its configuration document before its first call.
+const CONFIG_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     let client_stack = client(&args.targets, args.timeout).await?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use greeter_config::{ClientSection, GreeterConfig};
 use mesh_balancer::Strategy;
 use mesh_breaker::BreakerConfig;
+use mesh_config::Layers;
 use mesh_retry::RetryPolicy;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -51,6 +52,22 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The layers a client's configuration watch starts from: the defaults, and what this
+/// client's flags set of the settings a document is checked against one another
+/// (`client.breaker`), so that a document this client would refuse is refused by its
+/// watch, whole, and counted so, rather than applied in part.
+pub fn layers(base: &ClientBase) -> Result<Layers, mesh_config::ConfigError> {
+    let b = &base.endpoint_breaker;
+    let breaker = serde_json::json!({
+        "failure_threshold": b.failure_threshold,
+        "open_ms": millis(b.open_time),
+        "max_open_ms": millis(b.max_open_time),
+        "half_open_max_requests": b.half_open_probes,
+    });
+    Layers::defaults(&GreeterConfig::default())?
+        .patch("the breaker flags", serde_json::json!({"client": {"breaker": breaker}}))
+}
+
 /// Applies the `client` section of each configuration `config` publishes to `mesh`, over
 /// `base`, starting with the one in force; returns when the publisher is gone. Each
 /// setting is applied only when it changed, and logged.
@@ -69,21 +86,31 @@ pub async fn follow(
     }
 }
 
-/// Applies `section` over `base`. The document was checked before it was published, so
-/// the errors below are not expected; they are logged, and the setting is left as it was.
-async fn apply(section: &ClientSection, mesh: &Mesh, base: &ClientBase, timeout: &LiveTimeout) {
-    match section.strategy() {
-        Ok(strategy) => {
-            let strategy = strategy.unwrap_or_else(|| base.strategy.clone());
-            if mesh.balanced.strategy() != strategy {
-                mesh.balanced.set_strategy(strategy.clone()).await;
-                info!(%strategy, "balancing strategy now");
-            }
+/// Applies `section` over `base`, whole or not at all. The watch checked the document
+/// over this client's flags before publishing it, so a refusal here is not expected; it
+/// is logged, and nothing changes.
+pub async fn apply(section: &ClientSection, mesh: &Mesh, base: &ClientBase, timeout: &LiveTimeout) {
+    // Each part is validated as it is built, so a plan that is whole applies whole.
+    let planned = (|| {
+        let strategy = section.strategy()?.unwrap_or_else(|| base.strategy.clone());
+        let breaker = section.breaker(&base.endpoint_breaker)?;
+        let retry = section.retry(&base.retry)?;
+        let call_timeout = section.timeout()?.unwrap_or(base.timeout);
+        Ok::<_, String>((strategy, breaker, retry, call_timeout))
+    })();
+    let (strategy, breaker, retry, call_timeout) = match planned {
+        Ok(plan) => plan,
+        Err(e) => {
+            warn!("the client section was not applied, nothing changed: {e}");
+            return;
         }
-        Err(e) => warn!("strategy not applied: {e}"),
+    };
+    if mesh.balanced.strategy() != strategy {
+        mesh.balanced.set_strategy(strategy.clone()).await;
+        info!(%strategy, "balancing strategy now");
     }
-    match section.breaker(&base.endpoint_breaker) {
-        Ok(breaker) if breaker != mesh.endpoint_breaker_config() => match mesh.set_endpoint_breaker(breaker.clone()) {
+    if breaker != mesh.endpoint_breaker_config() {
+        match mesh.set_endpoint_breaker(breaker.clone()) {
             Ok(()) => info!(
                 failure_threshold = breaker.failure_threshold,
                 open = ?breaker.open_time,
@@ -91,26 +118,16 @@ async fn apply(section: &ClientSection, mesh: &Mesh, base: &ClientBase, timeout:
                 "endpoint breakers now"
             ),
             Err(e) => warn!("endpoint breakers not changed: {e}"),
-        },
-        Ok(_) => {}
-        Err(e) => warn!("endpoint breakers not changed: {e}"),
+        }
     }
-    match section.retry(&base.retry) {
-        Ok(retry) if retry != mesh.retry_policy() => match mesh.set_retry(retry.clone()) {
+    if retry != mesh.retry_policy() {
+        match mesh.set_retry(retry.clone()) {
             Ok(()) => info!(max_attempts = retry.max_attempts, on = ?retry.retry_on, "retries now"),
             Err(e) => warn!("retries not changed: {e}"),
-        },
-        Ok(_) => {}
-        Err(e) => warn!("retries not changed: {e}"),
-    }
-    match section.timeout() {
-        Ok(t) => {
-            let t = t.unwrap_or(base.timeout);
-            if t != timeout.get() {
-                timeout.set(t);
-                info!(timeout = ?t, "call timeout now");
-            }
         }
-        Err(e) => warn!("call timeout not changed: {e}"),
+    }
+    if call_timeout != timeout.get() {
+        timeout.set(call_timeout);
+        info!(timeout = ?call_timeout, "call timeout now");
     }
 }

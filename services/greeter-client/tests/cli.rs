@@ -256,3 +256,46 @@ async fn a_running_client_serves_metrics_whose_call_counter_moves_between_two_sc
     let out = run.await.expect("join");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A server registered by hand in `etcd` that answers after `delay`, and the client's
+/// `--etcd` flag value.
+async fn registered_slow_server(etcd: &mesh_testkit::Etcd, delay: Duration) -> (TestServer, String) {
+    let server = mesh_testkit::NamedGreeter::serve("slow", delay).await.expect("serve");
+    let value = format!(r#"{{"Op":0,"Addr":"{}","Metadata":{{"weight":1,"instance":"slow"}}}}"#, server.addr());
+    etcd.put("/mesh/services/greeter/slow", value).await.expect("register");
+    (server, etcd.endpoints().join(","))
+}
+
+/// Runs greeter-client with `args`; the report and stderr.
+async fn run_json(args: Vec<String>) -> (serde_json::Value, String) {
+    let out = tokio::task::spawn_blocking(move || client().args(&args).arg("--json").output().expect("run"))
+        .await
+        .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (report(&String::from_utf8_lossy(&out.stdout)), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documents_timeout_governs_the_first_call_too() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let (_server, endpoints) = registered_slow_server(&etcd, Duration::from_millis(100)).await;
+    etcd.put("/mesh/config/greeter", r#"{"client": {"timeout_ms": 20}}"#).await.expect("document");
+    let args = ["--etcd", &endpoints, "--count", "3", "--timeout", "5s"].map(String::from).to_vec();
+    let (report, stderr) = run_json(args).await;
+    // A 100 ms server and a 20 ms deadline: every call fails, the first one included.
+    assert_eq!(report["failed"], 3, "{report}\n{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_this_clients_flags_make_invalid_is_refused_whole() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let (_server, endpoints) = registered_slow_server(&etcd, Duration::ZERO).await;
+    // Valid over the defaults (max_open 30 s), not over --breaker-max-open 10s.
+    let document = r#"{"client":{"balancer":{"strategy":"random"},"breaker":{"open_ms":20000},"timeout_ms":5000}}"#;
+    etcd.put("/mesh/config/greeter", document).await.expect("document");
+    let args = ["--etcd", &endpoints, "--count", "2", "--breaker-max-open", "10s"].map(String::from).to_vec();
+    let (report, stderr) = run_json(args).await;
+    assert_eq!(report["strategy"], "round_robin", "the strategy of a refused document was applied: {report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(stderr.contains("configuration refused") && stderr.contains("max_open_time"), "{stderr}");
+}

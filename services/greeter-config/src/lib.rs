@@ -283,6 +283,12 @@ impl ClientSection {
 }
 
 impl mesh_config::Document for GreeterConfig {
+    /// A document's rate limits stand alone: its `server.limiter` replaces what a server's
+    /// `--rate` flags or file set, rather than completing it, so that `{"limiter":
+    /// {"burst": 5}}` is refused by every server alike (no rate), not taken by those
+    /// started with `--rate`.
+    const WHOLE_SECTIONS: &'static [&'static [&'static str]] = &[&["server", "limiter"]];
+
     fn validate(&self) -> Result<(), String> {
         let s = &self.server;
         if let Some(limiter) = &s.limiter {
@@ -301,6 +307,26 @@ impl mesh_config::Document for GreeterConfig {
         client(c.retry(&RetryPolicy::default()).map(drop))?;
         client(c.timeout().map(drop))?;
         Ok(())
+    }
+}
+
+impl GreeterConfig {
+    /// Where this document, valid over the defaults, is refused by instances started with
+    /// some flags: settings checked against one another, of which the document sets one
+    /// and leaves the other to each client's flags. Empty when it is valid everywhere.
+    pub fn flag_dependencies(&self) -> Vec<String> {
+        let b = &self.client.breaker;
+        let mut notes = Vec::new();
+        match (b.open_ms, b.max_open_ms) {
+            (Some(open), None) => notes.push(format!(
+                "client.breaker.open_ms is {open}; clients started with --breaker-max-open below {open}ms refuse this                  document (set client.breaker.max_open_ms too)"
+            )),
+            (None, Some(max)) => notes.push(format!(
+                "client.breaker.max_open_ms is {max}; clients started with --breaker-open above {max}ms refuse this                  document (set client.breaker.open_ms too)"
+            )),
+            _ => {}
+        }
+        notes
     }
 }
 

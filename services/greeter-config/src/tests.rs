@@ -76,3 +76,41 @@ fn codes_are_read_by_name_or_number() {
     assert!(parse_code("17").is_err() && parse_code("sometimes").is_err());
     assert_eq!(code_name(tonic::Code::ResourceExhausted), "resource_exhausted");
 }
+
+#[test]
+fn a_limiter_section_in_a_document_stands_alone_whatever_the_flags() {
+    // A server started with --rate 100 --limit-method: its layers hold a whole limiter.
+    let flags = serde_json::json!({"server": {"limiter": {
+        "rate_per_sec": 100.0, "methods": {"/greeter.v1.Greeter/SayHello": {"rate_per_sec": 5.0}}
+    }}});
+    let with_rate =
+        Layers::defaults(&GreeterConfig::default()).expect("defaults").patch("the limit flags", flags).expect("flags");
+    let defaults = Layers::defaults(&GreeterConfig::default()).expect("defaults");
+    let partial = br#"{"server": {"limiter": {"burst": 5}}}"#;
+    for (who, layers) in [("config validate", &defaults), ("a server started with --rate", &with_rate)] {
+        let err = mesh_config::parse::<GreeterConfig>(layers.document(), partial, "doc").expect_err(who);
+        assert!(err.reason.contains("rate_per_sec"), "{who}: {}", err.reason);
+    }
+    // A whole section replaces the flags' one, methods included.
+    let whole = br#"{"server": {"limiter": {"rate_per_sec": 500}}}"#;
+    let config = mesh_config::parse::<GreeterConfig>(with_rate.document(), whole, "doc").expect("valid");
+    let limiter = config.server.limiter.expect("limits");
+    assert_eq!((limiter.rate_per_sec, limiter.methods.len()), (500.0, 0));
+    // A document without one keeps the flags' limits.
+    let other = br#"{"server": {"greeting": "Hi, {name}"}}"#;
+    let config = mesh_config::parse::<GreeterConfig>(with_rate.document(), other, "doc").expect("valid");
+    assert_eq!(config.server.limiter.map(|l| l.rate_per_sec), Some(100.0));
+}
+
+#[test]
+fn a_document_that_depends_on_a_clients_flags_says_so() {
+    let config = parse(r#"{"client": {"breaker": {"open_ms": 20000}}}"#).expect("valid over the defaults");
+    let notes = config.flag_dependencies();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("--breaker-max-open below 20000ms"), "{notes:?}");
+    let config = parse(r#"{"client": {"breaker": {"max_open_ms": 5000}}}"#).expect("valid over the defaults");
+    assert!(config.flag_dependencies()[0].contains("--breaker-open above 5000ms"));
+    let both = parse(r#"{"client": {"breaker": {"open_ms": 20000, "max_open_ms": 60000}}}"#).expect("valid");
+    assert!(both.flag_dependencies().is_empty());
+    assert!(parse(DOC).expect("valid").flag_dependencies().is_empty());
+}

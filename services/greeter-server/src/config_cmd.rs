@@ -14,26 +14,37 @@ pub(crate) async fn run(args: &Args, command: &ConfigCommand) -> anyhow::Result<
     let key = mesh_config::config_key(&args.etcd_prefix, &args.service);
     match command {
         ConfigCommand::Validate { file } => {
-            check(file)?;
-            println!("{}: valid", file.display());
+            let (_, notes) = check(file)?;
+            println!("{}: valid{}", file.display(), if notes.is_empty() { "" } else { " over the defaults" });
+            print_notes(&notes);
             Ok(())
         }
         ConfigCommand::Apply { file } => {
-            let document = check(file)?;
+            let (document, notes) = check(file)?;
             let revision = etcd(args)?.put(&key, document, None).await.with_context(|| format!("putting {key}"))?;
-            println!("{} applied as {key} at revision {revision}; every instance applies it now", file.display());
+            let every = if notes.is_empty() { "every instance applies it now" } else { "instances apply it now, but" };
+            println!("{} applied as {key} at revision {revision}; {every}", file.display());
+            print_notes(&notes);
             Ok(())
         }
         ConfigCommand::Show => show(args, &key).await,
     }
 }
 
-/// Reads and checks a document as every instance will; the document, or why not.
-fn check(file: &Path) -> anyhow::Result<Vec<u8>> {
+/// Reads and checks a document as every instance will (over the defaults; a section it
+/// sets stands alone, whatever a server's flags set there); the document and where it
+/// depends on an instance's flags, or why it is refused.
+fn check(file: &Path) -> anyhow::Result<(Vec<u8>, Vec<String>)> {
     let document = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let layers = Layers::defaults(&GreeterConfig::default())?;
-    mesh_config::parse::<GreeterConfig>(layers.document(), &document, &file.display().to_string())?;
-    Ok(document)
+    let config = mesh_config::parse::<GreeterConfig>(layers.document(), &document, &file.display().to_string())?;
+    Ok((document, config.flag_dependencies()))
+}
+
+fn print_notes(notes: &[String]) {
+    for note in notes {
+        println!("note: {note}");
+    }
 }
 
 fn etcd(args: &Args) -> anyhow::Result<Etcd> {

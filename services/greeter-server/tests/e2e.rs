@@ -516,3 +516,35 @@ async fn a_running_server_applies_a_new_greeting_limit_and_log_level_and_refuses
     assert_eq!(s1.stop().code(), Some(0));
     assert_eq!(etcd.get("/mesh/status/greeter/s1").await.expect("get"), None, "the status leaves with the server");
 }
+
+#[test]
+fn config_validate_says_when_a_document_depends_on_a_clients_flags_and_refuses_a_partial_limiter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let validate = |doc: &str| {
+        let file = dir.path().join("doc.json");
+        std::fs::write(&file, doc).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
+            .args(["config", "validate"])
+            .arg(&file)
+            .output()
+            .expect("run greeter-server config validate");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, _) = validate(r#"{"client": {"breaker": {"open_ms": 20000}}}"#);
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("valid over the defaults")
+            && stdout.contains("note: ")
+            && stdout.contains("--breaker-max-open below 20000ms"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = validate(r#"{"client": {"breaker": {"open_ms": 20000, "max_open_ms": 60000}}}"#);
+    assert!(ok && !stdout.contains("note:"), "{stdout}");
+    // Refused here as by every server, --rate or not: a document's limiter stands alone.
+    let (ok, _, stderr) = validate(r#"{"server": {"limiter": {"burst": 5}}}"#);
+    assert!(!ok && stderr.contains("rate_per_sec"), "{stderr}");
+}
