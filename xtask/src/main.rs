@@ -5,6 +5,7 @@ mod demo;
 mod deploy;
 mod etcd;
 mod package;
+mod soak;
 mod test;
 mod util;
 
@@ -17,6 +18,11 @@ cargo xtask <command>
                           checked and cleaned up; --quick tells it in seconds on a private etcd
   test                    provision etcd, then fmt check, clippy -D warnings, every test, the
                           API docs, deploy-check, package, and the quick demo
+  soak [--seconds N] [--ops K] [--etcd VERSION]
+                          the randomized etcd lifecycle checker for N seconds (default 300) of
+                          fresh seeds, one etcd member and three in turn
+  soak --seed S [--members 1|3] [--ops K]
+                          one sequence again, as a failure printed it
   etcd-up [--cluster N]   a detached local etcd under target/etcd/ (N = 1 or 3), idempotent
   etcd-up --secure        a detached local etcd with TLS, auth and mesh's roles; prints the flags to use
   etcd-down               stop it (its data stays under target/etcd/)
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
         "package" => util::no_args(rest).and_then(|()| package::run()),
         "codegen" => codegen(rest),
         "bench" => bench::parse(rest).and_then(bench::run),
+        "soak" => soak::parse(rest).and_then(soak::run),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             return ExitCode::SUCCESS;

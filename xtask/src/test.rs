@@ -20,7 +20,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
     if let Err(why) = &go {
         eprintln!("skipped: the Go interop tests (greeter-server::interop_go): {why}");
     }
-    if has_nextest() {
+    let nextest = has_nextest();
+    if nextest {
         let mut cmd = util::cargo();
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
         if go.is_err() {
@@ -36,6 +37,26 @@ pub(crate) fn run() -> anyhow::Result<()> {
         }
         util::run(&mut cmd)?;
     }
+    // The etcd-facing tests again against each etcd release interop/etcd builds (the
+    // machine's etcd ran them above): users run 3.5 and 3.6 as well as Debian's 3.4.
+    for version in util::etcd_releases() {
+        if let Err(why) = &go {
+            eprintln!("skipped: the etcd-facing tests against etcd {version}: {why}");
+            continue;
+        }
+        let etcd = util::build_etcd_release(&version).map_err(anyhow::Error::msg)?;
+        eprintln!("the etcd-facing tests against etcd {version} ({})", etcd.display());
+        let mut cmd = util::cargo();
+        if nextest {
+            cmd.args(["nextest", "run", "--workspace", "--no-fail-fast", "-E", &etcd_facing_filter()]);
+        } else {
+            cmd.args(["test", "--no-fail-fast"]);
+            for (package, test) in ETCD_FACING {
+                cmd.args(["-p", package, "--test", test]);
+            }
+        }
+        util::run(cmd.env("ETCD_BIN", &etcd))?;
+    }
     // nextest does not run doctests.
     util::run(util::cargo().args(["test", "--workspace", "--doc"]))?;
     // The API docs build without a broken link or a warning.
@@ -47,6 +68,24 @@ pub(crate) fn run() -> anyhow::Result<()> {
     // The main job end to end: the demo's story, told quickly.
     eprintln!("$ cargo xtask demo --quick");
     crate::demo::run(crate::demo::Options { quick: true })
+}
+
+/// The test binaries that talk to etcd (package, test target): what runs again against
+/// every etcd release.
+const ETCD_FACING: &[(&str, &str)] = &[
+    ("mesh-etcd", "etcd"),
+    ("mesh-etcd", "scale"),
+    ("mesh-etcd", "secure"),
+    ("mesh-registry", "registry"),
+    ("mesh-discovery", "discovery"),
+    ("mesh-config", "live"),
+    ("greeter-server", "e2e"),
+    ("greeter-server", "lifecycle"),
+    ("greeter-client", "config"),
+];
+
+fn etcd_facing_filter() -> String {
+    ETCD_FACING.iter().map(|(p, t)| format!("binary_id({p}::{t})")).collect::<Vec<_>>().join(" | ")
 }
 
 fn has_nextest() -> bool {

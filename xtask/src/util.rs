@@ -92,19 +92,52 @@ fn version(v: &str) -> Vec<u64> {
 /// that directory, or why not.
 pub(crate) fn build_go_interop() -> Result<PathBuf, String> {
     go_toolchain()?;
-    let out = root().join("target").join("go-interop");
+    build_go(&root().join("interop").join("go"), &root().join("target").join("go-interop"))
+}
+
+/// The etcd releases besides the machine's that the etcd-facing tests also run against:
+/// each directory `interop/etcd/vX.Y` is a Go module that builds that release's `etcd` and
+/// `etcdutl` from the Go module proxy. Their versions, in order.
+pub(crate) fn etcd_releases() -> Vec<String> {
+    let dir = root().join("interop").join("etcd");
+    let mut versions: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("go.mod").is_file())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    versions.sort();
+    versions
+}
+
+/// Builds etcd release `version` (a directory of interop/etcd) into
+/// target/etcd-releases/`version`/; the path of its `etcd`, with `etcdutl` beside it.
+pub(crate) fn build_etcd_release(version: &str) -> Result<PathBuf, String> {
+    go_toolchain()?;
+    let out = root().join("target").join("etcd-releases").join(version);
+    build_go(&root().join("interop").join("etcd").join(version), &out)?;
+    Ok(out.join("etcd"))
+}
+
+/// `go build` of every command of the module in `module` into `out`.
+fn build_go(module: &std::path::Path, out: &std::path::Path) -> Result<PathBuf, String> {
     // `go build -o DIR` of several commands needs DIR to exist.
-    std::fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     let go = std::env::var_os("GO").unwrap_or_else(|| "go".into());
     let built = Command::new(go)
-        .current_dir(root().join("interop").join("go"))
+        .current_dir(module)
         .args(["build", "-mod=readonly", "-buildvcs=false", "-o"])
-        .arg(&out)
+        .arg(out)
         .arg("./cmd/...")
         .output()
         .map_err(|e| format!("running go build: {e}"))?;
     if !built.status.success() {
-        return Err(format!("go build in interop/go failed: {}", String::from_utf8_lossy(&built.stderr).trim()));
+        return Err(format!(
+            "go build in {} failed: {}",
+            module.display(),
+            String::from_utf8_lossy(&built.stderr).trim()
+        ));
     }
-    Ok(out)
+    Ok(out.to_path_buf())
 }
