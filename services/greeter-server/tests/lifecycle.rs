@@ -794,27 +794,13 @@ impl World {
         let mut problems = Vec::new();
         for o in &self.observers {
             let status = o.config.status().borrow().clone();
-            match doc {
-                Some(Document { revision, parsed: Some(parsed) }) => {
-                    if status.revision != Some(*revision) || *o.config.current() != *parsed {
-                        problems
-                            .push(format!("observer {} runs revision {:?}, not {revision}", o.name, status.revision));
-                    }
-                }
-                Some(Document { revision, parsed: None }) => {
-                    if status.last_rejection.as_ref().map(|r| r.revision) != Some(*revision) {
-                        problems.push(format!("observer {} did not refuse the invalid revision {revision}", o.name));
-                    }
-                }
-                None if !self.rebuilt_since_config => {
-                    if status.revision.is_some() {
-                        problems.push(format!(
-                            "observer {} runs revision {:?} of a deleted document",
-                            o.name, status.revision
-                        ));
-                    }
-                }
-                None => {}
+            let refused = status.last_rejection.as_ref().map(|r| r.revision);
+            if let Some(p) = self.applied_problem(doc, status.revision, refused) {
+                problems.push(format!("observer {}: {p}", o.name));
+            } else if let Some(Document { parsed: Some(parsed), .. }) = doc
+                && *o.config.current() != *parsed
+            {
+                problems.push(format!("observer {}: runs other settings than the document's", o.name));
             }
         }
         let holders = self.holders().await;
@@ -836,38 +822,37 @@ impl World {
                     continue;
                 }
             };
-            match doc {
-                Some(Document { revision, parsed: Some(parsed) }) => {
-                    if status.revision != Some(*revision) {
-                        problems.push(format!(
-                            "server {}: status says revision {:?}, not {revision}",
-                            s.id, status.revision
-                        ));
+            let refused = status.last_rejection.as_ref().map(|r| r.revision);
+            if let Some(p) = self.applied_problem(doc, status.revision, refused) {
+                problems.push(format!("server {} (its status key): {p}", s.id));
+            } else if let Some(Document { revision, parsed: Some(parsed) }) = doc {
+                match greet(&s.addr).await {
+                    Ok(message) if message == parsed.server.greet("check") => {}
+                    Ok(message) => {
+                        problems.push(format!("server {} greets {message:?}, not as revision {revision} says", s.id))
                     }
-                    match greet(&s.addr).await {
-                        Ok(message) if message == parsed.server.greet("check") => {}
-                        Ok(message) => problems
-                            .push(format!("server {} greets {message:?}, not as revision {revision} says", s.id)),
-                        Err(e) => problems.push(format!("server {} does not answer: {e}", s.id)),
-                    }
+                    Err(e) => problems.push(format!("server {} does not answer: {e}", s.id)),
                 }
-                Some(Document { revision, parsed: None }) => {
-                    if status.last_rejection.as_ref().map(|r| r.revision) != Some(*revision) {
-                        problems.push(format!("server {}: did not refuse the invalid revision {revision}", s.id));
-                    }
-                }
-                None if !self.rebuilt_since_config => {
-                    if status.revision.is_some() {
-                        problems.push(format!(
-                            "server {}: runs revision {:?} of a deleted document",
-                            s.id, status.revision
-                        ));
-                    }
-                }
-                None => {}
             }
         }
         problems
+    }
+
+    /// What is wrong with an instance that runs `revision` and last refused `refused`,
+    /// when etcd holds `doc`.
+    fn applied_problem(&self, doc: Option<&Document>, revision: Option<i64>, refused: Option<i64>) -> Option<String> {
+        match doc {
+            Some(Document { revision: want, parsed: Some(_) }) => {
+                (revision != Some(*want)).then(|| format!("runs revision {revision:?}, not {want}"))
+            }
+            Some(Document { revision: want, parsed: None }) => {
+                (refused != Some(*want)).then(|| format!("did not refuse the invalid revision {want}"))
+            }
+            None if !self.rebuilt_since_config => {
+                revision.is_some().then(|| format!("runs revision {revision:?} of a deleted document"))
+            }
+            None => None,
+        }
     }
 
     /// Which server holds each instance id, as etcd's value names its address.
