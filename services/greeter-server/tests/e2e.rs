@@ -367,9 +367,8 @@ async fn two_servers_with_one_instance_id_do_not_fight_and_the_second_takes_over
     registered(&etcd, &[&first], Duration::from_secs(10)).await;
     let status_key = "/mesh/status/greeter/dup";
     let status_of = || async { etcd.get_prefix(status_key).await.ok()?.into_iter().find(|kv| kv.key == status_key) };
-    let reported = eventually("the first reports its status", Duration::from_secs(10), status_of)
-        .await
-        .expect("status reported");
+    let reported =
+        eventually("the first reports its status", Duration::from_secs(10), status_of).await.expect("status reported");
     let start = etcd.revision().await.expect("revision");
     let second = Server::start("dup", &etcd);
     let started = Instant::now();
