@@ -304,16 +304,22 @@ impl Circuit {
 }
 
 /// Calls and failures over a sliding window, in ten buckets.
+///
+/// Bucket `n` covers `[origin + n·bucket, origin + (n+1)·bucket)` from a fixed origin (the
+/// first time ever recorded), and lives in slot `n % 10`: the window at `now` is the bucket
+/// holding `now` and the nine before it. The origin never moves, so overwriting the oldest
+/// bucket shifts nothing else.
 #[derive(Debug, Clone)]
 struct Window {
     bucket: Duration,
-    /// (start of the bucket, calls, failures)
-    buckets: [(Option<Instant>, u64, u64); 10],
+    origin: Option<Instant>,
+    /// (number of the bucket, calls, failures)
+    buckets: [(Option<u64>, u64, u64); 10],
 }
 
 impl Window {
     fn new(window: Duration) -> Self {
-        Window { bucket: window / 10, buckets: [(None, 0, 0); 10] }
+        Window { bucket: (window / 10).max(Duration::from_millis(1)), origin: None, buckets: [(None, 0, 0); 10] }
     }
 
     fn add(&mut self, now: Instant, outcome: Outcome) {
@@ -327,24 +333,27 @@ impl Window {
         }
     }
 
-    fn slot_for(&mut self, now: Instant) -> &mut (Option<Instant>, u64, u64) {
-        let bucket = self.bucket.max(Duration::from_millis(1));
-        // Buckets are aligned to the first one ever used; an index is its number mod 10.
-        let origin = self.buckets.iter().filter_map(|b| b.0).min().unwrap_or(now);
-        let number = now.saturating_duration_since(origin).as_nanos() / bucket.as_nanos();
-        let start = origin + bucket.saturating_mul(u32::try_from(number).unwrap_or(u32::MAX));
+    /// The number of the bucket holding `now` (a time before the origin counts in bucket 0).
+    fn number(&mut self, now: Instant) -> u64 {
+        let origin = *self.origin.get_or_insert(now);
+        let n = now.saturating_duration_since(origin).as_nanos() / self.bucket.as_nanos();
+        u64::try_from(n).unwrap_or(u64::MAX)
+    }
+
+    fn slot_for(&mut self, now: Instant) -> &mut (Option<u64>, u64, u64) {
+        let number = self.number(now);
         let slot = &mut self.buckets[(number % 10) as usize];
-        if slot.0 != Some(start) {
-            *slot = (Some(start), 0, 0);
+        if slot.0 != Some(number) {
+            *slot = (Some(number), 0, 0);
         }
         slot
     }
 
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        let span = self.bucket * 10;
+    fn totals(&mut self, now: Instant) -> (u64, u64) {
+        let current = self.number(now);
         self.buckets
             .iter()
-            .filter(|b| b.0.is_some_and(|start| now.saturating_duration_since(start) < span))
+            .filter(|b| b.0.is_some_and(|n| n <= current && current - n < 10))
             .fold((0, 0), |(c, f), b| (c + b.1, f + b.2))
     }
 
@@ -353,5 +362,7 @@ impl Window {
     }
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

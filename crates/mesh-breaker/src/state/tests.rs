@@ -302,3 +302,68 @@ fn new_settings_keep_the_state_and_apply_from_the_next_call() {
     call(&mut c, t0, Outcome::Failure);
     assert_eq!(c.state(), State::Open, "2 of 4 failed");
 }
+
+/// The service breaker's defaults for the rate: 50% of at least 20 calls in 10 s, and no
+/// consecutive threshold, so that only the window decides.
+fn rate_only() -> Circuit {
+    let rate = FailureRate::new(0.5, Duration::from_secs(10), 20);
+    circuit(BreakerConfig::default().with_failure_threshold(0).with_failure_rate(rate))
+}
+
+#[test]
+fn after_30_s_of_successes_it_takes_half_a_window_of_failures_to_open() {
+    // 10 calls/s. The window slid from its first bucket 20 s ago: overwriting the oldest
+    // bucket once moved every bucket's place, and 21 failures in 2 s opened it.
+    let t0 = Instant::now();
+    let mut c = rate_only();
+    for i in 0..300 {
+        call(&mut c, t0 + ms(100 * i), Outcome::Success);
+    }
+    let mut failures = 0;
+    for i in 300..500 {
+        call(&mut c, t0 + ms(100 * i), Outcome::Failure);
+        failures += 1;
+        if c.state() == State::Open {
+            break;
+        }
+    }
+    assert_eq!(c.state(), State::Open);
+    // The 10 s window holds ~100 calls; half of them failing takes ~50 failures (the
+    // bucket being filled counts in full, so 45 to 51).
+    assert!((45..=51).contains(&failures), "opened after {failures} failures");
+}
+
+#[test]
+fn at_3_calls_a_second_after_30_s_of_successes_60_s_of_failures_open_it() {
+    // The window holds 30 calls at 3/s; where buckets shifted it held too few to reach 20.
+    let t0 = Instant::now();
+    let mut c = rate_only();
+    for i in 0..90 {
+        call(&mut c, t0 + ms(333 * i), Outcome::Success);
+    }
+    let mut failures = 0;
+    for i in 90..270 {
+        call(&mut c, t0 + ms(333 * i), Outcome::Failure);
+        failures += 1;
+        if c.state() == State::Open {
+            break;
+        }
+    }
+    assert_eq!(c.state(), State::Open, "60 s of failures at 3/s");
+    assert!(failures <= 18, "opened after {failures} failures: half of the 30 calls a window holds is 15");
+}
+
+#[test]
+fn a_steady_30_percent_failure_rate_never_trips_a_50_percent_breaker() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(30);
+    let t0 = Instant::now();
+    let mut c = rate_only();
+    // Ten minutes at 10 calls/s, each failing with probability 0.3: over a window of 100
+    // calls, 50 failures is 4.4 standard deviations above the mean.
+    for i in 0..6000u64 {
+        let outcome = if rng.random_bool(0.3) { Outcome::Failure } else { Outcome::Success };
+        call(&mut c, t0 + ms(100 * i), outcome);
+    }
+    assert_eq!(c.transitions(), 0, "spurious trips");
+}
