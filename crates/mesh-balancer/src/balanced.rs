@@ -35,6 +35,7 @@ use tonic::body::Body;
 use tower_service::Service;
 
 use crate::conn::EndpointState;
+use crate::counted::Counted;
 use crate::pick::{PickInput, ring};
 use crate::snapshot::{Entry, Shared, Slot, Snapshot, now_nanos};
 use crate::status::{self, BoxError};
@@ -373,8 +374,10 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         self.refresh();
+        // The deadline every layer below measures, and this one ends the response at.
+        let deadline = mesh_util::grpc::Deadline::of(&mut request, || Instant::now().into_std());
         let shared = &self.shared;
         let Local { snap, services, ticket, rng, waker, returned } = &mut self.local;
         let Some(waker) = waker.as_ref() else {
@@ -453,7 +456,7 @@ where
                         if *ticket >= period {
                             *ticket %= period;
                         }
-                        return start(entry, svc, request, &snap.strategy, now);
+                        return start(entry, svc, request, &snap.strategy, now, deadline);
                     }
                     Poll::Ready(Err(e)) => {
                         // A layer refused (a breaker open, say): skip it for this call. The
@@ -517,13 +520,15 @@ fn load<S>(entry: &Entry<S>, strategy: &Strategy, now: u64) -> u64 {
     }
 }
 
-/// Calls `svc`, which has just been polled ready, and counts the call against `entry`.
+/// Calls `svc`, which has just been polled ready, and counts the call against `entry`
+/// until its response ends, or its `deadline`.
 fn start<S>(
     entry: &Entry<S>,
     svc: &mut S,
     request: http::Request<Body>,
     strategy: &Strategy,
     now: u64,
+    deadline: Option<std::time::Instant>,
 ) -> ResponseFuture<S::Future>
 where
     S: Service<http::Request<Body>>,
@@ -535,7 +540,8 @@ where
         }
         _ => None,
     };
-    ResponseFuture { kind: Kind::Called { inner: svc.call(request), guard: Guard { slot, ewma, done: false } } }
+    let guard = Some(Guard { slot, ewma, deadline, done: false });
+    ResponseFuture { kind: Kind::Called { inner: svc.call(request), guard } }
 }
 
 // === impl ResponseFuture ===
@@ -556,7 +562,7 @@ pin_project! {
         // Failed before any endpoint was called.
         Failed { status: Option<Status> },
         // Sent to an endpoint.
-        Called { #[pin] inner: F, guard: Guard },
+        Called { #[pin] inner: F, guard: Option<Guard> },
         // Waiting for an endpoint to take it.
         Waiting { future: Waiting },
     }
@@ -596,30 +602,45 @@ impl<F: Send + 'static> ResponseFuture<F> {
 }
 
 /// Keeps an endpoint's counters right, also when a call is dropped unfinished.
-struct Guard {
-    slot: Arc<Slot>,
-    /// For peak EWMA: when the call started, and the decay (ns).
+pub(crate) struct Guard {
+    pub(crate) slot: Arc<Slot>,
+    /// For peak EWMA: when the call started, and the decay (ns); taken at the response head.
     ewma: Option<(u64, u64)>,
+    /// The call's deadline, on tokio's clock.
+    pub(crate) deadline: Option<std::time::Instant>,
     done: bool,
 }
 
 impl Guard {
-    fn finish(&mut self, failed: bool) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
-        self.slot.finished(failed);
-        if let Some((started, decay)) = self.ewma {
+    /// The response head arrived (or the call failed before it): peak EWMA's sample.
+    fn answered(&mut self) {
+        if let Some((started, decay)) = self.ewma.take() {
             let now = now_nanos();
             self.slot.observe(now, now.saturating_sub(started), decay);
         }
+    }
+
+    /// The call ended, `failed` at the endpoint or not.
+    pub(crate) fn finish(&mut self, failed: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.answered();
+        self.slot.finished(failed);
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        // Dropped unfinished: the caller gave up (a cancellation), not the endpoint's fault.
-        self.finish(false);
+        // Dropped unfinished: the caller gave up (a cancellation), not the endpoint's fault,
+        // unless the deadline had passed: a layer above ended the call at its deadline, and
+        // the endpoint had not answered in time.
+        let late = self.deadline.is_some_and(|d| Instant::now().into_std() >= d);
+        self.finish(late);
     }
 }
 
@@ -640,22 +661,40 @@ where
                 Poll::Ready(Ok(status.into_http()))
             }
             Proj::Waiting { future } => future.as_mut().poll(cx).map(Ok),
-            Proj::Called { inner, guard } => match inner.poll(cx) {
+            Proj::Called { inner, guard: slot } => match inner.poll(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(mut response)) => {
-                    let code = status::code_in_headers(response.headers());
-                    guard.finish(code.is_some_and(status::counts_against_endpoint));
-                    if code.is_some_and(|c| c != tonic::Code::Ok) {
-                        response.extensions_mut().insert(FailedAt(guard.slot.id.clone()));
-                    }
-                    Poll::Ready(Ok(response))
-                }
-                Poll::Ready(Err(e)) => {
-                    let status = status::of_error(e.into(), &guard.slot.label);
-                    guard.finish(status::counts_against_endpoint(status.code()));
-                    let mut response = status.into_http();
-                    response.extensions_mut().insert(FailedAt(guard.slot.id.clone()));
-                    Poll::Ready(Ok(response))
+                Poll::Ready(result) => {
+                    let Some(mut guard) = slot.take() else {
+                        return Poll::Ready(Ok(Status::internal("response polled after completion").into_http()));
+                    };
+                    guard.answered();
+                    Poll::Ready(Ok(match result {
+                        Ok(mut response) => {
+                            let now = || Instant::now().into_std();
+                            let Some(code) = status::code_at(response.headers_mut(), guard.deadline, now) else {
+                                // The call goes on in its body, and counts until that ends.
+                                return Poll::Ready(Ok(response.map(|body| Body::new(Counted::new(body, guard)))));
+                            };
+                            guard.finish(status::counts_against_endpoint(code));
+                            if code != tonic::Code::Ok {
+                                response.extensions_mut().insert(FailedAt(guard.slot.id.clone()));
+                            }
+                            response
+                        }
+                        Err(e) => {
+                            let mut status = status::of_error(e.into(), &guard.slot.label);
+                            if status.code() == tonic::Code::Cancelled
+                                && guard.deadline.is_some_and(|d| Instant::now().into_std() >= d)
+                            {
+                                let message = format!("{}: the call's deadline passed", guard.slot.label);
+                                status = Status::deadline_exceeded(message);
+                            }
+                            guard.finish(status::counts_against_endpoint(status.code()));
+                            let mut response = status.into_http();
+                            response.extensions_mut().insert(FailedAt(guard.slot.id.clone()));
+                            response
+                        }
+                    }))
                 }
             },
         }
@@ -671,7 +710,7 @@ where
 /// caller's clone through `returned`.
 async fn wait_for_endpoint<S>(
     shared: Arc<Shared<S>>,
-    request: http::Request<Body>,
+    mut request: http::Request<Body>,
     mut pending: Vec<(Arc<Entry<S>>, S)>,
     returned: Arc<Returned<S>>,
 ) -> http::Response<Body>
@@ -682,7 +721,8 @@ where
 {
     let started = Instant::now();
     let timeout = status::grpc_timeout(request.headers());
-    let deadline = timeout.and_then(|t| started.checked_add(t));
+    let call_deadline = mesh_util::grpc::Deadline::of(&mut request, || started.into_std());
+    let deadline = call_deadline.map(Instant::from_std);
     let service = shared.service.clone();
     let past_deadline = || {
         Status::deadline_exceeded(format!(
@@ -770,7 +810,16 @@ where
                     let (entry, mut svc) = pending.swap_remove(i);
                     // The others' reservations go with them.
                     pending.clear();
-                    let future = start(&entry, &mut svc, request, &snap.strategy, 0);
+                    // The time spent waiting is taken off the deadline the endpoint is sent.
+                    let mut request = request;
+                    if let Some(at) = call_deadline {
+                        let now = Instant::now().into_std();
+                        if now >= at {
+                            return past_deadline();
+                        }
+                        mesh_util::grpc::Deadline::set(&mut request, at, now);
+                    }
+                    let future = start(&entry, &mut svc, request, &snap.strategy, 0, call_deadline);
                     returned.put(entry, svc);
                     return match future.await {
                         Ok(response) => response,

@@ -59,6 +59,7 @@
 
 mod balanced;
 mod conn;
+mod counted;
 mod endpoint;
 pub mod pick;
 mod snapshot;

@@ -47,9 +47,14 @@ pub(crate) fn counts_against_endpoint(code: Code) -> bool {
     !matches!(code, Code::Ok | Code::Cancelled)
 }
 
-/// The gRPC status code in a response's headers (a trailers-only response), if any.
-pub(crate) fn code_in_headers(headers: &http::HeaderMap) -> Option<Code> {
-    mesh_util::grpc::grpc_status(headers).map(Code::from_i32)
+/// The gRPC status code in a response's headers (a trailers-only response), if any; a
+/// CANCELLED that came once the deadline had passed is DEADLINE_EXCEEDED, there too.
+pub(crate) fn code_at(
+    headers: &mut http::HeaderMap,
+    deadline: Option<std::time::Instant>,
+    now: impl FnOnce() -> std::time::Instant,
+) -> Option<Code> {
+    mesh_util::grpc::status_at(headers, deadline, now).map(Code::from_i32)
 }
 
 pub(crate) use mesh_util::grpc::grpc_timeout;

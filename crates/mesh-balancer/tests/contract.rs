@@ -205,3 +205,174 @@ async fn a_call_dropped_by_its_caller_leaves_no_call_in_flight() {
     let stats = &channel.endpoints()[0];
     assert_eq!((stats.in_flight, stats.failures), (0, 0), "{stats:?}");
 }
+
+/// Records the `grpc-timeout` each call carries as it reaches the endpoint's channel.
+#[derive(Clone, Default)]
+struct SeenTimeouts(Arc<Mutex<Vec<Option<Duration>>>>);
+
+impl<S> tower::Layer<S> for SeenTimeouts {
+    type Service = Recording<S>;
+    fn layer(&self, inner: S) -> Recording<S> {
+        Recording { inner, seen: self.0.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct Recording<S> {
+    inner: S,
+    seen: Arc<Mutex<Vec<Option<Duration>>>>,
+}
+
+impl<S: tower::Service<http::Request<B>>, B> tower::Service<http::Request<B>> for Recording<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> S::Future {
+        self.seen.lock().expect("lock").push(mesh_util::grpc::grpc_timeout(request.headers()));
+        self.inner.call(request)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_waited_for_an_endpoint_is_sent_with_what_is_left_of_its_deadline() {
+    // A 300 ms server behind a concurrency limit of 1: the second of two 400 ms calls waits
+    // for the first. It was sent with its whole 400 ms and succeeded after ~600 ms.
+    let slow = slow_server("slow", Duration::from_millis(300)).await;
+    let seen = SeenTimeouts::default();
+    let layer = tower::ServiceBuilder::new().layer(ConcurrencyLimitLayer::new(1)).layer(seen.clone());
+    let channel =
+        Balancer::spawn_with_layer(BalancerConfig::new("greeter"), layer, tokio_stream::once(set(&[("slow", &slow)])));
+    let call = |name: &'static str| {
+        let mut client = GreeterClient::new(channel.clone());
+        async move {
+            let mut request = tonic::Request::new(HelloRequest { name: name.into() });
+            request.set_timeout(Duration::from_millis(400));
+            client.say_hello(request).await
+        }
+    };
+    let first = tokio::spawn(call("first"));
+    support::wait_in_flight(&channel, 1).await;
+    let second = call("second").await.expect_err("it waited ~300 ms of its 400 and the server takes 300");
+    assert_eq!(second.code(), tonic::Code::DeadlineExceeded, "{second:?}");
+    let _ = first.await;
+    let seen = seen.0.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let sent = seen[1].expect("a deadline");
+    assert!(sent < Duration::from_millis(400), "the waiting call was sent with {sent:?}");
+}
+
+/// Answers every call as a tonic server answers a call whose deadline it saw pass: after
+/// the deadline, CANCELLED "Timeout expired", in the headers or, after a head, in trailers.
+#[derive(Clone)]
+struct CancelsLate {
+    trailers: bool,
+}
+
+impl<S> tower::Layer<S> for CancelsLate {
+    type Service = CancelsLate;
+    fn layer(&self, _: S) -> CancelsLate {
+        self.clone()
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for CancelsLate {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let timeout = mesh_util::grpc::grpc_timeout(request.headers()).unwrap_or_default();
+        let trailers = self.trailers;
+        Box::pin(async move {
+            let status = tonic::Status::cancelled("Timeout expired");
+            if !trailers {
+                tokio::time::sleep(timeout + Duration::from_millis(20)).await;
+                return Ok(status.into_http());
+            }
+            let mut end = http::HeaderMap::new();
+            status.add_header(&mut end).expect("headers");
+            let body = futures_util::stream::once(async move {
+                tokio::time::sleep(timeout + Duration::from_millis(20)).await;
+                Ok::<_, tonic::Status>(http_body::Frame::trailers(end))
+            });
+            let mut response = http::Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(body)));
+            response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            Ok(response)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_that_comes_after_the_deadline_is_deadline_exceeded_and_counts_against_the_endpoint() {
+    let a = server("a").await;
+    for trailers in [false, true] {
+        let channel = Balancer::spawn_with_layer(
+            BalancerConfig::new("greeter"),
+            CancelsLate { trailers },
+            tokio_stream::once(set(&[("a", &a)])),
+        );
+        let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+        request.set_timeout(Duration::from_millis(50));
+        let err = GreeterClient::new(channel.clone()).say_hello(request).await.expect_err("cancelled");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "in trailers: {trailers}: {err:?}");
+        let stats = &channel.endpoints()[0];
+        assert_eq!((stats.requests, stats.failures, stats.in_flight), (1, 1, 0), "in trailers: {trailers}: {stats:?}");
+    }
+}
+
+/// A response head, then nothing: a server frozen mid-response.
+#[derive(Clone)]
+struct Stalls;
+
+impl<S> tower::Layer<S> for Stalls {
+    type Service = Stalls;
+    fn layer(&self, _: S) -> Stalls {
+        Stalls
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Stalls {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<bytes::Bytes>, tonic::Status>,
+        >());
+        let mut response = http::Response::new(tonic::body::Body::new(body));
+        response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+        std::future::ready(Ok(response))
+    }
+}
+
+#[tokio::test]
+async fn a_response_that_stalls_after_its_head_ends_at_the_deadline_and_counts_against_the_endpoint() {
+    let a = server("a").await;
+    let channel =
+        Balancer::spawn_with_layer(BalancerConfig::new("greeter"), Stalls, tokio_stream::once(set(&[("a", &a)])));
+    for i in 1..=3u64 {
+        let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+        request.set_timeout(Duration::from_millis(50));
+        let mut client = GreeterClient::new(channel.clone());
+        // Bounded here only so that a stall fails the test instead of hanging it.
+        let call = tokio::time::timeout(Duration::from_secs(30), client.say_hello(request)).await;
+        let err = call.expect("the call ends at its deadline").expect_err("stalled");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        let stats = &channel.endpoints()[0];
+        assert_eq!((stats.requests, stats.failures, stats.in_flight), (i, i, 0), "{stats:?}");
+    }
+}

@@ -10,29 +10,53 @@ use http_body::Frame;
 use pin_project_lite::pin_project;
 use tonic::body::Body;
 
+use std::time::Instant;
+
 use crate::classify::Classify;
 use crate::service::BoxError;
-use crate::shared::Shared;
+use crate::shared::{Shared, now};
 use crate::state::{Admission, Outcome};
 
 /// Records one call's outcome, once; dropped unrecorded, the call was the caller's to
-/// cancel and counts as [`Outcome::Ignored`].
+/// cancel and counts as [`Outcome::Ignored`], unless its deadline had passed: then the
+/// endpoint did not answer in time (a layer above ended the call at its deadline), a
+/// failure. So is any other outcome that says nothing of the endpoint (CANCELLED) but came
+/// at or after the deadline.
 #[derive(Debug)]
 pub(crate) struct Recorder<C> {
     shared: Arc<Shared>,
     admitted: Admission,
     classifier: C,
+    deadline: Option<Instant>,
     done: bool,
 }
 
 impl<C> Recorder<C> {
-    pub(crate) fn new(shared: Arc<Shared>, admitted: Admission, classifier: C) -> Self {
-        Recorder { shared, admitted, classifier, done: false }
+    pub(crate) fn new(shared: Arc<Shared>, admitted: Admission, classifier: C, deadline: Option<Instant>) -> Self {
+        Recorder { shared, admitted, classifier, deadline, done: false }
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        if !std::mem::replace(&mut self.done, true) {
-            self.shared.record(self.admitted, outcome);
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let outcome = match outcome {
+            Outcome::Ignored if self.deadline.is_some_and(|d| now() >= d) => Outcome::Failure,
+            other => other,
+        };
+        self.shared.record(self.admitted, outcome);
+    }
+
+    /// The first message of a probe's response: the endpoint answers, and the probe's
+    /// verdict is a success now, not when a stream ends (a long stream would hold the
+    /// half-open circuit shut to every other call). The rest of the call counts as a call
+    /// let through while closed.
+    fn answered(&mut self) {
+        if let Admission::Probe(_) = self.admitted
+            && !self.done
+        {
+            self.shared.record(self.admitted, Outcome::Success);
+            self.admitted = Admission::Allowed;
         }
     }
 }
@@ -155,11 +179,13 @@ where
         let this = self.project();
         match std::task::ready!(this.inner.poll_frame(cx)) {
             Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(mut recorder) = this.recorder.take()
-                {
-                    let outcome = recorder.classifier.classify_end(Some(trailers));
-                    recorder.finish(outcome);
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(mut recorder) = this.recorder.take() {
+                        let outcome = recorder.classifier.classify_end(Some(trailers));
+                        recorder.finish(outcome);
+                    }
+                } else if let Some(recorder) = this.recorder {
+                    recorder.answered();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -15,7 +15,13 @@
 //!   trailers-only response or from the trailers (so a streaming call counts when it ends),
 //!   or from a transport error. UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN and
 //!   DATA_LOSS count by default; RESOURCE_EXHAUSTED (a server's pushback) and a call its
-//!   caller cancelled do not. Any [`Classify`] can replace it.
+//!   caller cancelled do not, but a call dropped or cancelled once its deadline had passed
+//!   (the call's `grpc-timeout`, or the `mesh_util::grpc::Deadline` a layer above set) is a
+//!   failure: the endpoint did not answer in time, whichever layer ended the call. Any
+//!   [`Classify`] can replace it.
+//! - A half-open probe's verdict is its first message: a stream that answers closes the
+//!   circuit at once rather than when it ends, and the rest of it counts as a call let
+//!   through while closed.
 //!
 //! Two shapes, for the two places a client wants a breaker:
 //! - per endpoint, under a balancer: an open breaker refuses in `poll_ready` with

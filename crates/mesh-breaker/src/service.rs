@@ -175,7 +175,7 @@ where
         }
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         // Called without `poll_ready`: decide now.
         let admitted = self.place.reserved.take().unwrap_or_else(|| self.place.shared.admit());
         if let Admission::Refused { .. } = admitted {
@@ -185,7 +185,8 @@ where
                 OnOpen::Refuse => ResponseFuture::refused(open.into()),
             };
         }
-        let recorder = Recorder::new(self.place.shared.clone(), admitted, self.classifier.clone());
+        let deadline = mesh_util::grpc::Deadline::of(&mut request, crate::shared::now);
+        let recorder = Recorder::new(self.place.shared.clone(), admitted, self.classifier.clone(), deadline);
         ResponseFuture::called(self.inner.call(request), recorder)
     }
 }

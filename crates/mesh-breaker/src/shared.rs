@@ -144,6 +144,6 @@ impl Shared {
 }
 
 /// The time, from tokio's clock so that tests with paused time drive the circuit.
-fn now() -> Instant {
+pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }

@@ -9,9 +9,10 @@
 //!   naming the endpoints earlier attempts failed at, so round robin, random and consistent
 //!   hashing alike send it elsewhere while another endpoint can take it;
 //! - after a jittered exponential backoff, or after exactly the pause a server asked for in
-//!   `grpc-retry-pushback-ms` (gRFC A6): such a call is retried whatever its code, a rate
-//!   limiter's RESOURCE_EXHAUSTED included, and one whose pushback is negative or malformed is
-//!   not retried at all;
+//!   `grpc-retry-pushback-ms` (gRFC A6, as grpc-go reads it): a pushback only times the
+//!   retry of a code that is retryable anyway; one that is negative or malformed, or longer
+//!   than `max_pushback` (1 s by default), ends the retries, so a call without a deadline
+//!   is not held for as long as a server asks;
 //! - within a retry budget shared by the whole client (tower's [`tower::retry::budget::TpsBudget`]:
 //!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs);
 //! - never past the call's deadline: each attempt carries the time left as its

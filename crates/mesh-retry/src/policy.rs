@@ -40,6 +40,10 @@ pub struct RetryPolicy {
     /// deadline allows, so that a hung endpoint costs a call this much, not the call.
     /// Default none: an attempt may take all the call's time.
     pub per_try_timeout: Option<Duration>,
+    /// The longest `grpc-retry-pushback-ms` a retry waits for: a server asking for more
+    /// ends the retries (its answer is the call's), so that a call without a deadline is
+    /// not held for as long as a server says. Default 1 s.
+    pub max_pushback: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -55,6 +59,7 @@ impl Default for RetryPolicy {
             budget_window: Duration::from_secs(10),
             max_buffered: 64 * 1024,
             per_try_timeout: None,
+            max_pushback: Duration::from_secs(1),
         }
     }
 }
@@ -110,6 +115,12 @@ impl RetryPolicy {
         self
     }
 
+    /// Sets the longest pushback a retry waits for (see [`RetryPolicy::max_pushback`]).
+    pub fn with_max_pushback(mut self, max: Duration) -> Self {
+        self.max_pushback = max;
+        self
+    }
+
     /// Whether calls to `path` may be retried.
     pub fn is_retryable(&self, path: &str) -> bool {
         self.max_attempts > 1
@@ -145,6 +156,9 @@ impl RetryPolicy {
         }
         if self.per_try_timeout.is_some_and(|t| t < Duration::from_millis(1)) {
             return bad("per_try_timeout", "must be at least 1ms");
+        }
+        if self.max_pushback > Duration::from_secs(60) {
+            return bad("max_pushback", "must be at most 60 s");
         }
         if self.budget_window < Duration::from_secs(1) || self.budget_window > Duration::from_secs(60) {
             return bad("budget_window", "must be from 1 s to 60 s");

@@ -110,24 +110,23 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let shared = &self.shared;
         let live = shared.live.load();
         live.budget.deposit();
+        let started = Instant::now();
+        // The call's deadline, as the layers above measured it, or from now.
+        let deadline = grpc::Deadline::of(&mut request, || started.into_std()).map(Instant::from_std);
         if !live.policy.is_retryable(request.uri().path()) {
-            let deadline = grpc::grpc_timeout(request.headers()).and_then(|t| Instant::now().checked_add(t));
             return ResponseFuture { state: State::Once { inner: self.inner.call(request) }, deadline };
         }
         let (parts, body) = request.into_parts();
         let (body, replay) = buffer(body, live.policy.max_buffered);
         let Some(bytes) = replay else {
             // Too large, or a stream not ready to be read: sent once.
-            let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| Instant::now().checked_add(t));
             let request = http::Request::from_parts(parts, body);
             return ResponseFuture { state: State::Once { inner: self.inner.call(request) }, deadline };
         };
-        let started = Instant::now();
-        let deadline = grpc::grpc_timeout(&parts.headers).and_then(|t| started.checked_add(t));
         let again = Box::new(Again {
             shared: shared.clone(),
             method: parts.method.clone(),
@@ -139,14 +138,13 @@ where
             deadline,
             failed_at: Vec::new(),
         });
-        let mut parts = parts;
+        let mut request = http::Request::from_parts(parts, body);
         // The first attempt keeps the call's deadline, unless its own is shorter.
         if live.policy.per_try_timeout.is_some()
             && let Some(timeout) = again.attempt_timeout(started)
         {
-            parts.headers.insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
+            grpc::Deadline::set(&mut request, (started + timeout).into_std(), started.into_std());
         }
-        let request = http::Request::from_parts(parts, body);
         ResponseFuture { state: State::First { inner: self.inner.call(request), again: Some(again) }, deadline }
     }
 }
@@ -301,21 +299,21 @@ impl<S> Again<S> {
         match result {
             Ok(response) => grpc::grpc_status(response.headers()).is_some_and(|code| {
                 let code = Code::from_i32(code);
-                match pushback(response.headers()) {
-                    // The server said when to come back (gRFC A6): retried then, whatever
-                    // the code, RESOURCE_EXHAUSTED (a rate limit) included.
-                    Some(Pushback::After(_)) => code != Code::Ok,
-                    // The server said not to.
-                    Some(Pushback::Never) => false,
-                    None => {
-                        // An attempt that ran out of its own time, with time left on the call's.
-                        let live = self.shared.live.load();
-                        let try_timed_out = code == Code::DeadlineExceeded
-                            && live.policy.per_try_timeout.is_some()
-                            && self.deadline.is_none_or(|d| Instant::now() < d);
-                        code != Code::Ok && (live.policy.retry_on.contains(&code) || try_timed_out)
+                let live = self.shared.live.load();
+                // An attempt that ran out of its own time, with time left on the call's.
+                let try_timed_out = code == Code::DeadlineExceeded
+                    && live.policy.per_try_timeout.is_some()
+                    && self.deadline.is_none_or(|d| Instant::now() < d);
+                let retryable = code != Code::Ok && (live.policy.retry_on.contains(&code) || try_timed_out);
+                // A server's pushback (gRFC A6, as grpc-go reads it) says when a retryable
+                // code may be tried again; it makes no other code retryable. One that says
+                // never, or asks for longer than `max_pushback`, ends the retries.
+                retryable
+                    && match pushback(response.headers()) {
+                        Some(Pushback::After(delay)) => delay <= live.policy.max_pushback,
+                        Some(Pushback::Never) => false,
+                        None => true,
                     }
-                }
             }),
             Err(_) => true,
         }
@@ -340,7 +338,7 @@ impl<S> Again<S> {
         *request.headers_mut() = self.headers.clone();
         *request.extensions_mut() = self.extensions.clone();
         if let Some(timeout) = self.attempt_timeout(now) {
-            request.headers_mut().insert(&grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(timeout));
+            grpc::Deadline::set(&mut request, (now + timeout).into_std(), now.into_std());
         }
         if !self.failed_at.is_empty() {
             request.extensions_mut().insert(AvoidEndpoints(self.failed_at.clone()));

@@ -1,7 +1,8 @@
 //! The two gRPC headers every layer of a call reads: `grpc-status` (in the headers of a
-//! trailers-only response, or in trailers) and `grpc-timeout` (the call's deadline).
+//! trailers-only response, or in trailers) and `grpc-timeout` (the call's deadline), and
+//! the deadline as an instant that the layers of one call share ([`Deadline`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -57,4 +58,50 @@ pub fn encode_grpc_timeout(timeout: Duration) -> HeaderValue {
         }
     }
     HeaderValue::from_static("99999999H")
+}
+
+/// A call's deadline as an instant, in the request's extensions: the first mesh layer that
+/// reads the call's `grpc-timeout` puts it there, so that every layer below measures the
+/// same deadline, however long the call waited on the way (a `grpc-timeout` read again
+/// further down would start its count late). The instant is on tokio's clock
+/// (`tokio::time::Instant::into_std`), which is std's unless a test paused time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    /// The deadline of `request`: its [`Deadline`] extension, else the time `now` tells
+    /// plus its `grpc-timeout`, which is then put in its extensions for the layers below.
+    /// `None` when the call has no deadline (and then the clock is not read).
+    pub fn of<B>(request: &mut http::Request<B>, now: impl FnOnce() -> Instant) -> Option<Instant> {
+        if let Some(Deadline(at)) = request.extensions().get::<Deadline>() {
+            return Some(*at);
+        }
+        let at = now().checked_add(grpc_timeout(request.headers())?)?;
+        request.extensions_mut().insert(Deadline(at));
+        Some(at)
+    }
+
+    /// Sets `request`'s deadline to `at`, in its extensions and as its `grpc-timeout`
+    /// (what is left of it at `now`), for an attempt with a deadline of its own.
+    pub fn set<B>(request: &mut http::Request<B>, at: Instant, now: Instant) {
+        request.extensions_mut().insert(Deadline(at));
+        request.headers_mut().insert(&GRPC_TIMEOUT, encode_grpc_timeout(at.saturating_duration_since(now)));
+    }
+}
+
+/// The gRPC status code in `headers` (a trailers-only response's headers, or trailers),
+/// with a CANCELLED that came once the call's deadline had passed turned into
+/// DEADLINE_EXCEEDED in `headers` too: a passed deadline is DEADLINE_EXCEEDED, as the gRPC
+/// spec says, where a tonic server reports its own timeout as CANCELLED "Timeout expired".
+pub fn status_at(headers: &mut HeaderMap, deadline: Option<Instant>, now: impl FnOnce() -> Instant) -> Option<i32> {
+    const CANCELLED: i32 = 1;
+    const DEADLINE_EXCEEDED: i32 = 4;
+    let code = grpc_status(headers)?;
+    if code != CANCELLED || deadline.is_none_or(|d| now() < d) {
+        return Some(code);
+    }
+    static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+    headers.insert(&GRPC_STATUS, HeaderValue::from_static("4"));
+    headers.insert(&GRPC_MESSAGE, HeaderValue::from_static("the call's deadline passed"));
+    Some(DEADLINE_EXCEEDED)
 }

@@ -196,7 +196,10 @@ impl ResilienceArgs {
         } else {
             self.retry_methods.clone()
         };
-        let mut retry = RetryPolicy::default().with_max_attempts(self.max_attempts).with_methods(methods);
+        let mut retry = RetryPolicy::default()
+            .with_max_attempts(self.max_attempts)
+            .with_methods(methods)
+            .with_retry_on(&crate::GREETER_RETRY_ON);
         if let Some(t) = self.per_try_timeout {
             retry = retry.with_per_try_timeout(t);
         }

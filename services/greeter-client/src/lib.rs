@@ -33,6 +33,6 @@ pub use cli::{Args, Command, EndpointReport, GreetReport, HealthReport, run};
 pub use connect::{balanced, connect, connect_tls, discovered, discovered_through};
 pub use live::{ClientBase, LiveTimeout, apply, follow, layers};
 pub use stack::{
-    EndpointStack, GREETER_IDEMPOTENT, InvalidResilience, Mesh, MeshChannel, Resilience, collect_metrics,
-    default_service_breaker,
+    EndpointStack, GREETER_IDEMPOTENT, GREETER_RETRY_ON, InvalidResilience, Mesh, MeshChannel, Resilience,
+    collect_metrics, default_service_breaker,
 };

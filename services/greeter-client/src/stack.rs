@@ -26,6 +26,12 @@ pub type MeshChannel = CallMetrics<Breaker<Retry<BalancedChannel<EndpointStack>>
 /// The idempotent methods of greeter.v1, retried by default.
 pub const GREETER_IDEMPOTENT: [&str; 2] = ["/greeter.v1.Greeter/SayHello", "/greeter.v1.Greeter/SayHelloStream"];
 
+/// The codes the client retries: UNAVAILABLE (the endpoint could not take the call) and
+/// RESOURCE_EXHAUSTED (a rate limit's answer, retried after the pause its
+/// `grpc-retry-pushback-ms` asks for, as a pushback only times the retry of a code that is
+/// retried anyway).
+pub const GREETER_RETRY_ON: [tonic::Code; 2] = [tonic::Code::Unavailable, tonic::Code::ResourceExhausted];
+
 /// How the breakers and retries are set.
 #[derive(Debug, Clone)]
 pub struct Resilience {
@@ -54,7 +60,7 @@ impl Default for Resilience {
         Resilience {
             endpoint_breaker: BreakerConfig::default(),
             service_breaker: default_service_breaker(),
-            retry: RetryPolicy::default().with_methods(GREETER_IDEMPOTENT),
+            retry: RetryPolicy::default().with_methods(GREETER_IDEMPOTENT).with_retry_on(&GREETER_RETRY_ON),
         }
     }
 }

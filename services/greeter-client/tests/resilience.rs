@@ -72,7 +72,10 @@ fn mesh(servers: &[TestServer], resilience: &Resilience) -> Mesh {
 
 /// Endpoint breakers as given, the default service breaker, `max_attempts` per call.
 fn resilience(endpoint_breaker: BreakerConfig, max_attempts: u32) -> Resilience {
-    let retry = RetryPolicy::default().with_max_attempts(max_attempts).with_methods(greeter_client::GREETER_IDEMPOTENT);
+    let retry = RetryPolicy::default()
+        .with_max_attempts(max_attempts)
+        .with_methods(greeter_client::GREETER_IDEMPOTENT)
+        .with_retry_on(&greeter_client::GREETER_RETRY_ON);
     Resilience { endpoint_breaker, service_breaker: greeter_client::default_service_breaker(), retry }
 }
 
@@ -316,4 +319,115 @@ async fn a_rate_limited_server_is_retried_after_its_pushback_and_trips_no_breake
     assert_eq!(mesh.service_breaker.state(), State::Closed);
     assert_eq!(endpoint.state(), State::Closed);
     assert_eq!(hello(&mut client).await.map_err(|s| s.message().to_string()), Ok("a".into()));
+}
+
+/// Answers every call with a response head and then nothing, as a server frozen
+/// mid-response: HTTP 200, `content-type: application/grpc`, no message, no trailers.
+#[derive(Clone)]
+struct StallsAfterHead;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for StallsAfterHead {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        let never = futures_util::stream::pending::<Result<http_body::Frame<bytes::Bytes>, Status>>();
+        let mut response = http::Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(never)));
+        response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+        std::future::ready(Ok(response))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_sends_its_head_and_then_nothing_is_counted_and_ejected() {
+    // It was neither: 12 of 12 calls ended DEADLINE_EXCEEDED while its row said
+    // `failures 0` and its breaker stayed closed (the deadline fired above both).
+    let server = TestServer::serve(StallsAfterHead).await.expect("serve");
+    let mesh = mesh(std::slice::from_ref(&server), &resilience(BreakerConfig::default(), 1));
+    let mut client = GreeterClient::new(mesh.channel.clone());
+    for i in 0..5 {
+        let mut request = Request::new(HelloRequest { name: "t".into() });
+        request.set_timeout(Duration::from_millis(100));
+        let status = client.say_hello(request).await.expect_err("it never answers");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "call {i}: {status:?}");
+    }
+    let row = mesh.balanced.endpoints().into_iter().next().expect("one endpoint");
+    assert_eq!((row.requests, row.failures, row.in_flight), (5, 5, 0), "{row:?}");
+    let breaker = mesh.endpoint_breaker(&server.addr().to_string()).expect("its breaker");
+    assert_eq!(breaker.state(), State::Open, "5 failures in a row eject it");
+    let status = hello(&mut client).await.expect_err("ejected");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("ejected"), "{status:?}");
+}
+
+/// A greeter whose unary calls fail while told to, and whose stream sends one reply at
+/// once and ends after `stream_for`.
+#[derive(Clone)]
+struct LongStream {
+    failing: Arc<AtomicBool>,
+    stream_for: Duration,
+}
+
+#[tonic::async_trait]
+impl Greeter for LongStream {
+    async fn say_hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("failing"));
+        }
+        Ok(Response::new(HelloReply { message: "hi".into(), served_by: "long".into() }))
+    }
+
+    type SayHelloStreamStream =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<HelloReply, Status>> + Send + 'static>>;
+
+    async fn say_hello_stream(
+        &self,
+        _: Request<HelloStreamRequest>,
+    ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
+        let first = HelloReply { message: "first".into(), served_by: "long".into() };
+        let wait = self.stream_for;
+        use futures_util::StreamExt as _;
+        let stream = futures_util::stream::iter([Ok(first)]).chain(futures_util::stream::once(async move {
+            tokio::time::sleep(wait).await;
+            Ok(HelloReply { message: "last".into(), served_by: "long".into() })
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_probe_gives_its_verdict_at_its_first_message_and_frees_the_circuit() {
+    use futures_util::StreamExt as _;
+    let greeter = LongStream { failing: Arc::new(AtomicBool::new(true)), stream_for: Duration::from_secs(2) };
+    let server = TestServer::serve(GreeterServer::new(greeter.clone())).await.expect("serve");
+    let open = Duration::from_millis(100);
+    let breaker = BreakerConfig::default().with_failure_threshold(1).with_open_time(open, open).with_jitter(0.0);
+    let mesh = mesh(std::slice::from_ref(&server), &resilience(breaker, 1));
+    let mut client = GreeterClient::new(mesh.channel.clone());
+    hello(&mut client).await.expect_err("failing");
+    let handle = mesh.endpoint_breaker(&server.addr().to_string()).expect("its breaker");
+    assert_eq!(handle.state(), State::Open);
+    greeter.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(open + Duration::from_millis(50)).await;
+    // The probe: a stream that answers at once and lasts 2 s.
+    let mut stream = client
+        .say_hello_stream(HelloStreamRequest { name: "probe".into(), count: 2 })
+        .await
+        .expect("the probe goes through")
+        .into_inner();
+    let first = stream.next().await.expect("a first reply").expect("ok");
+    assert_eq!(first.message, "first");
+    // It answered: the circuit closed, and unary calls go through while it streams on (10
+    // of 10 were refused "ejected" while the probe was out).
+    assert_eq!(handle.state(), State::Closed);
+    for i in 0..10 {
+        assert_eq!(hello(&mut client).await.map_err(|s| s.to_string()), Ok("long".into()), "call {i}");
+    }
+    let last = stream.next().await.expect("the last reply").expect("ok");
+    assert_eq!(last.message, "last");
 }

@@ -93,11 +93,11 @@ impl Model {
                     Outcome::Ignored => None,
                 };
                 closed_log.push((now, failed));
-                if let Some(failed) = failed {
-                    if self.config.failure_rate.is_some() {
-                        self.origin.get_or_insert(now);
-                        self.events.push((now, failed));
-                    }
+                if let Some(failed) = failed
+                    && self.config.failure_rate.is_some()
+                {
+                    self.origin.get_or_insert(now);
+                    self.events.push((now, failed));
                 }
                 if outcome != Outcome::Failure {
                     return;

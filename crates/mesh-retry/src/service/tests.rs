@@ -172,8 +172,9 @@ async fn a_response_that_stops_after_its_head_ends_at_the_deadline_with_deadline
 }
 
 #[tokio::test(start_paused = true)]
-async fn resource_exhausted_is_retried_only_after_the_servers_pushback() {
-    let script = Script::new(&[(Code::ResourceExhausted, "pushback:150")]);
+async fn a_pushback_times_the_retry_of_a_retryable_code_and_makes_no_other_code_retryable() {
+    // UNAVAILABLE is retryable: after exactly the pushback, not a backoff.
+    let script = Script::new(&[(Code::Unavailable, "pushback:150")]);
     let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
     let started = tokio::time::Instant::now();
     let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
@@ -181,18 +182,41 @@ async fn resource_exhausted_is_retried_only_after_the_servers_pushback() {
     assert_eq!(started.elapsed(), Duration::from_millis(150), "after the pushback, not a backoff");
     assert_eq!(script.seen().len(), 2);
 
-    // No pushback: RESOURCE_EXHAUSTED is not in retry_on, so it is the call's.
-    let script = Script::new(&[(Code::ResourceExhausted, "a")]);
-    let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
-    let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
-    assert_eq!((code_of(&response), script.seen().len()), (Code::ResourceExhausted, 1));
+    // Not in retry_on, pushback or not: the call's (INVALID_ARGUMENT took 3 attempts).
+    for (code, pushback) in [
+        (Code::InvalidArgument, "pushback:10"),
+        (Code::ResourceExhausted, "pushback:150"),
+        (Code::ResourceExhausted, "a"),
+    ] {
+        let script = Script::new(&[(code, pushback)]);
+        let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
+        let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
+        assert_eq!((code_of(&response), script.seen().len()), (code, 1), "{code:?} {pushback}");
+    }
 
-    // A pushback past the deadline, or one that says never: no retry.
-    for (pushback, timeout) in [("pushback:2000", 1000), ("pushback:-1", 1000), ("pushback:soon", 1000)] {
+    // A rate limit's RESOURCE_EXHAUSTED is retried when the policy says so, after its pushback.
+    let script = Script::new(&[(Code::ResourceExhausted, "pushback:150")]);
+    let retrying = policy().with_retry_on(&[Code::Unavailable, Code::ResourceExhausted]);
+    let svc = RetryLayer::try_new(retrying).expect("policy").layer(script.clone());
+    let started = tokio::time::Instant::now();
+    let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_secs(1)))).await.expect("response");
+    assert_eq!((code_of(&response), script.seen().len()), (Code::Ok, 2));
+    assert_eq!(started.elapsed(), Duration::from_millis(150));
+
+    // A pushback past the deadline, one that says never, or one over max_pushback on a call
+    // with no deadline (3000 ms made it wait 6 s): no retry.
+    for (pushback, timeout) in [
+        ("pushback:2000", Some(1000)),
+        ("pushback:-1", Some(1000)),
+        ("pushback:soon", Some(1000)),
+        ("pushback:3000", None),
+    ] {
         let script = Script::new(&[(Code::Unavailable, pushback)]);
         let svc = RetryLayer::try_new(policy()).expect("policy").layer(script.clone());
-        let response = svc.oneshot(request(SAY_HELLO, Some(Duration::from_millis(timeout)))).await.expect("response");
+        let started = tokio::time::Instant::now();
+        let response = svc.oneshot(request(SAY_HELLO, timeout.map(Duration::from_millis))).await.expect("response");
         assert_eq!((code_of(&response), script.seen().len()), (Code::Unavailable, 1), "{pushback}");
+        assert_eq!(started.elapsed(), Duration::ZERO, "{pushback}");
     }
 }
 
