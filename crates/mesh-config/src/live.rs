@@ -99,21 +99,30 @@ impl<T: Document> ConfigWatcher<T> {
         status_tx: watch::Sender<ConfigStatus>,
     ) {
         let mut applier = Applier { watcher: &self, value_tx, status_tx, floor: 0, considered: None };
+        let mut cluster: Option<u64> = None;
         loop {
             match list_watch.next().await {
-                WatchEvent::Reset { kvs, rebuilt, revision } => {
+                WatchEvent::Reset { kvs, rebuilt, revision, cluster_id } => {
                     // Whatever comes after a listing is newer than it, even from an etcd
                     // whose revisions started over.
                     applier.floor = revision;
+                    let new_cluster = cluster.is_some_and(|c| c != cluster_id);
+                    cluster = Some(cluster_id);
                     match kvs.into_iter().find(|kv| kv.key == self.key) {
                         // A listing is the truth: a document other than the one last
                         // considered is considered, even at an older revision (an etcd
-                        // restored from a snapshot holds an older document).
-                        Some(kv) if applier.considered != Some(kv.mod_revision) => applier.consider(kv),
+                        // restored from a snapshot holds an older document), or at the
+                        // same revision with another value (a document written to the
+                        // restored etcd got the revision the lost one had).
+                        Some(kv) if !applier.is_considered(&kv) => applier.consider(kv),
                         Some(_) => {}
-                        None if rebuilt => info!(
+                        // Only a new cluster (another cluster id) is an etcd rebuilt from
+                        // nothing, whose missing document says nothing yet; the same
+                        // cluster without the document (restored from a snapshot taken
+                        // before it) no longer holds it, as an instance started now sees.
+                        None if rebuilt && new_cluster => info!(
                             key = %self.key,
-                            "etcd was rebuilt and holds no document; the configuration in force stays"
+                            "etcd was rebuilt (a new cluster) and holds no document; the configuration in force stays"
                         ),
                         None => applier.removed(revision),
                     }
@@ -143,16 +152,20 @@ struct Applier<'a, T> {
     status_tx: watch::Sender<ConfigStatus>,
     /// Events at or below this revision are already in the view.
     floor: i64,
-    /// The revision of the document last considered (applied or refused), `None` after a
-    /// deletion: a listing showing it again changes nothing.
-    considered: Option<i64>,
+    /// The revision and value of the document last considered (applied or refused),
+    /// `None` after a deletion: a listing showing it again changes nothing.
+    considered: Option<(i64, Vec<u8>)>,
 }
 
 impl<T: Document> Applier<'_, T> {
+    fn is_considered(&self, kv: &KeyValue) -> bool {
+        self.considered.as_ref().is_some_and(|(revision, value)| *revision == kv.mod_revision && *value == kv.value)
+    }
+
     fn consider(&mut self, kv: KeyValue) {
         let key = &self.watcher.key;
         let revision = kv.mod_revision;
-        self.considered = Some(revision);
+        self.considered = Some((revision, kv.value.clone()));
         let origin = format!("{key} at revision {revision}");
         match crate::parse::<T>(&self.watcher.base, &kv.value, &origin) {
             Ok(config) => {

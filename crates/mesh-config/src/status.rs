@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mesh_etcd::{Backoff, Etcd, EtcdError, LeaseKeepAlive};
+use mesh_etcd::{Backoff, Etcd, EtcdError, KeyValue, LeaseKeepAlive, ListWatch, WatchEvent};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -195,24 +195,29 @@ impl Reporter {
         }
     }
 
-    /// Writes the status under the lease `under` names, again on every change of either.
+    /// Writes the status under the lease `under` names, again on every change of either,
+    /// and again whenever the key in etcd is not what was written (deleted, overwritten, or
+    /// an older copy restored from a snapshot), as a registration is repaired.
     async fn run_under(mut self, mut under: watch::Receiver<Option<i64>>, stop: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
         let mut warned = false;
-        // The lease the status in force was written under.
+        // The lease the status in force was written under, and what was written.
         let mut written: Option<i64> = None;
+        let mut value: Vec<u8> = Vec::new();
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut own = ListWatch::key(self.etcd.clone(), self.key.clone());
         loop {
             let lease = *under.borrow_and_update();
             let due = retry_at.is_none_or(|at| at <= tokio::time::Instant::now());
             if let Some(lease) = lease.filter(|l| written != Some(*l) && due) {
                 retry_at = None;
                 match self.put(lease).await {
-                    Ok(()) => {
+                    Ok(put) => {
                         if written.is_none() {
                             info!(key = %self.key, lease = %format!("{lease:x}"), "reporting the config status");
                         }
                         written = Some(lease);
+                        value = put;
                         backoff.reset();
                         warned = false;
                     }
@@ -255,14 +260,27 @@ impl Reporter {
                     }
                     written = None;
                 }
+                event = own.next() => {
+                    let ours = |kv: &KeyValue| written.is_some_and(|l| l == kv.lease) && kv.value == value;
+                    let intact = match &event {
+                        WatchEvent::Reset { kvs, .. } => kvs.iter().find(|kv| kv.key == self.key).is_some_and(ours),
+                        WatchEvent::Put(kv) => ours(kv),
+                        WatchEvent::Delete { .. } => false,
+                    };
+                    if !intact && written.is_some() && *under.borrow() == written {
+                        info!(key = %self.key, "the config status in etcd is not what this instance wrote; writing it again");
+                        written = None;
+                    }
+                }
             }
         }
     }
 
-    async fn put(&mut self, lease: i64) -> Result<(), EtcdError> {
+    /// Writes the status under `lease`; what was written.
+    async fn put(&mut self, lease: i64) -> Result<Vec<u8>, EtcdError> {
         let status = AppliedStatus::of(&self.instance, &self.status.borrow_and_update());
         let value = serde_json::to_vec(&status).unwrap_or_default();
-        self.etcd.put(&self.key, value, Some(lease)).await?;
-        Ok(())
+        self.etcd.put(&self.key, value.clone(), Some(lease)).await?;
+        Ok(value)
     }
 }

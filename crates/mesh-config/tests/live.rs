@@ -274,3 +274,83 @@ async fn after_a_restore_from_a_snapshot_the_older_document_etcd_holds_again_is_
     until_status(&fresh, "a new watcher runs A", |s| s.revision == Some(a)).await;
     assert_eq!(*fresh.current(), *config.current(), "old and new watchers run the same document");
 }
+
+/// Runs `work` against `etcd` on a thread of its own while this test's one-thread runtime
+/// is held, so that no watcher lists again before it is done.
+fn while_watchers_wait(etcd: &mut mesh_testkit::Etcd, work: impl AsyncFnOnce(&mut mesh_testkit::Etcd) + Send) {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| tokio::runtime::Runtime::new().expect("runtime").block_on(work(etcd)))
+            .join()
+            .expect("work thread");
+    });
+}
+
+#[tokio::test]
+async fn after_a_restore_from_a_snapshot_without_the_document_every_watcher_runs_the_flags() {
+    // The same cluster, back to before any document: the fleet split, the running servers
+    // keeping B ("etcd was rebuilt and holds no document") while new ones ran the flags.
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let config = watch(&etcd);
+    until_status(&config, "listed", |s| s.listed).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snapshot = dir.path().join("snap.db");
+    etcd.snapshot(&snapshot).await.expect("snapshot");
+    let b = etcd.put(KEY, r#"{"greeting": "B"}"#).await.expect("put B");
+    until_status(&config, "B applied", |s| s.revision == Some(b)).await;
+    etcd.restore(&snapshot).await.expect("restore");
+    until_status(&config, "back to the flags", |s| s.revision.is_none()).await;
+    assert_eq!(config.current().greeting, "Hello, {name}!");
+    let fresh = watch(&etcd);
+    until_status(&fresh, "a new watcher lists", |s| s.listed).await;
+    assert_eq!(*fresh.current(), *config.current(), "old and new watchers run the same");
+}
+
+#[tokio::test]
+async fn a_document_written_after_a_restore_at_the_revision_the_lost_one_had_is_applied() {
+    // Apply A, snapshot, apply B (revision r), restore: C, written before the watcher lists
+    // again, gets revision r too. Told apart by revision alone, watchers kept B.
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let a = etcd.put(KEY, r#"{"greeting": "A"}"#).await.expect("put A");
+    let config = watch(&etcd);
+    until_status(&config, "A applied", |s| s.revision == Some(a)).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snapshot = dir.path().join("snap.db");
+    etcd.snapshot(&snapshot).await.expect("snapshot");
+    let b = etcd.put(KEY, r#"{"greeting": "B"}"#).await.expect("put B");
+    until_status(&config, "B applied", |s| s.revision == Some(b)).await;
+    let mut c = 0;
+    while_watchers_wait(&mut etcd, async |etcd| {
+        etcd.restore(&snapshot).await.expect("restore");
+        while etcd.revision().await.expect("revision") + 1 < b {
+            etcd.put("/mesh/other", "x").await.expect("put");
+        }
+        c = etcd.put(KEY, r#"{"greeting": "C"}"#).await.expect("put C");
+    });
+    assert_eq!(c, b, "C has the revision B had");
+    until_status(&config, "C applied", |s| s.applied == 3).await;
+    assert_eq!(config.current().greeting, "C");
+}
+
+#[tokio::test]
+async fn a_status_key_deleted_or_overwritten_is_written_again_under_the_registrations_lease() {
+    use mesh_config::{AppliedStatus, StatusReport, status_key};
+
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let config = watch(&etcd);
+    let key = status_key("/mesh", "greeter", "s7");
+    let lease = etcd.grant(30).await.expect("lease");
+    let (_registration, held) = tokio::sync::watch::channel(Some(lease));
+    let _report = StatusReport::spawn_under(client(&etcd), &key, "s7", config.status(), held);
+    let c = client(&etcd);
+    let read = || async {
+        let kv = c.get(&key).await.ok().flatten()?;
+        let status = serde_json::from_slice::<AppliedStatus>(&kv.value).ok()?;
+        (status.instance == "s7" && status.applied == 0 && kv.lease == lease).then_some(())
+    };
+    eventually_some("the first report", read).await;
+    etcd.delete(&key).await.expect("delete");
+    eventually_some("written again after a delete", read).await;
+    etcd.put(&key, r#"{"instance":"s7","revision":1,"applied":99,"last_rejection":null}"#).await.expect("overwrite");
+    eventually_some("written again after an overwrite", read).await;
+}

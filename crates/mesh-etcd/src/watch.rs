@@ -54,6 +54,9 @@ pub enum WatchEvent {
         /// or a revision behind the view's): what it holds may still be filling up again,
         /// as servers re-register.
         rebuilt: bool,
+        /// The id of the cluster that answered the listing: a rebuilt etcd may have a new
+        /// one, a restored or restarted one keeps its own.
+        cluster_id: u64,
     },
     /// A key was created or changed.
     Put(KeyValue),
@@ -270,7 +273,8 @@ impl ListWatch {
                     );
                 }
                 if std::mem::take(&mut self.list_failing) {
-                    info!(prefix = %self.prefix, keys = listing.kvs.len(), "listing works again");
+                    // As loud as the warning it ends: a client logging warnings only sees both.
+                    warn!(prefix = %self.prefix, keys = listing.kvs.len(), "listing works again");
                 }
                 self.cluster_id = Some(listing.cluster_id);
                 self.revision = listing.revision;
@@ -283,7 +287,8 @@ impl ListWatch {
                     s.rebuilds += u64::from(rebuilt);
                 });
                 debug!(prefix = %self.prefix, keys = listing.kvs.len(), revision = listing.revision, "listed");
-                Some(WatchEvent::Reset { kvs: listing.kvs, revision: listing.revision, rebuilt })
+                let cluster_id = listing.cluster_id;
+                Some(WatchEvent::Reset { kvs: listing.kvs, revision: listing.revision, rebuilt, cluster_id })
             }
             Err(e) => {
                 if self.list_failing {

@@ -119,7 +119,7 @@ async fn a_watch_resumed_from_a_compacted_revision_lists_again_once() {
     etcd.compact(last).await.expect("compact");
     let mut watch = ListWatch::resume(etcd.clone(), "/c/", old + 1);
     let status = watch.status();
-    let WatchEvent::Reset { kvs, revision, rebuilt } = next(&mut watch, "reset after compaction").await else {
+    let WatchEvent::Reset { kvs, revision, rebuilt, .. } = next(&mut watch, "reset after compaction").await else {
         panic!("a compacted resume must list again")
     };
     assert_eq!(kvs.len(), 6);

@@ -298,7 +298,7 @@ impl mesh_config::Document for GreeterConfig {
             return Err(format!("server.greeting is {} bytes; give 1 to {MAX_GREETING_BYTES}", s.greeting.len()));
         }
         if let Some(level) = &s.log_level {
-            tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("server.log_level {level:?}: {e}"))?;
+            check_log_level(level)?;
         }
         let c = &self.client;
         let client = |r: Result<(), String>| r.map_err(|e| format!("client.{e}"));
@@ -360,3 +360,17 @@ pub fn code_name(code: tonic::Code) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// A log filter as `RUST_LOG` takes it, where a bare word must be a level: tracing reads
+/// `debgu` as "everything of target debgu, nothing else", which silences a server.
+fn check_log_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains(['=', '[']) && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "server.log_level {level:?}: {directive:?} is not a level (trace, debug, info, warn, error, off) or target=level"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level).map(drop).map_err(|e| format!("server.log_level {level:?}: {e}"))
+}

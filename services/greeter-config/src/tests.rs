@@ -52,6 +52,8 @@ fn bad_settings_are_refused_naming_the_field() {
         (r#"{"server":{"limiter":{"burst":5}}}"#, "missing field `rate_per_sec`"),
         (r#"{"server":{"greeting":""}}"#, "server.greeting is 0 bytes"),
         (r#"{"server":{"log_level":"loud=="}}"#, "server.log_level"),
+        (r#"{"server":{"log_level":"debgu"}}"#, "\"debgu\" is not a level"),
+        (r#"{"server":{"log_level":"info,bogus"}}"#, "\"bogus\" is not a level"),
         (r#"{"server":{"colour":"blue"}}"#, "server.colour: unknown field `colour`"),
         (r#"{"client":{"balancer":{"strategy":"fastest"}}}"#, "client.balancer.strategy"),
         (r#"{"client":{"balancer":{"strategy":"consistent_hash","hash_header":"bad header"}}}"#, "hash_header"),
