@@ -98,8 +98,8 @@ impl<S> std::fmt::Debug for BalancedChannel<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BalancedChannel")
             .field("service", &self.shared.service)
-            .field("endpoints", &self.local.snap.entries.len())
-            .field("strategy", &self.local.snap.strategy)
+            .field("endpoints", &self.shared.snapshot().entries.len())
+            .field("strategy", &self.shared.snapshot().strategy)
             .finish_non_exhaustive()
     }
 }
@@ -170,7 +170,8 @@ pub struct NotReady {
 
 impl<S> BalancedChannel<S> {
     pub(crate) fn from_shared(shared: Arc<Shared<S>>) -> Self {
-        let snap = shared.snapshot();
+        // The current snapshot is taken at the first call.
+        let snap = shared.unused.clone();
         let ticket = shared.clones.fetch_add(1, Ordering::Relaxed);
         let rng = rand::random::<u64>() | 1;
         let returned = Arc::new(Returned { full: AtomicBool::new(false), slot: Mutex::new(None) });

@@ -10,12 +10,19 @@
 //! worker then probes it with backoff. The worker's connect hands its socket to tonic
 //! through the connector (the "stash"), so the connection that proved the endpoint ready is
 //! the one calls use, not a second one.
+//!
+//! An endpoint that leaves the set is retired: its open connections end (each read sees
+//! the end of the stream, waking the connection's task if it waits) and no new one is
+//! made, whoever still holds a clone of its channel (an idle clone of the balanced channel
+//! keeps the snapshot it last used until its next call).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use futures_util::task::AtomicWaker;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -58,6 +65,10 @@ pub(crate) struct Conn {
     pub(crate) label: Arc<str>,
     /// Bumped on every change of state, so that waiting calls and the worker look again.
     changes: Arc<watch::Sender<u64>>,
+    /// The endpoint left the set: its connections end, and no new one is made.
+    retired: AtomicBool,
+    /// The wakers of the open connections' reads, to end them when retired.
+    readers: Mutex<Vec<Weak<AtomicWaker>>>,
 }
 
 impl Conn {
@@ -69,7 +80,32 @@ impl Conn {
             last_error: Mutex::new(None),
             label,
             changes,
+            retired: AtomicBool::new(false),
+            readers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The endpoint left the set: ends its open connections, and refuses new ones.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.stash().take();
+        let readers = std::mem::take(&mut *self.readers.lock().unwrap_or_else(|p| p.into_inner()));
+        for reader in readers.iter().filter_map(Weak::upgrade) {
+            reader.wake();
+        }
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// A new connection's read waker, kept to end it when the endpoint is retired.
+    fn reader(&self) -> Arc<AtomicWaker> {
+        let reader = Arc::new(AtomicWaker::new());
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        readers.retain(|r| r.strong_count() > 0);
+        readers.push(Arc::downgrade(&reader));
+        reader
     }
 
     pub(crate) fn state(&self) -> EndpointState {
@@ -220,6 +256,9 @@ impl tower_service::Service<Uri> for Connector {
         let timeout = self.timeout;
         let (uri, tls) = (self.target.clone(), self.tls.clone());
         Box::pin(async move {
+            if conn.is_retired() {
+                return Err(io::Error::other(format!("{} left the endpoint set", conn.label)));
+            }
             let stream = match conn.take_stash().await {
                 Some(stream) => stream,
                 None => match connect(&uri, timeout, tls.as_ref()).await {
@@ -232,7 +271,8 @@ impl tower_service::Service<Uri> for Connector {
             };
             conn.open.fetch_add(1, Ordering::Relaxed);
             conn.connected(None);
-            Ok(TokioIo::new(TrackedStream { inner: stream, conn, closed: false }))
+            let reader = conn.reader();
+            Ok(TokioIo::new(TrackedStream { inner: stream, conn, reader, closed: false }))
         })
     }
 }
@@ -242,6 +282,8 @@ impl tower_service::Service<Uri> for Connector {
 pub(crate) struct TrackedStream {
     inner: Io,
     conn: Arc<Conn>,
+    /// Woken when the endpoint is retired.
+    reader: Arc<AtomicWaker>,
     closed: bool,
 }
 
@@ -255,11 +297,23 @@ impl TrackedStream {
 
 impl AsyncRead for TrackedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.conn.is_retired() {
+            // The end of the stream: the connection closes.
+            self.close();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         match &poll {
             Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => self.close(),
             Poll::Ready(Err(_)) => self.close(),
+            Poll::Pending => {
+                self.reader.register(cx.waker());
+                if self.conn.is_retired() {
+                    self.close();
+                    return Poll::Ready(Ok(()));
+                }
+            }
             _ => {}
         }
         poll

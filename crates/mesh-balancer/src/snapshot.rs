@@ -43,6 +43,10 @@ pub(crate) struct Shared<S> {
     pub(crate) switches: mpsc::UnboundedSender<Switch>,
     pub(crate) first_resolution_timeout: std::time::Duration,
     pub(crate) task: OnceLock<AbortHandle>,
+    /// What a clone holds until its first call: no endpoint, and a generation no published
+    /// snapshot has, so that the call takes the current one. A clone that never calls (a
+    /// handle kept for its tables) then holds no endpoint the balancer has dropped.
+    pub(crate) unused: Arc<Snapshot<S>>,
 }
 
 impl<S> std::fmt::Debug for Shared<S> {
@@ -247,6 +251,13 @@ impl<S> Shared<S> {
             switches,
             first_resolution_timeout: config.first_resolution_timeout,
             task: OnceLock::new(),
+            unused: Arc::new(Snapshot {
+                generation: u64::MAX,
+                resolved: false,
+                entries: Vec::new(),
+                picker: Picker::new(&config.strategy, &[]),
+                strategy: config.strategy.clone(),
+            }),
         }
     }
 

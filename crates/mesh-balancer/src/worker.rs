@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt as _};
 use mesh_util::Backoff;
@@ -67,6 +68,10 @@ pub(crate) async fn run<S, U>(
     let mut running: JoinSet<(usize, std::io::Result<conn::Io>)> = JoinSet::new();
     let timer = tokio::time::sleep_until(Instant::now());
     tokio::pin!(timer);
+    // Endpoints that left the set with calls still in flight: retired once those end.
+    let mut retiring: Vec<(Arc<Conn>, Arc<crate::snapshot::Stats>)> = Vec::new();
+    let mut drain_tick = tokio::time::interval(RETIRE_CHECK);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Start a build when one is due and none runs.
         if building.is_none() && (pending_set.is_some() || pending_switch.is_some()) {
@@ -127,6 +132,13 @@ pub(crate) async fn run<S, U>(
                     info!(service = %shared.service, from = %strategy, to = %next, "strategy switched");
                 }
                 log_update(&shared.service, &entries, &next_entries);
+                // Endpoints that left: their connections end once their calls in flight
+                // have, not when the last idle clone that still holds their channel calls
+                // again.
+                for gone in entries.iter().filter(|e| !next_entries.iter().any(|n| Arc::ptr_eq(&n.core, &e.core))) {
+                    retiring.push((gone.core.conn.clone(), gone.core.stats.clone()));
+                }
+                retire_idle(&mut retiring);
                 generation += 1;
                 resolved |= applied;
                 entries = next_entries;
@@ -143,6 +155,7 @@ pub(crate) async fn run<S, U>(
                 }
             }
             changed = changes.changed() => if changed.is_err() { return },
+            _ = drain_tick.tick(), if !retiring.is_empty() => retire_idle(&mut retiring),
             // The attempts it was set for start at the top of the loop.
             () = &mut timer, if next_attempt.is_some() => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
@@ -165,6 +178,20 @@ pub(crate) async fn run<S, U>(
         }
         reconcile(&entries, &mut attempts, &builder);
     }
+}
+
+/// How often endpoints that left with calls in flight are looked at again.
+const RETIRE_CHECK: Duration = Duration::from_millis(500);
+
+/// Retires the endpoints of `retiring` that have no call in flight left.
+fn retire_idle(retiring: &mut Vec<(Arc<Conn>, Arc<crate::snapshot::Stats>)>) {
+    retiring.retain(|(conn, stats)| {
+        let busy = stats.in_flight() > 0;
+        if !busy {
+            conn.retire();
+        }
+        busy
+    });
 }
 
 /// Starts connecting endpoints that need it; forgets attempts of endpoints that left or

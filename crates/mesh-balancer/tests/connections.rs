@@ -183,3 +183,50 @@ async fn an_endpoint_that_moves_to_another_address_is_connected_there() {
     .await
     .expect("moved");
 }
+
+/// Established TCP connections from this process to `port` on loopback, from
+/// /proc/net/tcp (the client's side of each connection: its remote port is `port`).
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port =
+                fields.get(2).and_then(|r| r.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            remote_port == Some(port) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clones_keep_no_connection_to_an_endpoint_that_left_and_its_calls_in_flight_end_well() {
+    let slow = support::slow_server("s1", Duration::from_millis(800)).await;
+    let s2 = server("s2").await;
+    let (tx, rx) = watch::channel(set(&[("s1", &slow)]));
+    let channel = Balancer::spawn(BalancerConfig::new("greeter"), WatchStream::new(rx));
+    // A clone that never calls (a handle kept for tables), and one that called and went idle.
+    let _never = channel.clone();
+    let mut called = GreeterClient::new(channel.clone());
+    called.say_hello(HelloRequest { name: "once".into() }).await.expect("a first call");
+    // A call in flight when s1 leaves the set.
+    let mut client = GreeterClient::new(channel.clone());
+    let in_flight = tokio::spawn(async move { client.say_hello(HelloRequest { name: "in flight".into() }).await });
+    support::wait_in_flight(&channel, 1).await;
+    let port = slow.addr().port();
+    assert!(established_to(port) > 0);
+    tx.send(set(&[("s2", &s2)])).expect("send");
+    let reply = in_flight.await.expect("join").expect("a call in flight ends well");
+    assert_eq!(reply.into_inner().served_by, "s1");
+    // Nobody calls: the clones still hold s1's channel, but its connection is closed (one
+    // stayed ESTABLISHED 8 s later).
+    eventually("no connection to the endpoint that left", Duration::from_secs(10), || async {
+        (established_to(port) == 0).then_some(())
+    })
+    .await
+    .expect("closed");
+    // The idle clone's next call goes to s2.
+    let reply = called.say_hello(HelloRequest { name: "next".into() }).await.expect("a call after");
+    assert_eq!(reply.into_inner().served_by, "s2");
+}

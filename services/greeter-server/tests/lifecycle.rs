@@ -498,6 +498,9 @@ impl World {
                 self.etcd.restore(&path).await.map_err(e)?;
                 self.written = written;
                 self.rebuilt();
+                // The same cluster, back in time: what it holds is the truth, a missing
+                // document included (only a new cluster's missing document says nothing).
+                self.rebuilt_since_config = false;
             }
             Op::SlowFollower => self.slow_follower().await?,
             Op::ConfigPut { greeting } => {
