@@ -68,7 +68,7 @@ pub use config::{BreakerConfig, FailureRate, InvalidBreakerConfig};
 pub use error::BreakerOpen;
 pub use future::ResponseFuture;
 pub use layer::BreakerLayer;
-pub use service::{Breaker, BreakerHandle};
+pub use service::{Breaker, BreakerHandle, WeakBreakerHandle};
 pub use state::{Admission, Circuit, Outcome, State};
 
 /// The README's example, compiled (and run, unless marked `no_run`) as a doctest.

@@ -56,7 +56,31 @@ pub struct BreakerHandle {
     shared: Arc<Shared>,
 }
 
+/// A [`BreakerHandle`] that does not keep the circuit alive: for a table of endpoints'
+/// breakers whose entries should go when the endpoints' stacks do.
+#[derive(Debug, Clone)]
+pub struct WeakBreakerHandle {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl WeakBreakerHandle {
+    /// The handle, while some breaker (or handle) still holds the circuit.
+    pub fn upgrade(&self) -> Option<BreakerHandle> {
+        self.shared.upgrade().map(|shared| BreakerHandle { shared })
+    }
+
+    /// Whether the circuit is gone.
+    pub fn is_gone(&self) -> bool {
+        self.shared.strong_count() == 0
+    }
+}
+
 impl BreakerHandle {
+    /// A handle that does not keep the circuit alive.
+    pub fn downgrade(&self) -> WeakBreakerHandle {
+        WeakBreakerHandle { shared: Arc::downgrade(&self.shared) }
+    }
+
     /// Changes the settings of the circuit every clone of this breaker shares, from the next
     /// call on (see [`crate::Circuit::reconfigure`]); the error names a bad setting.
     pub fn reconfigure(&self, config: BreakerConfig) -> Result<(), InvalidBreakerConfig> {

@@ -223,7 +223,29 @@ pub(crate) fn render() -> String {
 #[derive(Debug, Clone)]
 pub struct CallCounts(Arc<Table>);
 
+/// [`CallCounts`] that do not keep the counts alive: for a table whose entries should go
+/// when the layer that counts does.
+#[derive(Debug, Clone)]
+pub struct WeakCallCounts(std::sync::Weak<Table>);
+
+impl WeakCallCounts {
+    /// The counts, while the layer (or another handle) still holds them.
+    pub fn upgrade(&self) -> Option<CallCounts> {
+        self.0.upgrade().map(CallCounts)
+    }
+
+    /// Whether the counts are gone.
+    pub fn is_gone(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
 impl CallCounts {
+    /// Counts that do not keep these alive.
+    pub fn downgrade(&self) -> WeakCallCounts {
+        WeakCallCounts(Arc::downgrade(&self.0))
+    }
+
     /// Calls by method and code name (`OK`, `UNAVAILABLE`, …), codes without calls left out.
     pub fn by_method_and_code(&self) -> Vec<(String, &'static str, u64)> {
         let mut out = Vec::new();

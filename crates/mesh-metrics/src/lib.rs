@@ -32,7 +32,7 @@ mod calls;
 mod collect;
 mod exporter;
 
-pub use calls::{CallCounts, CallMetrics, CallMetricsLayer, RecordingBody, ResponseFuture, Side};
+pub use calls::{CallCounts, CallMetrics, CallMetricsLayer, RecordingBody, ResponseFuture, Side, WeakCallCounts};
 pub use collect::{Collector, Families, collector};
 pub use exporter::{Exporter, MetricsError, install, installed};
 

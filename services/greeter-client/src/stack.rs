@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
 use mesh_balancer::{BalancedChannel, Balancer, BalancerConfig, Endpoint, EndpointSet};
-use mesh_metrics::{CallCounts, CallMetrics, CallMetricsLayer, Side};
+use mesh_metrics::{CallMetrics, CallMetricsLayer, Side, WeakCallCounts};
 use std::time::Duration;
 
 use mesh_breaker::{
     Breaker, BreakerConfig, BreakerHandle, BreakerLayer, FailureRate, GrpcClassifier, InvalidBreakerConfig,
+    WeakBreakerHandle,
 };
 use mesh_retry::{InvalidRetryPolicy, Retry, RetryHandle, RetryLayer, RetryPolicy, RetryStats};
 use tonic::transport::Channel;
@@ -87,9 +88,11 @@ pub struct Mesh {
     pub service_breaker: BreakerHandle,
     /// Retries made and refused.
     pub retries: Arc<RetryStats>,
-    endpoint_breakers: Arc<Mutex<HashMap<String, BreakerHandle>>>,
-    /// Each endpoint's attempts by method and code, with metrics on.
-    endpoint_calls: Arc<Mutex<HashMap<String, CallCounts>>>,
+    /// Each endpoint's breaker and attempts by method and code (with metrics on), held
+    /// weakly: an entry goes with its endpoint's stack, which the balancer drops when the
+    /// endpoint leaves (8,420 ids churned through etcd held 1 KB each for good).
+    endpoint_breakers: Arc<Mutex<HashMap<String, WeakBreakerHandle>>>,
+    endpoint_calls: Arc<Mutex<HashMap<String, WeakCallCounts>>>,
     /// The settings of endpoint breakers, for the endpoints still to come too.
     endpoint_config: Arc<Mutex<BreakerConfig>>,
     retry: RetryHandle,
@@ -110,9 +113,9 @@ impl Mesh {
         let endpoint_service = service.clone();
         let service_layer = BreakerLayer::try_new(service, resilience.service_breaker.clone())?.fail_fast();
         let retry_layer = RetryLayer::try_new(resilience.retry.clone())?;
-        let endpoint_breakers: Arc<Mutex<HashMap<String, BreakerHandle>>> = Arc::default();
+        let endpoint_breakers: Arc<Mutex<HashMap<String, WeakBreakerHandle>>> = Arc::default();
         let handles = endpoint_breakers.clone();
-        let endpoint_calls: Arc<Mutex<HashMap<String, CallCounts>>> = Arc::default();
+        let endpoint_calls: Arc<Mutex<HashMap<String, WeakCallCounts>>> = Arc::default();
         let calls = endpoint_calls.clone();
         let balanced = Balancer::spawn_with(
             config,
@@ -124,11 +127,15 @@ impl Mesh {
                 // Written by `collect_metrics` for the endpoints the balancer has now.
                 let counting = CallMetricsLayer::for_collector(Side::Client);
                 if let Some(counts) = counting.counts() {
-                    lock(&calls).insert(endpoint.id.clone(), counts);
+                    let mut calls = lock(&calls);
+                    calls.retain(|_, c| !c.is_gone());
+                    calls.insert(endpoint.id.clone(), counts.downgrade());
                 }
                 let counted = counting.layer(channel);
                 let breaker = layer.with_name(endpoint.address.clone()).layer(counted);
-                lock(&handles).insert(endpoint.id.clone(), breaker.handle());
+                let mut handles = lock(&handles);
+                handles.retain(|_, h| !h.is_gone());
+                handles.insert(endpoint.id.clone(), breaker.handle().downgrade());
                 breaker
             },
             updates,
@@ -156,7 +163,7 @@ impl Mesh {
     pub fn set_endpoint_breaker(&self, config: BreakerConfig) -> Result<(), InvalidBreakerConfig> {
         config.validate()?;
         *lock(&self.endpoint_config) = config.clone();
-        for handle in lock(&self.endpoint_breakers).values() {
+        for handle in lock(&self.endpoint_breakers).values().filter_map(WeakBreakerHandle::upgrade) {
             handle.reconfigure(config.clone())?;
         }
         Ok(())
@@ -179,7 +186,13 @@ impl Mesh {
 
     /// The breaker of the endpoint with `id`, once the balancer has built its stack.
     pub fn endpoint_breaker(&self, id: &str) -> Option<BreakerHandle> {
-        lock(&self.endpoint_breakers).get(id).cloned()
+        lock(&self.endpoint_breakers).get(id).and_then(WeakBreakerHandle::upgrade)
+    }
+
+    /// How many endpoints' breakers and call counts the stack holds: those of the endpoints
+    /// whose stacks live (the balancer's, and idle clones' until their next call).
+    pub fn endpoint_state_held(&self) -> (usize, usize) {
+        (lock(&self.endpoint_breakers).len(), lock(&self.endpoint_calls).len())
     }
 }
 
@@ -201,13 +214,15 @@ pub fn collect_metrics(mesh: &Mesh) -> mesh_metrics::Collector {
         // Counts of endpoints gone from the set go too (one that comes back starts afresh).
         calls.retain(|id, _| endpoints.iter().any(|e| &e.id == id));
         for e in endpoints {
-            let labels = [("service", service), ("endpoint", e.address.as_str())];
-            if let Some(counts) = calls.get(&e.id) {
+            // The id tells apart two endpoints at one address (a server restarted under a
+            // new id before its old registration expired): one series per endpoint.
+            let labels = [("service", service), ("endpoint", e.address.as_str()), ("id", e.id.as_str())];
+            if let Some(counts) = calls.get(&e.id).and_then(WeakCallCounts::upgrade) {
                 out.calls(
                     "mesh_client_endpoint_calls_total",
                     "Attempts sent to an endpoint, by method and gRPC code.",
                     &labels,
-                    counts,
+                    &counts,
                 );
             }
             let up = e.state == mesh_balancer::EndpointState::Ready;

@@ -67,4 +67,25 @@ async fn an_endpoint_that_leaves_the_set_leaves_the_scrape_and_calls_are_counted
     let a_label = format!(r#"endpoint="{a_addr}""#);
     assert_eq!(value(&samples, "mesh_endpoint_up", &[&a_label]), Some(1.0), "{samples:#?}");
     assert!(value(&samples, "mesh_client_endpoint_calls_total", &[&a_label, ok]).is_some_and(|n| n >= 1.0));
+
+    // Two ids at one address (a server restarted under a new id before its old
+    // registration expired): one series each, told apart by id (11 lines of one series,
+    // with different values, were scraped).
+    updates
+        .send(EndpointSet::new(vec![
+            mesh_balancer::Endpoint::new(a_addr.clone()).with_id("old"),
+            mesh_balancer::Endpoint::new(a_addr.clone()).with_id("new"),
+        ]))
+        .expect("send");
+    let text = mesh_testkit::eventually("both ids in the scrape", Duration::from_secs(5), || async {
+        let text = exporter.render();
+        (text.contains(r#"id="old""#) && text.contains(r#"id="new""#)).then_some(text)
+    })
+    .await
+    .expect("both ids");
+    let mut up: Vec<&str> = text.lines().filter(|l| l.starts_with("mesh_endpoint_up{")).collect();
+    let all = up.len();
+    up.sort_unstable();
+    up.dedup_by(|a, b| a.rsplit_once(' ').map(|p| p.0) == b.rsplit_once(' ').map(|p| p.0));
+    assert_eq!((all, up.len()), (2, 2), "one series per endpoint: {up:#?}");
 }
