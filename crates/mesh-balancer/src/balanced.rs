@@ -36,7 +36,7 @@ use tower_service::Service;
 
 use crate::conn::EndpointState;
 use crate::counted::Counted;
-use crate::pick::{PickInput, ring};
+use crate::pick::{PickInput, ewma, ring};
 use crate::snapshot::{Entry, Shared, Slot, Snapshot, now_nanos};
 use crate::status::{self, BoxError};
 use crate::strategy::{HashKey, MissingKey, P2cLoad, Strategy};
@@ -515,7 +515,8 @@ fn load<S>(entry: &Entry<S>, strategy: &Strategy, now: u64) -> u64 {
     match strategy {
         Strategy::P2c(P2cLoad::PeakEwma { decay }) => {
             let decay = u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX);
-            here.ewma().cost(now, decay, usize::try_from(in_flight).unwrap_or(usize::MAX))
+            let clock = now.saturating_add(ewma::calls_offset(decay));
+            here.ewma().cost(clock, decay, usize::try_from(in_flight).unwrap_or(usize::MAX))
         }
         _ => in_flight,
     }
@@ -537,7 +538,10 @@ where
     let slot = entry.core.stats.started();
     let ewma = match strategy {
         Strategy::P2c(P2cLoad::PeakEwma { decay }) => {
-            Some((if now == 0 { now_nanos() } else { now }, u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX)))
+            let decay = u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX);
+            let offset = ewma::calls_offset(decay);
+            ewma::count_call();
+            Some((if now == 0 { now_nanos() } else { now }, offset, decay))
         }
         _ => None,
     };
@@ -605,8 +609,9 @@ impl<F: Send + 'static> ResponseFuture<F> {
 /// Keeps an endpoint's counters right, also when a call is dropped unfinished.
 pub(crate) struct Guard {
     pub(crate) slot: Arc<Slot>,
-    /// For peak EWMA: when the call started, and the decay (ns); taken at the response head.
-    ewma: Option<(u64, u64)>,
+    /// For peak EWMA: when the call started, its thread's clock offset for the calls it
+    /// sent (see [`ewma::calls_offset`]) and the decay (ns); taken at the response head.
+    ewma: Option<(u64, u64, u64)>,
     /// The call's deadline, on tokio's clock.
     pub(crate) deadline: Option<std::time::Instant>,
     done: bool,
@@ -615,9 +620,9 @@ pub(crate) struct Guard {
 impl Guard {
     /// The response head arrived (or the call failed before it): peak EWMA's sample.
     fn answered(&mut self) {
-        if let Some((started, decay)) = self.ewma.take() {
+        if let Some((started, offset, decay)) = self.ewma.take() {
             let now = now_nanos();
-            self.slot.observe(now, now.saturating_sub(started), decay);
+            self.slot.observe(now.saturating_add(offset), now.saturating_sub(started), decay);
         }
     }
 

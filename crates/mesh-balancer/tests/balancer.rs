@@ -408,3 +408,18 @@ async fn a_hash_key_extension_wins_over_the_header() {
     }
     assert_eq!(owners.len(), 1, "one extension key, one server: {owners:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_spreads_sequential_calls_over_equal_servers() {
+    // 3 / 93 / 204 of 300 in the demo: one slow answer kept an endpoint out for seconds.
+    let (a, b, c) = (server("a").await, server("b").await, server("c").await);
+    let channel = Balancer::spawn(
+        config().with_strategy(Strategy::P2c(P2cLoad::PeakEwma { decay: Duration::from_secs(10) })),
+        tokio_stream::once(set(&[("a", &a), ("b", &b), ("c", &c)])),
+    );
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
+    let (by, failures) = calls(&channel, 300).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(by.len(), 3, "{by:?}");
+    assert!(by.values().all(|&n| n >= 15), "every server gets a share: {by:?}");
+}

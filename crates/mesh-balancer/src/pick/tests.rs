@@ -273,3 +273,29 @@ fn peak_ewma_jumps_to_peaks_and_decays() {
     assert!(after < 5_000_000.0 && after > 1_000_000.0, "{after}");
     assert!(e.cost(decay, decay, 3) > e.cost(decay, decay, 0));
 }
+
+#[test]
+fn a_slow_first_answer_is_forgotten_after_a_few_fast_ones() {
+    // 1 ms, then 0.2 ms every millisecond under a 10 s decay: the time constant alone kept
+    // the estimate at ~1 ms for seconds, and p2c kept the endpoint out of every pair.
+    let decay = 10_000_000_000;
+    let mut e = ewma::PeakEwma::default();
+    e.observe(1_000_000, 1_000_000, decay);
+    for i in 2..=20u64 {
+        e.observe(i * 1_000_000, 200_000, decay);
+    }
+    let estimate = e.estimate(20_000_000, decay);
+    assert!(estimate < 300_000.0, "{estimate}");
+}
+
+#[test]
+fn an_estimate_no_call_samples_decays_with_the_calls_sent_elsewhere() {
+    let decay = 10_000_000_000;
+    let mut e = ewma::PeakEwma::default();
+    e.observe(0, 1_000_000, decay);
+    let at = |calls: u64| e.estimate(calls * (decay / 32), decay);
+    // After 32 calls elsewhere (no time passing) it has decayed as after 10 s: to 1/e.
+    assert!((at(32) - 1_000_000.0 / std::f64::consts::E).abs() < 1.0, "{}", at(32));
+    // So an endpoint 1.7 times slower than the others is tried again after ~17 calls.
+    assert!(at(17) < 1_000_000.0 / 1.7);
+}
