@@ -505,8 +505,8 @@ fn chapter_tls(demo: &mut Demo) -> anyhow::Result<()> {
     let plain =
         demo.client().args(["--target", &good_addr, "--name", "demo"]).output().context("running greeter-client")?;
     ensure!(!plain.status.success(), "a plaintext call to a TLS server succeeded");
-    let stdout = String::from_utf8_lossy(&plain.stdout);
-    let why = stdout.lines().find(|l| l.starts_with("error:")).context("the plaintext client printed no error")?;
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    let why = stderr.lines().find(|l| l.starts_with("error:")).context("the plaintext client printed no error")?;
     ensure!(why.contains("speaks TLS only"), "the plaintext client's error does not say why: {why}");
     say!("  a plaintext client to greeter-tls-1: {why}");
 

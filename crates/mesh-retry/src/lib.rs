@@ -14,7 +14,11 @@
 //!   than `max_pushback` (1 s by default), ends the retries, so a call without a deadline
 //!   is not held for as long as a server asks;
 //! - within a retry budget shared by the whole client (tower's [`tower::retry::budget::TpsBudget`]:
-//!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs);
+//!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs).
+//!   The per-second part is a standing reserve of `budget_min_per_sec × budget_window`
+//!   retries: in any window at most `budget_ratio` of the calls plus that reserve are
+//!   retried, and a burst may spend the whole reserve at once (100 retries by default, in
+//!   the first second of an outage as in any other);
 //! - never past the call's deadline: each attempt carries the time left as its
 //!   `grpc-timeout`, and no retry starts whose backoff would end past it;
 //! - and the call's deadline holds for its response body too: tonic's client times a call

@@ -29,7 +29,8 @@ pub struct RetryPolicy {
     /// The retry budget: retries may add this share of calls. Default 0.2 (20%).
     pub budget_ratio: f32,
     /// … plus this many retries per second, so that a client with few calls can retry at
-    /// all. Default 10.
+    /// all. Default 10. Kept as a reserve of this times `budget_window` (100 by default)
+    /// that a burst of retries may spend at once.
     pub budget_min_per_sec: u32,
     /// How long a call counts toward the budget (1 to 60 s). Default 10 s.
     pub budget_window: Duration,

@@ -86,8 +86,9 @@ pub struct TargetArgs {
     /// How calls are spread: round_robin, random, consistent_hash, weighted, p2c, p2c_ewma.
     #[arg(long, env = "MESH_STRATEGY", default_value = "round_robin", value_parser = parse_strategy)]
     pub strategy: Strategy,
-    /// Weights of the targets for `weighted`, comma-separated, one per target.
-    #[arg(long, value_delimiter = ',')]
+    /// Weights of the targets for `weighted`, comma-separated, one per --target, each at
+    /// least 1 (discovered servers carry their own).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
     pub weights: Vec<u32>,
     /// The consistent-hash key sent as `x-mesh-hash-key`; `{i}` becomes the call's number.
     #[arg(long)]
@@ -221,7 +222,7 @@ pub struct GreetArgs {
     #[arg(long, default_value_t = 1)]
     pub count: u64,
     /// Deadline of each call, e.g. `1s`, `500ms`.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     pub timeout: Duration,
     /// Print only the table at the end, not each reply.
     #[arg(long)]
@@ -311,11 +312,20 @@ pub struct BenchArgs {
     pub name: String,
     /// Deadline of each call, e.g. `1s`, `200ms`; calls that miss it count as failed, with
     /// their latency.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     pub timeout: Duration,
     /// Print one JSON object instead of text (for `cargo xtask bench`).
     #[arg(long)]
     pub json: bool,
+}
+
+/// A duration above zero: a call with no time to run cannot succeed.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("{s:?}: give a duration above zero, e.g. 500ms")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
 
 fn checked_service(s: &str) -> Result<String, String> {
@@ -358,6 +368,12 @@ struct Client {
 }
 
 async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
+    if t.target.is_empty() && !t.weights.is_empty() {
+        anyhow::bail!("--weights weighs --target addresses; servers discovered through etcd carry their own weight");
+    }
+    if let Some(per_try) = t.resilience.per_try_timeout.filter(|&p| p >= timeout) {
+        anyhow::bail!("--per-try-timeout {per_try:?} must be shorter than --timeout {timeout:?}");
+    }
     let resilience = t.resilience.resilience()?;
     let tls = t.tls.client_tls()?;
     let mut metrics = Vec::new();
@@ -444,7 +460,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
         if let Some(pause) = args.interval.filter(|_| i > 0) {
             tokio::time::sleep(pause).await;
         }
-        if let (Some(at), Some(every)) = (next_table, args.table_every)
+        if let (Some(at), Some(every), false) = (next_table, args.table_every, args.json)
             && tokio::time::Instant::now() >= at
         {
             print!("{}", table(mesh, &replies));
@@ -461,7 +477,7 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
         match client.say_hello(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                if !args.quiet {
+                if !args.quiet && !args.json {
                     println!("{} (served by {})", reply.message, reply.served_by);
                 }
                 *replies.entry(reply.served_by.clone()).or_default() += 1;
@@ -470,7 +486,10 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
             Err(status) => {
                 failed += 1;
                 order.push(None);
-                println!("error: {:?}: {}", status.code(), status.message());
+                // On stderr: stdout holds the replies, or the one JSON document.
+                if !args.quiet {
+                    eprintln!("error: {:?}: {}", status.code(), status.message());
+                }
             }
         }
     }
@@ -620,6 +639,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report).context("encoding the report")?);
     } else {
         println!("{}", report.summary());
+    }
+    if report.ok == 0 && report.errors > 0 {
+        anyhow::bail!("every call failed ({} calls: {:?})", report.errors, report.errors_by_code);
     }
     Ok(())
 }

@@ -299,3 +299,56 @@ async fn a_document_this_clients_flags_make_invalid_is_refused_whole() {
     assert_eq!(report["failed"], 0, "{report}");
     assert!(stderr.contains("configuration refused") && stderr.contains("max_open_time"), "{stderr}");
 }
+
+#[test]
+fn flags_that_cannot_work_are_refused_by_name() {
+    let refused = |args: &[&str], says: &str| {
+        let out = client().args(args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    // Accepted before, and the call succeeded or the flag was ignored.
+    refused(&["--target", "127.0.0.1:1", "--timeout", "0s"], "--timeout");
+    refused(&["--target", "127.0.0.1:1", "--weights", "0"], "--weights");
+    refused(&["--etcd", "127.0.0.1:1", "--weights", "1,2"], "--weights weighs --target addresses");
+    refused(
+        &["--target", "127.0.0.1:1", "--timeout", "1s", "--per-try-timeout", "2s"],
+        "must be shorter than --timeout",
+    );
+    refused(&["bench", "--target", "127.0.0.1:1", "--timeout", "0s"], "--timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_stdout_is_one_json_document_whatever_fails() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let (_server, endpoints) = registered_slow_server(&etcd, Duration::from_millis(100)).await;
+    let args = ["--etcd", &endpoints, "--count", "3", "--timeout", "20ms", "--json", "--table-every", "1ms"];
+    let args: Vec<String> = args.map(String::from).to_vec();
+    for quiet in [false, true] {
+        let mut args = args.clone();
+        if quiet {
+            args.push("--quiet".into());
+        }
+        let out = tokio::task::spawn_blocking(move || client().args(&args).output().expect("run")).await.expect("join");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {stdout}"));
+        assert_eq!(report["failed"], 3, "{report}");
+        assert_eq!(out.status.code(), Some(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_exits_1_when_every_call_failed() {
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let (_server, endpoints) = registered_slow_server(&etcd, Duration::from_millis(100)).await;
+    let args = ["bench", "--etcd", &endpoints, "--timeout", "20ms", "--duration", "300ms", "--warmup", "0s", "--json"];
+    let args: Vec<String> = args.map(String::from).to_vec();
+    let out = tokio::task::spawn_blocking(move || client().args(&args).output().expect("run")).await.expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "58,857 failed calls exited 0: {stderr}");
+    assert!(stderr.contains("every call failed"), "{stderr}");
+    let report = report(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["ok"], 0, "{report}");
+}
