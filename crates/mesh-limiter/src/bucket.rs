@@ -156,7 +156,15 @@ impl Bucket {
     /// The same bucket for a new limit: what it holds carries over, up to the new burst,
     /// so that a change is not a free burst.
     pub(crate) fn renewed(&self, limit: Limit) -> Self {
-        Bucket::new(limit, self.limiter.balance())
+        // What it holds now, the refills that fell due since it was last asked included
+        // (`balance` leaves those out, and a live update lost them): taken out of the old
+        // bucket, which is being replaced.
+        let max = self.limit.burst as usize;
+        let mut held = 0;
+        while held < max && self.limiter.try_acquire(1) {
+            held += 1;
+        }
+        Bucket::new(limit, held)
     }
 
     /// Takes a token if one is there now.

@@ -105,3 +105,134 @@ fn a_caller_reads_as_who_it_is() {
     assert_eq!(Caller::Key(Some("tenant-7")).to_string(), "tenant-7");
     assert_eq!(Caller::Key(None).to_string(), "callers without the key");
 }
+
+/// The reference for the per-caller table: each caller a plain token count made full when
+/// the caller first calls, refilled at every interval since; at most `cap` callers, those
+/// idle for `idle` dropped when a new caller finds the table full (looked at no more than
+/// once per tenth of `idle`), callers beyond the cap and calls from no one sharing a count
+/// each.
+mod model {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::bucket::refill_of;
+
+    #[derive(Debug, Clone)]
+    struct Count {
+        balance: usize,
+        next: Instant,
+    }
+
+    struct Model {
+        limit: Limit,
+        refill: usize,
+        interval: Duration,
+        cap: usize,
+        idle: Duration,
+        callers: HashMap<u8, (Count, Instant)>,
+        overflow: Option<Count>,
+        unknown: Option<Count>,
+        looked: Option<Instant>,
+    }
+
+    impl Model {
+        fn full(&self, now: Instant) -> Count {
+            Count { balance: self.limit.burst as usize, next: now + self.interval }
+        }
+
+        fn take(&self, count: &mut Count, now: Instant) -> bool {
+            while count.next <= now {
+                count.balance = (count.balance + self.refill).min(self.limit.burst as usize);
+                count.next += self.interval;
+            }
+            let admitted = count.balance > 0;
+            count.balance -= usize::from(admitted);
+            admitted
+        }
+
+        fn call(&mut self, who: Option<u8>, now: Instant) -> bool {
+            let Some(who) = who else {
+                let mut count = self.unknown.take().unwrap_or_else(|| self.full(now));
+                let admitted = self.take(&mut count, now);
+                self.unknown = Some(count);
+                return admitted;
+            };
+            if let Some((mut count, _)) = self.callers.remove(&who) {
+                let admitted = self.take(&mut count, now);
+                self.callers.insert(who, (count, now));
+                return admitted;
+            }
+            if self.callers.len() >= self.cap && self.looked.is_none_or(|at| now - at >= self.idle / 10) {
+                self.looked = Some(now);
+                let idle = self.idle;
+                self.callers.retain(|_, (_, used)| now - *used < idle);
+            }
+            if self.callers.len() >= self.cap {
+                let mut count = self.overflow.take().unwrap_or_else(|| self.full(now));
+                let admitted = self.take(&mut count, now);
+                self.overflow = Some(count);
+                return admitted;
+            }
+            let mut count = self.full(now);
+            let admitted = self.take(&mut count, now);
+            self.callers.insert(who, (count, now));
+            admitted
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Wait(u64),
+        Call(Option<u8>),
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn the_table_admits_what_one_token_count_per_caller_admits(
+            rate in 1u32..200,
+            burst in 1u32..5,
+            cap in 1usize..6,
+            idle_ms in 100u64..3000,
+            ops in prop::collection::vec(
+                prop_oneof![
+                    2 => (0u64..400).prop_map(Op::Wait),
+                    6 => prop::option::weighted(0.9, 0u8..10).prop_map(Op::Call),
+                ],
+                1..200,
+            ),
+        ) {
+            let Ok(limit) = Limit::try_new(f64::from(rate), burst) else { return Ok(()) };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("rt");
+            runtime.block_on(async {
+                let mut settings = PerCaller::new(CallerKey::PeerIp);
+                settings.max_callers = cap;
+                settings.idle = Duration::from_millis(idle_ms);
+                let config = LimiterConfig::try_new(limit).expect("valid").with_per_caller(settings.clone());
+                let table = Table::new(config, None);
+                let (refill, interval) = refill_of(limit.rate_per_sec, limit.burst);
+                let mut model = Model {
+                    limit, refill, interval, cap, idle: settings.idle,
+                    callers: HashMap::new(), overflow: None, unknown: None, looked: None,
+                };
+                for (step, op) in ops.into_iter().enumerate() {
+                    match op {
+                        Op::Wait(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+                        Op::Call(who) => {
+                            let caller = Caller::Ip(who.map(|w| std::net::Ipv4Addr::new(10, 0, 0, w).into()));
+                            let admitted = table.with_bucket("/a.B/C", Some(caller), |b, _| b.try_admit());
+                            prop_assert_eq!(admitted, model.call(who, Instant::now()), "step {}: {:?}", step, who);
+                            prop_assert_eq!(table.callers(), model.callers.len(), "callers after step {}", step);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
