@@ -13,8 +13,9 @@
 //!   retry of a code that is retryable anyway; one that is negative or malformed, or longer
 //!   than `max_pushback` (1 s by default), ends the retries, so a call without a deadline
 //!   is not held for as long as a server asks;
-//! - within a retry budget shared by the whole client (tower's [`tower::retry::budget::TpsBudget`]:
-//!   by default 20% of calls plus 10 per second, as Finagle and linkerd budget theirs).
+//! - within a retry budget shared by the whole client (counted as tower's `TpsBudget` counts,
+//!   in thousandths of a retry, so that the ratio is the one asked for; by default 20% of
+//!   calls plus 10 per second, as Finagle and linkerd budget theirs).
 //!   The per-second part is a standing reserve of `budget_min_per_sec × budget_window`
 //!   retries: in any window at most `budget_ratio` of the calls plus that reserve are
 //!   retried, and a burst may spend the whole reserve at once (100 retries by default, in
@@ -61,6 +62,7 @@
 //! transparent retries of non-idempotent calls that never left the client (gRPC's A6);
 //! a call to a method not listed is sent once.
 
+mod budget;
 mod layer;
 mod policy;
 mod service;

@@ -13,7 +13,6 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::body::Body;
-use tower::retry::budget::Budget as _;
 use tower_service::Service;
 
 use crate::layer::Live;

@@ -299,3 +299,27 @@ fn an_estimate_no_call_samples_decays_with_the_calls_sent_elsewhere() {
     // So an endpoint 1.7 times slower than the others is tried again after ~17 calls.
     assert!(at(17) < 1_000_000.0 / 1.7);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn adding_or_removing_a_node_moves_only_that_nodes_keys(
+        names in prop::collection::btree_set("[a-z]{1,6}:[0-9]{2,5}", 2..16),
+        pick in any::<prop::sample::Index>(),
+        keys in prop::collection::vec("[a-z0-9-]{1,12}", 1..300),
+    ) {
+        // The naive reference: a key's owner changes only if the changed node owned it
+        // (removed) or owns it now (added); every other key stays where it was.
+        let all: Vec<String> = names.into_iter().collect();
+        let changed = all[pick.index(all.len())].clone();
+        let without: Vec<String> = all.iter().filter(|n| **n != changed).cloned().collect();
+        let with_it = key_owners(&all, &keys);
+        let without_it = key_owners(&without, &keys);
+        for (i, key) in keys.iter().enumerate() {
+            if with_it[i] != changed {
+                prop_assert_eq!(&with_it[i], &without_it[i], "{} moved between nodes that stayed", key);
+            }
+        }
+    }
+}
