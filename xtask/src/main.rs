@@ -16,8 +16,9 @@ cargo xtask <command>
 
   demo [--quick]          the narrated tour: etcd, greeter-servers and clients through every part,
                           checked and cleaned up; --quick tells it in seconds on a private etcd
-  test                    provision etcd, then fmt check, clippy -D warnings, every test, the
-                          API docs, deploy-check, package, and the quick demo
+  test [--busy N]         provision etcd, then fmt check, clippy -D warnings, every test, the
+                          API docs, deploy-check, package, and the quick demo; --busy N runs
+                          it all beside N processes that keep a core busy each
   soak [--seconds N] [--ops K] [--etcd VERSION]
                           the randomized etcd lifecycle checker for N seconds (default 300) of
                           fresh seeds, one etcd member and three in turn
@@ -45,7 +46,9 @@ fn main() -> ExitCode {
     };
     let result = match command.as_str() {
         "demo" => demo::parse(rest).and_then(demo::run),
-        "test" => util::no_args(rest).and_then(|()| test::run()),
+        "test" => test::busy_flag(rest).and_then(test::run),
+        // Keeps a core busy for at most the given seconds (what `test --busy` starts).
+        "spin" => test::spin(rest),
         "etcd-up" if rest.iter().any(|a| a == "--secure") => {
             if rest.len() == 1 {
                 etcd::up_secure()

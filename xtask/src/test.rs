@@ -6,7 +6,66 @@ use std::process::Command;
 
 use crate::util;
 
-pub(crate) fn run() -> anyhow::Result<()> {
+/// `--busy N`, if given: how many busy processes to run beside the tests.
+pub(crate) fn busy_flag(rest: &[String]) -> anyhow::Result<usize> {
+    match rest {
+        [] => Ok(0),
+        [flag, n] if flag == "--busy" => {
+            n.parse().map_err(|_| anyhow::anyhow!("--busy takes a number of processes, not {n:?}"))
+        }
+        _ => anyhow::bail!("usage: cargo xtask test [--busy N]"),
+    }
+}
+
+/// The longest a busy process spins, whatever happens to the run that started it.
+const SPIN_AT_MOST: std::time::Duration = std::time::Duration::from_secs(3 * 3600);
+
+/// `spin SECONDS`: keeps one core busy until the time has passed.
+pub(crate) fn spin(rest: &[String]) -> anyhow::Result<()> {
+    let [seconds] = rest else { anyhow::bail!("usage: cargo xtask spin SECONDS") };
+    let seconds: u64 = seconds.parse().map_err(|_| anyhow::anyhow!("spin takes seconds, not {seconds:?}"))?;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds).min(SPIN_AT_MOST);
+    let mut x = 0u64;
+    while std::time::Instant::now() < until {
+        for _ in 0..100_000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
+    Ok(())
+}
+
+/// Busy processes started for `--busy`, stopped (by their PIDs) when dropped.
+struct Busy(Vec<std::process::Child>);
+
+impl Busy {
+    fn start(n: usize) -> anyhow::Result<Busy> {
+        let me = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for _ in 0..n {
+            let child = Command::new(&me)
+                .args(["spin", &SPIN_AT_MOST.as_secs().to_string()])
+                .stdin(std::process::Stdio::null())
+                .spawn()?;
+            children.push(child);
+        }
+        if n > 0 {
+            eprintln!("running beside {n} busy processes");
+        }
+        Ok(Busy(children))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub(crate) fn run(busy: usize) -> anyhow::Result<()> {
+    let _busy = Busy::start(busy)?;
     // The etcd integration tests start their own etcd (mesh-testkit) and only need a binary;
     // install it here so that they never do.
     let etcd = mesh_etcd_local::ensure_etcd()?;
