@@ -70,7 +70,10 @@ async fn channel(server: &TestServer) -> Channel {
 /// machine (a busy one sends fewer calls, and tokens no call came for spill); the limiter's
 /// decisions on the arrivals it really saw do not.
 #[derive(Clone, Default)]
-struct Arrivals(Arc<std::sync::Mutex<Vec<(Instant, Option<String>, Arc<std::sync::atomic::AtomicU8>)>>>);
+struct Arrivals(Arc<std::sync::Mutex<Vec<Arrival>>>);
+
+/// When a call arrived, the x-tenant it carried, and how it ended (set when it did).
+type Arrival = (Instant, Option<String>, Arc<std::sync::atomic::AtomicU8>);
 
 const PENDING: u8 = 0;
 const ADMITTED: u8 = 1;
