@@ -379,6 +379,13 @@ where
         self.refresh();
         // The deadline every layer below measures, and this one ends the response at.
         let deadline = mesh_util::grpc::Deadline::of(&mut request, || Instant::now().into_std());
+        // A call whose deadline has passed is not sent (nor counted against an endpoint).
+        if deadline.is_some_and(|d| Instant::now().into_std() >= d) {
+            return ResponseFuture::failed(Status::deadline_exceeded(format!(
+                "the call's deadline passed before it was sent to service {}",
+                self.shared.service
+            )));
+        }
         let shared = &self.shared;
         let Local { snap, services, ticket, rng, waker, returned } = &mut self.local;
         let Some(waker) = waker.as_ref() else {

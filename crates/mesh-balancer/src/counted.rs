@@ -3,7 +3,8 @@
 //!
 //! An endpoint that sends its response head and then nothing has not served the call: its
 //! failure is counted when the trailers say so, when the body fails, or when the deadline
-//! passes first (DEADLINE_EXCEEDED, an error of this body). Dropped before its end and
+//! passes first (DEADLINE_EXCEEDED, an error of this body). Trailers that say OK once the
+//! deadline has passed came too late: DEADLINE_EXCEEDED, that endpoint's. Dropped before its end and
 //! before its deadline, the caller gave up: not the endpoint's doing.
 
 use std::future::Future;
@@ -76,7 +77,7 @@ impl http_body::Body for Counted {
                 std::task::ready!(timer.as_mut().poll(cx));
                 this.guard.finish(true);
                 Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                    "{}: the call's deadline passed while its response was still arriving",
+                    "{}: its deadline passed while its response was still arriving",
                     this.guard.slot.label
                 )))))
             }

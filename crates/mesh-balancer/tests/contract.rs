@@ -266,11 +266,13 @@ async fn a_call_that_waited_for_an_endpoint_is_sent_with_what_is_left_of_its_dea
     assert!(sent < Duration::from_millis(400), "the waiting call was sent with {sent:?}");
 }
 
-/// Answers every call as a tonic server answers a call whose deadline it saw pass: after
-/// the deadline, CANCELLED "Timeout expired", in the headers or, after a head, in trailers.
+/// Answers every call after its deadline with `code`: CANCELLED "Timeout expired" as a tonic
+/// server answers a call whose deadline it saw pass, or OK a moment too late; in the headers
+/// or, after a head, in trailers.
 #[derive(Clone)]
 struct CancelsLate {
     trailers: bool,
+    code: tonic::Code,
 }
 
 impl<S> tower::Layer<S> for CancelsLate {
@@ -291,9 +293,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for CancelsLate {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let timeout = mesh_util::grpc::grpc_timeout(request.headers()).unwrap_or_default();
-        let trailers = self.trailers;
+        let (trailers, code) = (self.trailers, self.code);
         Box::pin(async move {
-            let status = tonic::Status::cancelled("Timeout expired");
+            let status = tonic::Status::new(code, "Timeout expired");
             if !trailers {
                 tokio::time::sleep(timeout + Duration::from_millis(20)).await;
                 return Ok(status.into_http());
@@ -312,12 +314,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for CancelsLate {
 }
 
 #[tokio::test]
-async fn a_cancelled_that_comes_after_the_deadline_is_deadline_exceeded_and_counts_against_the_endpoint() {
+async fn a_cancelled_or_an_ok_that_comes_after_the_deadline_is_deadline_exceeded_and_counts_against_the_endpoint() {
     let a = server("a").await;
-    for trailers in [false, true] {
+    for (trailers, code) in [(false, tonic::Code::Cancelled), (true, tonic::Code::Cancelled), (true, tonic::Code::Ok)] {
         let channel = Balancer::spawn_with_layer(
             BalancerConfig::new("greeter"),
-            CancelsLate { trailers },
+            CancelsLate { trailers, code },
             tokio_stream::once(set(&[("a", &a)])),
         );
         let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
@@ -375,4 +377,21 @@ async fn a_response_that_stalls_after_its_head_ends_at_the_deadline_and_counts_a
         let stats = &channel.endpoints()[0];
         assert_eq!((stats.requests, stats.failures, stats.in_flight), (i, i, 0), "{stats:?}");
     }
+}
+
+#[tokio::test]
+async fn a_call_whose_deadline_passed_before_it_was_sent_is_not_sent() {
+    // A deadline of a microsecond: it was sent with grpc-timeout 0n, answered OK, or charged
+    // to the endpoint (twelve such calls ejected a healthy one).
+    let a = server("a").await;
+    let channel = Balancer::spawn(BalancerConfig::new("greeter"), tokio_stream::once(set(&[("a", &a)])));
+    channel.wait_ready(Duration::from_secs(5)).await.expect("ready");
+    for _ in 0..12 {
+        let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+        request.set_timeout(Duration::from_nanos(1));
+        let err = GreeterClient::new(channel.clone()).say_hello(request).await.expect_err("no time to run");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    }
+    let stats = &channel.endpoints()[0];
+    assert_eq!((stats.requests, stats.failures), (0, 0), "{stats:?}");
 }

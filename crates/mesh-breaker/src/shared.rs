@@ -147,3 +147,36 @@ impl Shared {
 pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::FailureRate;
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_batched_over_seconds_count_when_they_came() {
+        // The service breaker's defaults: 50% of at least 20 calls in 10 s. At 3 calls/s,
+        // 64 batched successes span 21 s: stamped all at the next failure, they outweighed
+        // the failures of the real 10 s window, and it opened after 26 failures, not ~15.
+        let rate = FailureRate::new(0.5, Duration::from_secs(10), 20);
+        let shared =
+            Shared::new("service".into(), BreakerConfig::default().with_failure_threshold(0).with_failure_rate(rate));
+        let tick = Duration::from_millis(333);
+        for _ in 0..90 {
+            let admitted = shared.admit();
+            shared.record(admitted, Outcome::Success);
+            tokio::time::advance(tick).await;
+        }
+        let mut failures = 0;
+        while shared.state() == State::Closed && failures < 60 {
+            let admitted = shared.admit();
+            shared.record(admitted, Outcome::Failure);
+            failures += 1;
+            tokio::time::advance(tick).await;
+        }
+        assert_eq!(shared.state(), State::Open);
+        assert!(failures <= 18, "opened after {failures} failures: half of the 30 calls a window holds is 15");
+    }
+}

@@ -92,6 +92,8 @@ pub struct Circuit {
     /// Changes of state so far.
     transitions: u64,
     rng: u64,
+    /// When an outcome was last recorded: a batch of successes came in since.
+    last_recorded: Option<Instant>,
 }
 
 impl Circuit {
@@ -112,6 +114,7 @@ impl Circuit {
             probe_successes: 0,
             transitions: 0,
             rng: seed | 1,
+            last_recorded: None,
         }
     }
 
@@ -165,15 +168,19 @@ impl Circuit {
         self.state == State::Closed && self.consecutive == 0 && self.window.is_some()
     }
 
-    /// Records `n` successes of calls let through while closed, as of `now` (a batch of
-    /// [`Circuit::record`] with [`Admission::Allowed`] and [`Outcome::Success`]).
+    /// Records `n` successes of calls let through while closed since the circuit last
+    /// recorded anything, up to `now` (a batch of [`Circuit::record`] with
+    /// [`Admission::Allowed`] and [`Outcome::Success`]): spread evenly over that time, so
+    /// that successes batched over seconds count in the buckets they came in, not all in the
+    /// newest (where they outweighed the failures that followed them).
     pub fn record_successes(&mut self, now: Instant, n: u64) {
+        let since = self.last_recorded.replace(now);
         if self.state != State::Closed || n == 0 {
             return;
         }
         self.consecutive = 0;
         if let Some(window) = &mut self.window {
-            window.slot_for(now).1 += n;
+            window.add_spread(since.unwrap_or(now), now, n);
         }
     }
 
@@ -205,6 +212,7 @@ impl Circuit {
     /// Records how a call that [`Circuit::admit`] let through ended. `admitted` is what
     /// `admit` returned for it.
     pub fn record(&mut self, now: Instant, admitted: Admission, outcome: Outcome) {
+        self.last_recorded = Some(now);
         match admitted {
             Admission::Refused { .. } => {}
             Admission::Allowed => {
@@ -330,6 +338,40 @@ impl Window {
         slot.1 += 1;
         if outcome == Outcome::Failure {
             slot.2 += 1;
+        }
+    }
+
+    /// Adds `n` successes that came evenly over `[from, to]`: to each bucket of the window
+    /// its share of that time (what fell before the window's oldest bucket is gone already).
+    fn add_spread(&mut self, from: Instant, to: Instant, n: u64) {
+        let (first, last) = (self.number(from.min(to)), self.number(to));
+        if first == last {
+            self.slot_for(to).1 += n;
+            return;
+        }
+        let origin = self.origin.unwrap_or(to);
+        let bucket = self.bucket.as_nanos();
+        let at = |t: Instant| t.saturating_duration_since(origin).as_nanos();
+        let (start, end) = (at(from.min(to)), at(to));
+        let total = (end - start).max(1);
+        let oldest = first.max(last.saturating_sub(9));
+        let share_of = |lo: u128, hi: u128| u64::try_from(u128::from(n) * hi.saturating_sub(lo) / total).unwrap_or(n);
+        // What came within the window's buckets; the rest came before and is gone.
+        let within = share_of(start.max(u128::from(oldest) * bucket), end);
+        let mut given = 0u64;
+        for number in oldest..=last {
+            let share = if number == last {
+                // What rounding left.
+                within.saturating_sub(given)
+            } else {
+                share_of((u128::from(number) * bucket).max(start), ((u128::from(number) + 1) * bucket).min(end))
+            };
+            given += share;
+            let slot = &mut self.buckets[(number % 10) as usize];
+            if slot.0 != Some(number) {
+                *slot = (Some(number), 0, 0);
+            }
+            slot.1 += share;
         }
     }
 

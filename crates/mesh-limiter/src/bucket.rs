@@ -157,14 +157,11 @@ impl Bucket {
     /// so that a change is not a free burst.
     pub(crate) fn renewed(&self, limit: Limit) -> Self {
         // What it holds now, the refills that fell due since it was last asked included
-        // (`balance` leaves those out, and a live update lost them): taken out of the old
-        // bucket, which is being replaced.
-        let max = self.limit.burst as usize;
-        let mut held = 0;
-        while held < max && self.limiter.try_acquire(1) {
-            held += 1;
-        }
-        Bucket::new(limit, held)
+        // (`balance` leaves those out, and a live update lost them): asking for more than
+        // it can ever hold brings its balance up to date and takes nothing, so calls still
+        // drawing on this bucket while the new one takes over lose nothing either.
+        let _ = self.limiter.try_acquire(self.limiter.max() + 1);
+        Bucket::new(limit, self.limiter.balance())
     }
 
     /// Takes a token if one is there now.

@@ -90,14 +90,17 @@ impl Deadline {
 }
 
 /// The gRPC status code in `headers` (a trailers-only response's headers, or trailers),
-/// with a CANCELLED that came once the call's deadline had passed turned into
+/// with an OK or a CANCELLED that came once the call's deadline had passed turned into
 /// DEADLINE_EXCEEDED in `headers` too: a passed deadline is DEADLINE_EXCEEDED, as the gRPC
-/// spec says, where a tonic server reports its own timeout as CANCELLED "Timeout expired".
+/// spec says, whether the answer came a moment too late (tokio's timer fires on the next
+/// millisecond) or a tonic server reported its own timeout as CANCELLED "Timeout expired".
+/// Any other code says more than the deadline and stays.
 pub fn status_at(headers: &mut HeaderMap, deadline: Option<Instant>, now: impl FnOnce() -> Instant) -> Option<i32> {
+    const OK: i32 = 0;
     const CANCELLED: i32 = 1;
     const DEADLINE_EXCEEDED: i32 = 4;
     let code = grpc_status(headers)?;
-    if code != CANCELLED || deadline.is_none_or(|d| now() < d) {
+    if !matches!(code, OK | CANCELLED) || deadline.is_none_or(|d| now() < d) {
         return Some(code);
     }
     static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");

@@ -371,6 +371,9 @@ async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
     if t.target.is_empty() && !t.weights.is_empty() {
         anyhow::bail!("--weights weighs --target addresses; servers discovered through etcd carry their own weight");
     }
+    if !t.weights.is_empty() && t.strategy != Strategy::Weighted {
+        anyhow::bail!("--weights are used by --strategy weighted only, not {}", t.strategy);
+    }
     if let Some(per_try) = t.resilience.per_try_timeout.filter(|&p| p >= timeout) {
         anyhow::bail!("--per-try-timeout {per_try:?} must be shorter than --timeout {timeout:?}");
     }

@@ -37,7 +37,8 @@ fn bad_flags_name_the_flag() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--strategy") && stderr.contains("round_robin"), "{stderr}");
 
-    let out = client().args(["--target", "127.0.0.1:1", "--weights", "1,2"]).output().expect("run");
+    let out =
+        client().args(["--target", "127.0.0.1:1", "--strategy", "weighted", "--weights", "1,2"]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--weights has 2 values for 1 targets"), "{stderr}");
 
@@ -312,6 +313,7 @@ fn flags_that_cannot_work_are_refused_by_name() {
     refused(&["--target", "127.0.0.1:1", "--timeout", "0s"], "--timeout");
     refused(&["--target", "127.0.0.1:1", "--weights", "0"], "--weights");
     refused(&["--etcd", "127.0.0.1:1", "--weights", "1,2"], "--weights weighs --target addresses");
+    refused(&["--target", "127.0.0.1:1,127.0.0.1:2", "--weights", "1,2"], "--strategy weighted only");
     refused(
         &["--target", "127.0.0.1:1", "--timeout", "1s", "--per-try-timeout", "2s"],
         "must be shorter than --timeout",
