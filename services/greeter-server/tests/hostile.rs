@@ -213,7 +213,15 @@ async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up
     assert!(server.alive(), "the server died under the rapid-reset burst");
     assert!(sent < 10_000, "the server let {sent} streams be opened and reset on one connection");
     let ended = ended.unwrap_or_default();
-    assert!(ended.contains("too_many_resets"), "the burst must end in a GOAWAY ENHANCE_YOUR_CALM, ended by: {ended:?}");
+    // The server sends GOAWAY ENHANCE_YOUR_CALM and closes. A client still writing when the
+    // close lands gets the close first (a broken pipe, or a reset that drops the GOAWAY it
+    // had not read yet): which one a busy machine shows is its scheduling, not the server's.
+    // Either way the server, not the client, ended the burst before it was done.
+    let closed_by_server = ["broken pipe", "connection reset"].iter().any(|e| ended.to_lowercase().contains(e));
+    assert!(
+        ended.contains("too_many_resets") || closed_by_server,
+        "the burst must end in a GOAWAY ENHANCE_YOUR_CALM or the server closing, ended by: {ended:?}"
+    );
     let after_reset = p99(&calm, 500).await;
 
     // A PING flood: the connection is closed after 10 pings in a row.
