@@ -169,12 +169,13 @@ impl<T: Document> Applier<'_, T> {
         let origin = format!("{key} at revision {revision}");
         match crate::parse::<T>(&self.watcher.base, &kv.value, &origin) {
             Ok(config) => {
+                // Said before it takes effect, so that the log never shows its effects first.
+                info!(key = %key, revision, "configuration applied");
                 self.value_tx.send_replace(Arc::new(config));
                 self.status_tx.send_modify(|s| {
                     s.revision = Some(revision);
                     s.applied += 1;
                 });
-                info!(key = %key, revision, "configuration applied");
             }
             Err(e) => {
                 warn!(key = %key, revision, "configuration refused, the last good one stays: {}", e.reason);
@@ -189,9 +190,9 @@ impl<T: Document> Applier<'_, T> {
         if self.status_tx.borrow().revision.is_none() {
             return;
         }
+        info!(key = %self.watcher.key, revision, "configuration deleted; back to the file and flag settings");
         self.value_tx.send_replace(self.watcher.base_config.clone());
         self.status_tx.send_modify(|s| s.revision = None);
-        info!(key = %self.watcher.key, revision, "configuration deleted; back to the file and flag settings");
     }
 }
 
