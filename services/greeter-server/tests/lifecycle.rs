@@ -501,6 +501,12 @@ impl World {
                 // The same cluster, back in time: what it holds is the truth, a missing
                 // document included (only a new cluster's missing document says nothing).
                 self.rebuilt_since_config = false;
+                // The status keys restored are the snapshot's copies, which may happen to say
+                // what the servers are about to run while they still run what they ran: the
+                // check would take that for settled and see their next report as a write at
+                // a quiet point. Deleted, every holder writes its own again (as it repairs
+                // any status key), and the check waits for what they write.
+                self.etcd.delete_prefix(STATUS).await.map_err(e)?;
             }
             Op::SlowFollower => self.slow_follower().await?,
             Op::ConfigPut { greeting } => {
