@@ -8,7 +8,7 @@
 //! the others' (the first on a connection carries its warm-up) kept it out of every pair
 //! p2c drew for most of `decay` (3 of 300 sequential calls over three equal servers).
 //! - The clock an estimate decays by runs on wall time plus `decay / 32` for every call the
-//!   thread sent ([`calls_offset`]): an endpoint no call samples is tried again after some
+//!   thread sent (`calls_offset`): an endpoint no call samples is tried again after some
 //!   dozens of calls elsewhere however fast they come, and its next answer says how it
 //!   does now.
 //! - A faster answer moves the estimate by at least an eighth of the way, so that it follows
