@@ -113,9 +113,9 @@ where
         let shared = &self.shared;
         let live = shared.live.load();
         live.budget.deposit();
-        let started = Instant::now();
-        // The call's deadline, as the layers above measured it, or from now.
-        let deadline = grpc::Deadline::of(&mut request, || started.into_std()).map(Instant::from_std);
+        // The call's deadline, as the layers above measured it, or from now (the clock is
+        // read only for a call with a deadline).
+        let deadline = grpc::Deadline::of(&mut request, || Instant::now().into_std()).map(Instant::from_std);
         if !live.policy.is_retryable(request.uri().path()) {
             return ResponseFuture { state: State::Once { inner: self.inner.call(request) }, deadline };
         }
@@ -126,6 +126,7 @@ where
             let request = http::Request::from_parts(parts, body);
             return ResponseFuture { state: State::Once { inner: self.inner.call(request) }, deadline };
         };
+        let started = Instant::now();
         let again = Box::new(Again {
             shared: shared.clone(),
             method: parts.method.clone(),
