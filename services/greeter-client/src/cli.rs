@@ -345,6 +345,13 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
 
 /// Runs the client; the error says what failed and where.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // First, so that a SIGHUP during the start (a `systemctl reload`) cannot end the client.
+    let reloads = match &args.command {
+        Some(Command::Bench(b)) => b.targets.tls.tls_ca.is_some(),
+        Some(Command::Health(_)) => false,
+        None => args.greet.targets.tls.tls_ca.is_some(),
+    };
+    let _hangups = greeter_config::Hangups::install(reloads.then_some("the TLS files"));
     match args.command {
         Some(Command::Bench(b)) => run_bench(*b).await,
         Some(Command::Health(h)) => health(h).await,

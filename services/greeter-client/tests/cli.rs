@@ -354,3 +354,35 @@ async fn bench_exits_1_when_every_call_failed() {
     let report = report(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(report["ok"], 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_end_a_client_that_runs_for_a_while() {
+    let server = TestServer::serve(GreeterServer::new(Greeter::new("s1"))).await.expect("serve");
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let mut child = client()
+        .args(["health", "--target", &server.uri(), "--duration", "3s", "--every", "100ms", "--json"])
+        .env("RUST_LOG", "debug,h2=info,tower=info,hyper=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log.reopen().expect("log handle"))
+        .spawn()
+        .expect("run");
+    let logged = |line: &str| std::fs::read_to_string(log.path()).unwrap_or_default().contains(line);
+    // Hang guards, not timing assertions.
+    let start = std::time::Instant::now();
+    while !logged("SIGHUP handled") {
+        assert!(start.elapsed() < Duration::from_secs(60), "no SIGHUP handler in 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mesh_etcd_local::signal(child.id(), mesh_etcd_local::Signal::Hup).expect("SIGHUP");
+    while !logged("SIGHUP received: nothing to reload") && matches!(child.try_wait(), Ok(None)) {
+        assert!(start.elapsed() < Duration::from_secs(60), "SIGHUP not logged in 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
+    let logs = std::fs::read_to_string(log.path()).unwrap_or_default();
+    // It ran its whole duration and reported, rather than dying of the signal (this
+    // server serves no health service, so every answer is UNIMPLEMENTED and it exits 1).
+    assert_eq!(out.status.code(), Some(1), "{}:\n{logs}", out.status);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    assert!(report["checks"].as_u64().unwrap_or(0) > 1, "{report}");
+}

@@ -17,7 +17,8 @@
 //! ```
 //!
 //! It also holds what both services share around it: the etcd connection flags
-//! ([`EtcdAccess`]) and the configuration's metrics ([`config_metrics`]).
+//! ([`EtcdAccess`]), the configuration's metrics ([`config_metrics`]) and SIGHUP
+//! handling ([`Hangups`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,8 +29,10 @@ use mesh_retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 
 mod flags;
+mod signals;
 
 pub use flags::{EtcdAccess, config_metrics};
+pub use signals::Hangups;
 
 /// The whole document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

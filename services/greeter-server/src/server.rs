@@ -129,11 +129,13 @@ pub struct RegistryOptions {
 }
 
 /// Runs the server process with `args` until SIGINT or SIGTERM, then drains and returns
-/// (or runs a `config` command). `log_filter` lets the configuration set the log level.
+/// (or runs a `config` command); SIGHUP reloads the TLS files, and ends nothing. `log_filter` lets the configuration set the log level.
 pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()> {
     if let Some(Command::Config(command)) = &args.command {
         return crate::config_cmd::run(&args, command).await;
     }
+    // First, so that a SIGHUP during the start (a `systemctl reload`) cannot end the server.
+    let _hangups = greeter_config::Hangups::install(args.tls_cert.is_some().then_some("the TLS certificate files"));
     // Flags are checked before anything binds, so a typo costs no port.
     let etcd =
         if args.no_register { None } else { Some(args.etcd_access.etcd(&args.etcd).map_err(anyhow::Error::msg)?) };
