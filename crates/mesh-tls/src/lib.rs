@@ -16,7 +16,7 @@
 //! Both speak HTTP/2 only (ALPN `h2`), as gRPC does. [`incoming`] also sets what every
 //! connection gets, TLS or not: TCP keepalive, so a dead peer's connection is closed, and
 //! keepalive enforcement, a limit on the PING frames a client may send
-//! ([`IncomingOptions`]).
+//! ([`IncomingOptions`]). [`listen`] binds with the system's backlog rather than tokio's 128.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -38,12 +38,14 @@
 //! ```
 
 mod client;
+mod listen;
 mod load;
 mod reload;
 mod server;
 mod stream;
 
 pub use client::{ClientIo, ClientTls, explain};
+pub use listen::{listen, system_backlog};
 pub use load::{Identity, TlsError};
 pub use reload::Reloader;
 pub use server::{IncomingOptions, ServerIo, ServerTls, incoming};

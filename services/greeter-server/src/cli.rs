@@ -15,6 +15,11 @@ pub struct Args {
     #[arg(long, env = "MESH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Connections the kernel queues for the server before it accepts them; default the
+    /// system's `net.core.somaxconn` (which also caps it).
+    #[arg(long, env = "MESH_LISTEN_BACKLOG", value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: Option<u32>,
+
     /// The id this instance registers under (the last segment of its key) and reports as
     /// `served_by`; not empty, no `/`; default: the advertised host:port.
     #[arg(long, env = "MESH_INSTANCE_ID", value_parser = checked_name)]

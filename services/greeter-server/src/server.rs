@@ -165,8 +165,8 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
     }
     let fault = args.fault();
     let layers = args.layers()?;
-    let listener =
-        TcpListener::bind(args.listen).await.with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let listener = mesh_tls::listen(args.listen, args.listen_backlog)
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
     info!(address = %local, "greeter-server listening on {local}");
     let advertise = match &args.advertise {

@@ -253,3 +253,50 @@ async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up
     assert!(under_flood <= starved && after_reset <= starved, "calm p99 {quiet:?} → {under_flood:?} / {after_reset:?}");
     assert!(rss_flooded < rss_before + 64 * 1024, "RSS grew from {rss_before} to {rss_flooded} KiB");
 }
+
+/// How many connections the kernel holds finished and not yet accepted for the listener
+/// on `port` (its accept queue, read from /proc/net/tcp).
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local = fields.get(1)?;
+        let listening = fields.get(3) == Some(&"0A");
+        let queues = fields.get(4)?;
+        let local_port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+        (listening && local_port == port).then(|| u64::from_str_radix(queues.rsplit(':').next()?, 16).ok()).flatten()
+    })
+}
+
+#[tokio::test]
+async fn a_burst_of_connects_is_queued_by_the_kernel_not_dropped() {
+    // tokio's own bind queues 128: the 130th connect to a server that is busy (here:
+    // stopped) had its SYN dropped and retried a second later.
+    let mut server = start();
+    let port: u16 = server.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+        TcpStream::connect(&server.addr).await.ok()
+    })
+    .await
+    .expect("the server listens");
+    mesh_etcd_local::signal(server.child.id(), mesh_etcd_local::Signal::Stop).expect("SIGSTOP");
+    const CONNECTS: u64 = 600;
+    let mut sockets = Vec::new();
+    for _ in 0..CONNECTS {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        let addr = server.addr.parse().expect("addr");
+        sockets.push(tokio::spawn(async move { socket.connect(addr).await }));
+    }
+    // A hang guard: each connect the kernel queues completes at once on loopback.
+    let queued = mesh_testkit::eventually("the connects to be queued", Duration::from_secs(30), || async {
+        accept_queue(port).filter(|&q| q >= CONNECTS)
+    })
+    .await;
+    let seen = accept_queue(port);
+    mesh_etcd_local::signal(server.child.id(), mesh_etcd_local::Signal::Cont).expect("SIGCONT");
+    assert!(queued.is_ok(), "the kernel queued {seen:?} of {CONNECTS} connects");
+    assert!(server.alive());
+    for s in sockets {
+        s.abort();
+    }
+}
