@@ -69,6 +69,8 @@ pub enum Signal {
     Cont,
     /// SIGHUP: reload (certificates, for mesh's servers and clients).
     Hup,
+    /// SIGINT: Ctrl-C.
+    Int,
 }
 
 impl ClusterSpec {
@@ -192,6 +194,7 @@ pub fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
         Signal::Stop => S::SIGSTOP,
         Signal::Cont => S::SIGCONT,
         Signal::Hup => S::SIGHUP,
+        Signal::Int => S::SIGINT,
     };
     let raw =
         i32::try_from(pid).map_err(|_| Error::io(format!("pid {pid}"), std::io::ErrorKind::InvalidInput.into()))?;

@@ -31,7 +31,7 @@ pub use registrar::{Registrar, RegistrarConfig, Registration, RegistrationState}
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// Deleting the key or revoking the lease failed.
-    #[error("deregistering {key}")]
+    #[error("deregistering {key}: {source}; the key expires with its lease")]
     Deregister {
         /// The key.
         key: String,

@@ -23,4 +23,4 @@ mod server;
 pub use cli::{Args, Command, ConfigCommand};
 pub use greeter::{Fault, Greeter, MAX_NAME_BYTES, MAX_STREAM_COUNT};
 pub use greeter_config::{code_name, parse_code};
-pub use server::{ConnectionLimits, LogFilter, ServeOptions, run, serve};
+pub use server::{ConnectionLimits, LogFilter, ServeOptions, run, serve, serve_until};

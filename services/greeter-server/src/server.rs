@@ -136,6 +136,9 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
     }
     // First, so that a SIGHUP during the start (a `systemctl reload`) cannot end the server.
     let _hangups = greeter_config::Hangups::install(args.tls_cert.is_some().then_some("the TLS certificate files"));
+    // From the start too: a SIGTERM while starting stops the server once it serves, after
+    // it registered, rather than killing it half way.
+    let (shutdown, cut_short) = stop_signals();
     // Flags are checked before anything binds, so a typo costs no port.
     let etcd =
         if args.no_register { None } else { Some(args.etcd_access.etcd(&args.etcd).map_err(anyhow::Error::msg)?) };
@@ -238,7 +241,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         limits,
         metrics: metrics.is_some(),
     };
-    let result = serve(listener, options, shutdown_signal()).await;
+    let result = serve_until(listener, options, shutdown, cut_short).await;
     if let Some(report) = report
         && let Err(e) = report.stop(DEREGISTER_TIMEOUT).await
     {
@@ -290,6 +293,18 @@ pub async fn serve(
     listener: TcpListener,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_until(listener, options, shutdown, std::future::pending()).await
+}
+
+/// [`serve`], with the shutdown cut short when `cut_short` completes (a second signal): what
+/// is left of deregistering, the grace period and the drain is skipped, and calls still in
+/// flight are cut.
+pub async fn serve_until(
+    listener: TcpListener,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+    cut_short: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let local: SocketAddr = listener.local_addr().context("reading the bound address")?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -378,28 +393,68 @@ pub async fn serve(
     info!("shutting down: reporting NOT_SERVING");
     health.set_service_status("", ServingStatus::NotServing).await;
     health.set_not_serving::<GreeterServer<Greeter>>().await;
-    if let Some(registration) = registration {
-        if let Err(e) = registration.deregister(DEREGISTER_TIMEOUT).await {
-            warn!("{e:#}");
+    let mut hurry = Hurry::new(cut_short);
+    if let Some(r) = options.registry.as_ref().zip(registration) {
+        let ttl = r.0.config.ttl;
+        match hurry.unless(r.1.deregister(DEREGISTER_TIMEOUT)).await {
+            Some(Ok(())) => {
+                // Clients watching etcd drop this endpoint now; keep serving until they have.
+                info!(grace = ?options.shutdown_grace, "deregistered; serving out the grace period");
+            }
+            Some(Err(e)) => warn!(
+                grace = ?options.shutdown_grace,
+                "{} (TTL {ttl:?}); serving out the grace period",
+                mesh_util::error_chain(&e)
+            ),
+            None => warn!("not deregistered (shutdown cut short); the key stays until its lease expires (TTL {ttl:?})"),
         }
-        // Clients watching etcd drop this endpoint now; keep serving until they have.
-        info!(grace = ?options.shutdown_grace, "deregistered; serving out the grace period");
-        tokio::time::sleep(options.shutdown_grace).await;
+        hurry.unless(tokio::time::sleep(options.shutdown_grace)).await;
     }
     applier.abort();
     let _ = stop.send(());
     info!(timeout = ?options.drain_timeout, "draining in-flight calls");
-    match tokio::time::timeout(options.drain_timeout, &mut server).await {
-        Ok(result) => {
+    match hurry.unless(tokio::time::timeout(options.drain_timeout, &mut server)).await {
+        Some(Ok(result)) => {
             result.context("server task")?.context("serving")?;
             info!("drained; bye");
         }
-        Err(_) => {
+        Some(Err(_)) => {
             warn!(timeout = ?options.drain_timeout, "calls still in flight after the drain timeout were cut");
+            server.abort();
+        }
+        None => {
+            warn!("shutdown cut short: calls still in flight were cut");
             server.abort();
         }
     }
     Ok(())
+}
+
+/// The second signal of a shutdown: once it came, every step still to wait for is skipped.
+struct Hurry {
+    signal: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    came: bool,
+}
+
+impl Hurry {
+    fn new(signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        Hurry { signal: Box::pin(signal), came: false }
+    }
+
+    /// `step`'s output, or `None` when the signal comes first (or came before).
+    async fn unless<T>(&mut self, step: impl Future<Output = T>) -> Option<T> {
+        if self.came {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            () = &mut self.signal => {
+                self.came = true;
+                None
+            }
+            out = step => Some(out),
+        }
+    }
 }
 
 /// Tells `holds` the lease the registration holds its key with, as it changes.
@@ -491,32 +546,61 @@ fn limiter_metrics(limits: mesh_limiter::LimiterHandle) -> mesh_metrics::Collect
     })
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            warn!("cannot listen for SIGINT: {e}");
+/// SIGINT and SIGTERM, handled from now on: the first future completes on the first of
+/// them (the shutdown), the second on the next (cutting the shutdown short). Each is logged.
+fn stop_signals() -> (impl Future<Output = ()>, impl Future<Output = ()> + Send + 'static) {
+    let (first, first_came) = oneshot::channel::<()>();
+    let (second, second_came) = oneshot::channel::<()>();
+    let mut next = signal_names();
+    tokio::spawn(async move {
+        let Some(name) = next.recv().await else { return };
+        info!("{name} received");
+        let _ = first.send(());
+        let Some(name) = next.recv().await else { return };
+        warn!("{name} received during the shutdown: cutting it short");
+        let _ = second.send(());
+    });
+    // A sender gone without a signal (no handler could be installed) stops nothing.
+    let wait = |came: oneshot::Receiver<()>| async move {
+        if came.await.is_err() {
             std::future::pending::<()>().await;
         }
     };
+    (wait(first_came), wait(second_came))
+}
+
+/// The names of SIGINT and SIGTERM as they come; the handlers are installed before this
+/// returns.
+fn signal_names() -> tokio::sync::mpsc::UnboundedReceiver<&'static str> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    for (kind, name) in [
+        (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
+        (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
+    ] {
+        match tokio::signal::unix::signal(kind) {
+            Ok(mut signal) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while signal.recv().await.is_some() {
+                        if tx.send(name).is_err() {
+                            return;
+                        }
+                    }
+                });
             }
-            Err(e) => {
-                warn!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
+            Err(e) => warn!("cannot listen for {name}: {e}"),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            if tx.send("Ctrl-C").is_err() {
+                return;
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("SIGINT received"),
-        () = term => info!("SIGTERM received"),
-    }
+    });
+    rx
 }
 
 #[cfg(test)]

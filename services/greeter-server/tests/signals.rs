@@ -1,5 +1,6 @@
-//! greeter-server processes as an init system signals them: SIGHUP (a `systemctl reload`)
-//! reloads what there is and ends nothing.
+//! greeter-server processes as an init system and an operator signal them: SIGHUP (a
+//! `systemctl reload`) reloads what there is and ends nothing; a second SIGTERM or SIGINT
+//! cuts the shutdown short; a shutdown with etcd hung says what it could not do.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -60,10 +61,16 @@ impl Drop for Process {
     }
 }
 
-fn server(addr: &str, extra: &[&str]) -> Process {
+/// A greeter-server with `args`.
+fn greeter_server(args: &[&str]) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_greeter-server"));
-    command.args(["--listen", addr, "--no-register", "--drain-timeout", "5s"]).args(extra);
+    command.args(args);
     Process::spawn(command)
+}
+
+/// A greeter-server without etcd, on `addr`.
+fn server(addr: &str, extra: &[&str]) -> Process {
+    greeter_server(&[&["--listen", addr, "--no-register"], extra].concat())
 }
 
 fn free_addr() -> String {
@@ -110,4 +117,59 @@ async fn sighup_reloads_a_tls_servers_certificate_and_leaves_it_serving() {
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_the_drain_short_and_says_so() {
+    let addr = free_addr();
+    let mut s = server(&addr, &["--drain-timeout", "1h"]);
+    s.wait_for("serving greeter.v1");
+    // A stream the client does not read: a window of 64 bytes holds the server's messages
+    // back, so the call stays in flight until it is cut.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .initial_stream_window_size(Some(64))
+        .connect()
+        .await
+        .expect("connect");
+    let request = mesh_proto::pb::HelloStreamRequest { name: "slow reader".into(), count: 10_000 };
+    let held = GreeterClient::new(channel).say_hello_stream(request).await.expect("the stream starts");
+    s.signal(Signal::Term);
+    s.wait_for("draining in-flight calls");
+    s.signal(Signal::Int);
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = s.child.try_wait() {
+            break status;
+        }
+        // A hang guard: the drain alone would last an hour.
+        assert!(start.elapsed() < Duration::from_secs(60), "a second signal did not end the drain:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = s.log();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(log.contains("SIGINT received during the shutdown: cutting it short"), "{log}");
+    assert!(log.contains("shutdown cut short: calls still in flight were cut"), "{log}");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_hung_the_shutdown_logs_why_it_did_not_deregister_and_never_claims_it_did() {
+    let mut etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let addr = free_addr();
+    let endpoints = etcd.endpoints().join(",");
+    let mut s = greeter_server(&["--listen", &addr, "--etcd", &endpoints, "--instance-id", "hung", "--ttl", "3s"]);
+    s.wait_for("registered");
+    let key = "/mesh/services/greeter/hung";
+    assert!(etcd.get(key).await.expect("read etcd").is_some(), "{key} not registered:\n{}", s.log());
+    etcd.pause(0).expect("SIGSTOP etcd");
+    s.signal(Signal::Term);
+    let status = s.child.wait().expect("wait");
+    etcd.resume(0).expect("SIGCONT etcd");
+    let log = s.log();
+    assert!(status.success(), "{status}:\n{log}");
+    let line = log.lines().find(|l| l.contains("WARN") && l.contains(&format!("deregistering {key}"))).unwrap_or("");
+    println!("{line}");
+    assert!(line.contains("the key expires with its lease"), "no reason why it did not deregister:\n{log}");
+    assert!(!log.contains("deregistered; serving out the grace period"), "it claimed to have deregistered:\n{log}");
 }
