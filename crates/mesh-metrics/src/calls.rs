@@ -18,6 +18,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// client that sends random paths cannot grow the metrics without bound.
 const MAX_METHODS: usize = 256;
 
+/// The label of every call to a path a [`CallMetricsLayer::serving`] layer was not told of.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
 /// gRPC's names of its codes, by number.
 const CODE_NAMES: [&str; 17] = [
     "OK",
@@ -121,8 +124,11 @@ struct Table {
     /// collector writes, and saves reading the clock twice per call.
     timed: bool,
     methods: ArcSwap<HashMap<Box<str>, Arc<Method>>>,
-    /// Made the first time a method finds the table full.
+    /// Made the first time a method finds the table full, or (with `known`) the first
+    /// time a path it does not hold comes.
     other: OnceLock<Arc<Method>>,
+    /// The only paths given their own label, when the layer was told what is served.
+    known: Option<std::collections::HashSet<Box<str>>>,
     grow: std::sync::Mutex<()>,
 }
 
@@ -137,8 +143,15 @@ impl Table {
         if let Some(m) = current.get(path) {
             return m.clone();
         }
-        if current.len() >= MAX_METHODS {
-            return self.other.get_or_init(|| Arc::new(Method::new("other"))).clone();
+        match &self.known {
+            Some(known) if !known.contains(path) => {
+                return self.other.get_or_init(|| Arc::new(Method::new(UNKNOWN_METHOD))).clone();
+            }
+            Some(_) => {}
+            None if current.len() >= MAX_METHODS => {
+                return self.other.get_or_init(|| Arc::new(Method::new("other"))).clone();
+            }
+            None => {}
         }
         let method = Arc::new(Method::new(path));
         let mut next = (*current).clone();
@@ -293,7 +306,25 @@ impl CallMetricsLayer {
     /// [`crate::install`]; a layer made before that (or without it) passes calls through at
     /// no cost and records nothing.
     pub fn new(side: Side) -> Self {
-        let layer = Self::unregistered(side, true);
+        Self::registered(side, None)
+    }
+
+    /// A server's layer that labels only the `methods` it serves (paths such as
+    /// `/greeter.v1.Greeter/SayHello`, as [`crate::methods_in`] lists them) and counts every
+    /// other path under `method="unknown"`: a client that calls made-up paths gets one
+    /// series, and cannot push real methods out of the metrics. [`CallMetricsLayer::new`]
+    /// instead labels the first 256 paths it sees and counts the rest as `other`, which
+    /// suits a client, whose paths are its own code's.
+    pub fn serving<I, P>(side: Side, methods: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<Box<str>>,
+    {
+        Self::registered(side, Some(methods.into_iter().map(Into::into).collect()))
+    }
+
+    fn registered(side: Side, known: Option<std::collections::HashSet<Box<str>>>) -> Self {
+        let layer = Self::unregistered(side, true, known);
         if let Some(table) = &layer.table {
             TABLES.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(table));
         }
@@ -311,7 +342,7 @@ impl CallMetricsLayer {
     /// labels it chooses and only while it chooses to: say, the calls to each endpoint a
     /// balancer has now, so that an endpoint that leaves takes its series with it.
     pub fn for_collector(side: Side) -> Self {
-        Self::unregistered(side, false)
+        Self::unregistered(side, false, None)
     }
 
     /// The counts of this layer's calls, for a collector; `None` without a recorder.
@@ -319,7 +350,7 @@ impl CallMetricsLayer {
         self.table.clone().map(CallCounts)
     }
 
-    fn unregistered(side: Side, timed: bool) -> Self {
+    fn unregistered(side: Side, timed: bool, known: Option<std::collections::HashSet<Box<str>>>) -> Self {
         if !crate::installed() {
             return CallMetricsLayer { table: None };
         }
@@ -328,6 +359,7 @@ impl CallMetricsLayer {
             timed,
             methods: ArcSwap::from_pointee(HashMap::new()),
             other: OnceLock::new(),
+            known,
             grow: std::sync::Mutex::new(()),
         });
         CallMetricsLayer { table: Some(table) }
@@ -487,4 +519,28 @@ where
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The paths of every method of every service in an encoded `FileDescriptorSet` (what
+/// `tonic-prost-build` writes and reflection serves), as `/package.Service/Method`: what a
+/// server serves, for [`CallMetricsLayer::serving`].
+///
+/// ```
+/// let paths = mesh_metrics::methods_in(mesh_proto::FILE_DESCRIPTOR_SET).expect("a descriptor set");
+/// assert!(paths.contains(&"/greeter.v1.Greeter/SayHello".to_string()));
+/// ```
+pub fn methods_in(file_descriptor_set: &[u8]) -> Result<Vec<String>, prost::DecodeError> {
+    let set = <prost_types::FileDescriptorSet as prost::Message>::decode(file_descriptor_set)?;
+    let mut paths = Vec::new();
+    for file in &set.file {
+        let package = file.package.as_deref().unwrap_or("");
+        for service in &file.service {
+            let service_name = service.name.as_deref().unwrap_or("");
+            let full = if package.is_empty() { service_name.to_string() } else { format!("{package}.{service_name}") };
+            for method in &service.method {
+                paths.push(format!("/{full}/{}", method.name.as_deref().unwrap_or("")));
+            }
+        }
+    }
+    Ok(paths)
 }

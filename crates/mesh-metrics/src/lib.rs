@@ -32,7 +32,10 @@ mod calls;
 mod collect;
 mod exporter;
 
-pub use calls::{CallCounts, CallMetrics, CallMetricsLayer, RecordingBody, ResponseFuture, Side, WeakCallCounts};
+pub use calls::{
+    CallCounts, CallMetrics, CallMetricsLayer, RecordingBody, ResponseFuture, Side, UNKNOWN_METHOD, WeakCallCounts,
+    methods_in,
+};
 pub use collect::{Collector, Families, collector};
 pub use exporter::{Exporter, MetricsError, install, installed};
 

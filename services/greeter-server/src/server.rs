@@ -250,6 +250,14 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
     result
 }
 
+/// The descriptors of every service the server serves: greeter, health, reflection.
+const DESCRIPTOR_SETS: [&[u8]; 4] = [
+    mesh_proto::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
+
 /// How many method limits a log line spells out.
 const DESCRIBED_METHODS: usize = 5;
 
@@ -316,6 +324,11 @@ pub async fn serve_until(
             .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    // The metrics label these paths only, whatever paths clients make up.
+    let mut served = Vec::new();
+    for set in DESCRIPTOR_SETS {
+        served.extend(mesh_metrics::methods_in(set).context("reading the services' descriptors")?);
+    }
     let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
     let initial = options.config.borrow().clone();
@@ -359,7 +372,11 @@ pub async fn serve_until(
             .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
             .http2_keepalive_interval(Some(limits.keepalive_interval).filter(|d| !d.is_zero()))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .layer(if options.metrics { CallMetricsLayer::new(Side::Server) } else { CallMetricsLayer::off() })
+            .layer(if options.metrics {
+                CallMetricsLayer::serving(Side::Server, served)
+            } else {
+                CallMetricsLayer::off()
+            })
             .layer(limiter)
             .add_service(health_service)
             .add_service(reflection_v1)
