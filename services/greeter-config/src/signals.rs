@@ -4,7 +4,7 @@ use tokio::task::JoinHandle;
 
 /// SIGHUP handling: once installed, SIGHUP no longer ends the process (its default, which
 /// a `systemctl reload` would turn into an exit); each one is logged with what it reloads.
-/// The TLS files are reloaded by their own watcher ([`mesh_tls`]'s `watch`), which logs
+/// The TLS files are reloaded by their own watcher (mesh-tls's `watch`), which logs
 /// the outcome; everything else a greeter process reads at start (flags, `--config`) is
 /// not reread, and the configuration in etcd is followed live anyway. Stops when dropped;
 /// SIGHUP stays ignored after that.
