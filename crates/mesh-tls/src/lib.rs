@@ -38,6 +38,7 @@
 //! ```
 
 mod client;
+mod guard;
 mod listen;
 mod load;
 mod reload;

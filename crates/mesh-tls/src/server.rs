@@ -20,6 +20,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
 use crate::client::explain_server;
+use crate::guard::{Guard, H2_PREFACE, LINGER, LINGER_BYTES, Verdict};
 use crate::load::{Identity, TlsError, server_config};
 use crate::reload::{Reloadable, Reloader};
 use crate::stream::MaybeTls;
@@ -84,26 +85,83 @@ impl ServerTls {
     }
 }
 
-/// A connection a server accepted, plain TCP or TLS over it, with the guard that counts
-/// its client's PING frames.
+/// A connection a server accepted, plain TCP or TLS over it, with the guard that watches
+/// its frames: a client that sends PINGs faster than allowed gets a GOAWAY
+/// ENHANCE_YOUR_CALM "too_many_pings" (what grpc-go's servers send, and its clients back off
+/// on) and its connection is closed.
 #[derive(Debug)]
 pub struct ServerIo {
     stream: Stream,
-    pings: Option<PingGuard>,
+    guard: Option<Guard>,
+    closing: Option<Closing>,
 }
 
 type Stream = MaybeTls<TlsStream<TcpStream>>;
 
+/// A connection its guard is closing: the GOAWAY going out, then the client's last bytes
+/// read and dropped for a moment, so that it reads the GOAWAY before the close.
+#[derive(Debug)]
+struct Closing {
+    verdict: Verdict,
+    goaway: Vec<u8>,
+    written: usize,
+    shut: bool,
+    drained: usize,
+    linger: Pin<Box<tokio::time::Sleep>>,
+}
+
 impl ServerIo {
     fn new(stream: Stream, max_pings_per_sec: u32) -> Self {
-        let pings = (max_pings_per_sec > 0).then(|| PingGuard::new(max_pings_per_sec));
-        ServerIo { stream, pings }
+        let guard = (max_pings_per_sec > 0).then(|| Guard::new(max_pings_per_sec));
+        ServerIo { stream, guard, closing: None }
     }
 
     /// The TLS session, for a connection that completed a handshake: the client's
     /// certificates (under mTLS), the protocol version, …
     pub fn tls_session(&self) -> Option<&rustls::ServerConnection> {
         self.stream.tls().map(|s| s.get_ref().1)
+    }
+
+    /// Sends the GOAWAY, shuts the writing side, lingers; ends with the guard's error.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let ServerIo { stream, guard, closing } = self;
+        let (Some(closing), Some(guard)) = (closing.as_mut(), guard.as_ref()) else {
+            return Poll::Ready(Ok(()));
+        };
+        let verdict = closing.verdict;
+        let done = || Poll::Ready(Err(guard.error(verdict)));
+        if closing.linger.as_mut().poll(cx).is_ready() {
+            return done();
+        }
+        while closing.written < closing.goaway.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &closing.goaway[closing.written..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return done(),
+                Poll::Ready(Ok(n)) => closing.written += n,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if !closing.shut {
+            match Pin::new(&mut *stream).poll_shutdown(cx) {
+                Poll::Ready(_) => closing.shut = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Whatever the client still sends is read and dropped: a socket closed with unread
+        // data resets, which can reach the client before the GOAWAY does.
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut read = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    closing.drained += read.filled().len();
+                    if closing.drained >= LINGER_BYTES {
+                        return done();
+                    }
+                }
+                Poll::Ready(_) => return done(),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -119,10 +177,28 @@ impl Connected for ServerIo {
 impl AsyncRead for ServerIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.closing.is_some() {
+            return this.poll_close(cx);
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(guard)) = (&poll, this.pings.as_mut()) {
-            guard.scan(&buf.filled()[before..])?;
+        if let (Poll::Ready(Ok(())), Some(guard)) = (&poll, this.guard.as_mut())
+            && let Some(verdict) = guard.read(&buf.filled()[before..], Instant::now)
+        {
+            buf.set_filled(before);
+            if !guard.can_interject() {
+                // The server is half way through a frame of its own: no GOAWAY, just the close.
+                return Poll::Ready(Err(guard.error(verdict)));
+            }
+            this.closing = Some(Closing {
+                verdict,
+                goaway: guard.goaway(verdict),
+                written: 0,
+                shut: false,
+                drained: 0,
+                linger: Box::pin(tokio::time::sleep(LINGER)),
+            });
+            return this.poll_close(cx);
         }
         poll
     }
@@ -130,7 +206,16 @@ impl AsyncRead for ServerIo {
 
 impl AsyncWrite for ServerIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+        let this = self.get_mut();
+        if this.closing.is_some() {
+            // The connection is ending with the guard's GOAWAY: nothing more goes out.
+            return Poll::Ready(Ok(data.len()));
+        }
+        let poll = Pin::new(&mut this.stream).poll_write(cx, data);
+        if let (Poll::Ready(Ok(n)), Some(guard)) = (&poll, this.guard.as_mut()) {
+            guard.wrote(&data[..*n]);
+        }
+        poll
     }
 
     fn poll_write_vectored(
@@ -138,7 +223,23 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.closing.is_some() {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let (Poll::Ready(Ok(n)), Some(guard)) = (&poll, this.guard.as_mut()) {
+            let mut left = *n;
+            for b in bufs {
+                if left == 0 {
+                    break;
+                }
+                let take = left.min(b.len());
+                guard.wrote(&b[..take]);
+                left -= take;
+            }
+        }
+        poll
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -146,84 +247,19 @@ impl AsyncWrite for ServerIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        if this.closing.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-/// Keepalive enforcement: follows the HTTP/2 frames a client sends (their 9-byte headers
-/// only) and fails the connection's reads when it sends more PINGs within a second, with
-/// no other frame between them, than allowed (grpc-go's enforcement policy closes such
-/// clients with "too_many_pings"). h2 answers every PING and keeps one answer pending, so a
-/// flood costs no memory, but it costs the server a write per PING; this bounds that.
-#[derive(Debug)]
-struct PingGuard {
-    max_per_sec: u32,
-    /// Bytes of the client preface still to come.
-    preface_left: usize,
-    header: [u8; 9],
-    have: usize,
-    /// Payload bytes of the current frame still to skip.
-    skip: usize,
-    window: Option<(Instant, u32)>,
-}
-
-impl PingGuard {
-    fn new(max_per_sec: u32) -> Self {
-        PingGuard { max_per_sec, preface_left: H2_PREFACE.len(), header: [0; 9], have: 0, skip: 0, window: None }
-    }
-
-    fn scan(&mut self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() {
-            if self.preface_left > 0 || self.skip > 0 {
-                let left = if self.preface_left > 0 { &mut self.preface_left } else { &mut self.skip };
-                let n = (*left).min(bytes.len());
-                *left -= n;
-                bytes = &bytes[n..];
-                continue;
-            }
-            let n = (9 - self.have).min(bytes.len());
-            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
-            self.have += n;
-            bytes = &bytes[n..];
-            if self.have == 9 {
-                self.have = 0;
-                self.skip = u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]]) as usize;
-                // PING (type 6) that is not an ACK. Any other frame is the client at work,
-                // and a client that pings for bandwidth estimates (BDP) sends window
-                // updates between its pings: only pings in a row count.
-                match (self.header[3], self.header[4] & 0x1) {
-                    (0x6, 0) => self.ping()?,
-                    (0x6, _) => {}
-                    _ => self.window = None,
-                }
-            }
+        let this = self.get_mut();
+        if this.closing.is_some() {
+            return Poll::Ready(Ok(()));
         }
-        Ok(())
-    }
-
-    fn ping(&mut self) -> io::Result<()> {
-        let now = Instant::now();
-        let count = match &mut self.window {
-            Some((start, count)) if now.duration_since(*start) < Duration::from_secs(1) => {
-                *count += 1;
-                *count
-            }
-            window => {
-                *window = Some((now, 1));
-                1
-            }
-        };
-        if count > self.max_per_sec {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("too many pings: more than {} in a second; connection closed", self.max_per_sec),
-            ));
-        }
-        Ok(())
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 
@@ -236,8 +272,10 @@ const MAX_HANDSHAKES: usize = 512;
 pub struct IncomingOptions {
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
-    /// Most PING frames a client may send in a row within a second (no other frame between
-    /// them); more close its connection. 0 for no limit.
+    /// PING frames a client may send a second, on average and at once, counted between the
+    /// headers and data the server sends it (a client may ping as data comes, for bandwidth
+    /// estimates); more get GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and the connection
+    /// closed. 0 for no limit.
     pub max_pings_per_sec: u32,
     /// TCP keepalive: after this long idle the kernel probes the peer, so a dead peer's
     /// connection is closed (three probes, this far apart / 6). `None` for off.
@@ -348,7 +386,6 @@ async fn accept_loop(
 
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Why a connection was not handed to the server, and whether that is worth a warning.
 enum Refused {
@@ -422,51 +459,5 @@ impl Throttle {
         let last = self.last_ms.load(Ordering::Relaxed);
         now.saturating_sub(last) >= 1000
             && self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
-        f.extend_from_slice(payload);
-        f
-    }
-
-    /// Feeds `bytes` in pieces of `piece` bytes, as reads may cut them anywhere.
-    fn feed(guard: &mut PingGuard, bytes: &[u8], piece: usize) -> io::Result<()> {
-        bytes.chunks(piece).try_for_each(|c| guard.scan(c))
-    }
-
-    #[test]
-    fn pings_in_a_row_over_the_limit_fail_the_read_wherever_the_reads_cut_the_frames() {
-        for piece in [1, 5, 9, 17, 4096] {
-            let mut bytes = H2_PREFACE.to_vec();
-            bytes.extend(frame(0x4, 0, &[0; 6]));
-            for _ in 0..10 {
-                bytes.extend(frame(0x6, 0, &[7; 8]));
-                bytes.extend(frame(0x6, 1, &[7; 8])); // an ACK does not count
-            }
-            let mut guard = PingGuard::new(10);
-            feed(&mut guard, &bytes, piece).expect("ten pings are allowed");
-            let err = feed(&mut guard, &frame(0x6, 0, &[7; 8]), piece).expect_err("the eleventh is not");
-            assert!(err.to_string().contains("too many pings"), "{err}");
-        }
-    }
-
-    #[test]
-    fn pings_between_other_frames_and_data_that_looks_like_a_ping_are_fine() {
-        let mut bytes = H2_PREFACE.to_vec();
-        for _ in 0..100 {
-            bytes.extend(frame(0x6, 0, &[1; 8]));
-            bytes.extend(frame(0x8, 0, &[0, 0, 1, 0])); // WINDOW_UPDATE
-        }
-        // A DATA frame whose payload holds what would be PING headers.
-        bytes.extend(frame(0x0, 0, &frame(0x6, 0, &[0; 8]).repeat(20)));
-        let mut guard = PingGuard::new(10);
-        feed(&mut guard, &bytes, 7).expect("no flood");
     }
 }

@@ -94,8 +94,9 @@ pub struct Args {
     #[arg(long, env = "MESH_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
-    /// Keepalive enforcement: most HTTP/2 PINGs a client may send in a row (no other frame
-    /// between them) within a second; a client that sends more has its connection closed.
+    /// Keepalive enforcement: HTTP/2 PINGs a client may send a second (on average, and at
+    /// once), counted afresh whenever the server sends it headers or data; a client that
+    /// sends more gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and its connection closed.
     /// 0 for no limit.
     #[arg(long, env = "MESH_MAX_PINGS_PER_SEC", default_value_t = 10)]
     pub max_pings_per_sec: u32,

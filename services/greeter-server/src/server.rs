@@ -82,7 +82,7 @@ pub struct ConnectionLimits {
 
 impl Default for ConnectionLimits {
     /// 1024 streams, 16 KiB of headers, 20 pending resets, no server pings (TCP keepalive
-    /// after 60 s idle finds dead peers), 10 client pings in a row, 10 s for a handshake.
+    /// after 60 s idle finds dead peers), 10 client pings a second, 10 s for a handshake.
     fn default() -> Self {
         ConnectionLimits {
             max_concurrent_streams: 1024,

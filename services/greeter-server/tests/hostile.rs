@@ -188,6 +188,59 @@ async fn ping_flood(addr: &str, pings: u32) -> bool {
     tokio::time::timeout(Duration::from_secs(5), drain).await.map(|r| r.unwrap_or(false)).unwrap_or(false)
 }
 
+/// Sends `pings` PINGs, each followed by a WINDOW_UPDATE of one byte (a frame that is not a
+/// PING between every two), and reads what the server sends until it closes: the GOAWAY's
+/// error code and debug data, if one came, and how many PINGs were answered.
+async fn interleaved_ping_flood(addr: &str, pings: u32) -> (Option<(u32, String)>, u64) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        let (mut goaway, mut acks) = (None, 0u64);
+        let mut head = [0u8; 9];
+        while read.read_exact(&mut head).await.is_ok() {
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if read.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            match head[3] {
+                0x6 => acks += 1,
+                0x7 if len >= 8 => {
+                    let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                    goaway = Some((code, String::from_utf8_lossy(&payload[8..]).into_owned()));
+                }
+                _ => {}
+            }
+        }
+        (goaway, acks)
+    });
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    for i in 0..pings {
+        out.extend(frame(0x6, 0, 0, &u64::from(i).to_be_bytes()));
+        out.extend(frame(0x8, 0, 0, &1u32.to_be_bytes()));
+    }
+    let _ = write.write_all(&out).await;
+    // A hang guard: the server closes the connection (and this reads to the end) at once.
+    tokio::time::timeout(Duration::from_secs(30), reader).await.expect("the server closed the flood").expect("reader")
+}
+
+#[tokio::test]
+async fn a_ping_flood_with_frames_between_the_pings_gets_goaway_too_many_pings() {
+    let mut server = start();
+    mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+        TcpStream::connect(&server.addr).await.ok()
+    })
+    .await
+    .expect("the server listens");
+    let (goaway, acks) = interleaved_ping_flood(&server.addr, 100_000).await;
+    assert_eq!(goaway, Some((0xb, "too_many_pings".to_string())), "after {acks} PINGs answered");
+    assert!(acks <= 10, "{acks} PINGs answered; the budget is 10");
+    assert!(server.alive());
+    let calm = Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect().await.expect("connect");
+    p99(&calm, 10).await;
+}
+
 #[tokio::test]
 async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up_and_a_calm_client_unhurt() {
     let mut server = start();

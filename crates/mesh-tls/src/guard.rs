@@ -1,0 +1,224 @@
+//! What a server's connection watches in the HTTP/2 frames going by (their 9-byte headers
+//! only; payloads are skipped): the client's PINGs, counted over time and forgiven when the
+//! server sends it headers or data, as grpc-go's keepalive enforcement does.
+
+use std::time::{Duration, Instant};
+
+/// The client's connection preface, before its first frame.
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PING: u8 = 0x6;
+const ACK: u8 = 0x1;
+
+/// ENHANCE_YOUR_CALM, and the words grpc-go clients look for to back off their keepalive.
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+const TOO_MANY_PINGS: &[u8] = b"too_many_pings";
+
+/// A frame's header: its type, flags, stream and payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FrameHead {
+    pub(crate) kind: u8,
+    pub(crate) flags: u8,
+    pub(crate) stream: u32,
+}
+
+/// Follows the frames of one direction of a connection, wherever reads or writes cut them.
+#[derive(Debug)]
+pub(crate) struct Frames {
+    /// Bytes of the client preface still to come (none on the server's side).
+    preface_left: usize,
+    header: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+}
+
+impl Frames {
+    /// What a client sends: the preface, then frames.
+    pub(crate) fn from_client() -> Self {
+        Frames { preface_left: H2_PREFACE.len(), header: [0; 9], have: 0, skip: 0 }
+    }
+
+    /// What a server sends: frames from the first byte.
+    pub(crate) fn from_server() -> Self {
+        Frames { preface_left: 0, header: [0; 9], have: 0, skip: 0 }
+    }
+
+    /// Whether the bytes so far end on a frame boundary.
+    pub(crate) fn at_boundary(&self) -> bool {
+        self.preface_left == 0 && self.have == 0 && self.skip == 0
+    }
+
+    /// Follows `bytes`, calling `each` with every frame header they complete; stops early
+    /// when `each` returns `false`.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], mut each: impl FnMut(FrameHead) -> bool) {
+        while !bytes.is_empty() {
+            if self.preface_left > 0 || self.skip > 0 {
+                let left = if self.preface_left > 0 { &mut self.preface_left } else { &mut self.skip };
+                let n = (*left).min(bytes.len());
+                *left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                self.have = 0;
+                let h = &self.header;
+                self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                if !each(FrameHead { kind: h[3], flags: h[4], stream }) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The PINGs a client may send: `per_sec` a second on average, as many at once, and all of
+/// them again whenever the server sends headers or data (a client may ping for bandwidth
+/// estimates as data comes, and grpc-go's keepalive enforcement also forgives its strikes
+/// then). The budget is kept as time, in nanoseconds: each PING costs a second / `per_sec`.
+#[derive(Debug)]
+pub(crate) struct PingBudget {
+    cost: u64,
+    full: u64,
+    credit: u64,
+    last: Option<Instant>,
+}
+
+impl PingBudget {
+    pub(crate) fn new(per_sec: u32) -> Self {
+        let cost = 1_000_000_000 / u64::from(per_sec.max(1));
+        let full = cost * u64::from(per_sec.max(1));
+        PingBudget { cost, full, credit: full, last: None }
+    }
+
+    /// Whether a PING at `now` is within the budget (and takes its share if so).
+    pub(crate) fn ping(&mut self, now: Instant) -> bool {
+        let earned = self.last.map_or(0, |last| now.saturating_duration_since(last).as_nanos());
+        self.last = Some(now);
+        self.credit = self.full.min(self.credit.saturating_add(u64::try_from(earned).unwrap_or(u64::MAX)));
+        if self.credit < self.cost {
+            return false;
+        }
+        self.credit -= self.cost;
+        true
+    }
+
+    /// The server sent headers or data: the budget is full again.
+    pub(crate) fn forgive(&mut self) {
+        self.credit = self.full;
+    }
+}
+
+/// What one connection's guard decided about the frames it saw.
+#[derive(Debug)]
+pub(crate) struct Guard {
+    input: Frames,
+    output: Frames,
+    pings: Option<PingBudget>,
+    per_sec: u32,
+    /// The highest stream the client opened, for the GOAWAY.
+    last_stream: u32,
+}
+
+/// Why a guard closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    TooManyPings,
+}
+
+impl Guard {
+    /// `max_pings_per_sec` 0: no limit on PINGs.
+    pub(crate) fn new(max_pings_per_sec: u32) -> Self {
+        Guard {
+            input: Frames::from_client(),
+            output: Frames::from_server(),
+            pings: (max_pings_per_sec > 0).then(|| PingBudget::new(max_pings_per_sec)),
+            per_sec: max_pings_per_sec,
+            last_stream: 0,
+        }
+    }
+
+    /// Follows what the client sent; `Some` when the connection must be closed. `now` is
+    /// asked only when a PING comes.
+    pub(crate) fn read(&mut self, bytes: &[u8], now: impl Fn() -> Instant) -> Option<Verdict> {
+        let (pings, last_stream) = (&mut self.pings, &mut self.last_stream);
+        let mut verdict = None;
+        self.input.feed(bytes, |f| {
+            if f.kind == HEADERS && f.stream % 2 == 1 {
+                *last_stream = (*last_stream).max(f.stream);
+            }
+            if f.kind == PING
+                && f.flags & ACK == 0
+                && let Some(budget) = pings.as_mut()
+                && !budget.ping(now())
+            {
+                verdict = Some(Verdict::TooManyPings);
+                return false;
+            }
+            true
+        });
+        verdict
+    }
+
+    /// Follows what the server wrote.
+    pub(crate) fn wrote(&mut self, bytes: &[u8]) {
+        let pings = &mut self.pings;
+        self.output.feed(bytes, |f| {
+            if (f.kind == HEADERS || f.kind == DATA)
+                && let Some(budget) = pings.as_mut()
+            {
+                budget.forgive();
+            }
+            true
+        });
+    }
+
+    /// Whether a frame of the guard's own can go out now without cutting one of the
+    /// server's in two.
+    pub(crate) fn can_interject(&self) -> bool {
+        self.output.at_boundary()
+    }
+
+    /// The GOAWAY that tells the client why: ENHANCE_YOUR_CALM "too_many_pings".
+    pub(crate) fn goaway(&self, _verdict: Verdict) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(9 + 8 + TOO_MANY_PINGS.len());
+        let len = (8 + TOO_MANY_PINGS.len()) as u32;
+        frame.extend_from_slice(&len.to_be_bytes()[1..]);
+        frame.extend_from_slice(&[0x7, 0]);
+        frame.extend_from_slice(&0u32.to_be_bytes());
+        frame.extend_from_slice(&self.last_stream.to_be_bytes());
+        frame.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+        frame.extend_from_slice(TOO_MANY_PINGS);
+        frame
+    }
+
+    /// The error the connection's reads end with.
+    pub(crate) fn error(&self, verdict: Verdict) -> std::io::Error {
+        match verdict {
+            Verdict::TooManyPings => std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "too many pings: more than {} a second with no headers or data from the server between them; connection closed (GOAWAY ENHANCE_YOUR_CALM too_many_pings)",
+                    self.per_sec
+                ),
+            ),
+        }
+    }
+}
+
+/// How long a connection closed by its guard may take to read what the client still sends
+/// before it is closed, so that the client reads the GOAWAY rather than a reset.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+
+/// How much a closed connection reads and drops while it lingers.
+pub(crate) const LINGER_BYTES: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests;
