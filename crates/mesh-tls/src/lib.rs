@@ -46,7 +46,7 @@ mod server;
 mod stream;
 
 pub use client::{ClientIo, ClientTls, explain};
-pub use listen::{listen, system_backlog};
+pub use listen::{listen, raise_fd_limit, system_backlog};
 pub use load::{Identity, TlsError};
 pub use reload::Reloader;
 pub use server::{IncomingOptions, ServerIo, ServerTls, incoming};

@@ -37,3 +37,21 @@ pub fn listen(addr: SocketAddr, backlog: Option<u32>) -> io::Result<TcpListener>
     socket.listen(backlog as i32)?;
     TcpListener::from_std(socket.into())
 }
+
+/// Raises this process's soft limit on open files to its hard limit, as Go's runtime does
+/// at start: each connection holds a descriptor, and a soft limit of 1024 (a common
+/// default) lets a thousand idle sockets make the server refuse everyone with "Too many open
+/// files". Returns the limit before and after; on other systems, does nothing.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+        if soft < hard {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+        }
+        Ok((soft, hard.max(soft)))
+    }
+    #[cfg(not(unix))]
+    Ok((0, 0))
+}

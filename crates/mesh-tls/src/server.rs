@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -263,9 +263,19 @@ impl AsyncWrite for ServerIo {
     }
 }
 
-/// Handshakes under way at once; more connections wait to be accepted, so a flood of
-/// connections that never finish a handshake holds at most this many sockets.
+/// Handshakes under way at once. Accepting never stops: a connection past this many sheds
+/// the oldest handshake still pending (its socket closed), so a flood of connections that
+/// never finish a handshake holds at most this many sockets and delays a real client by no
+/// more than its own handshake.
 const MAX_HANDSHAKES: usize = 512;
+
+/// The handshakes under way, oldest first, to shed from when there are too many.
+#[derive(Debug, Default)]
+struct Pending {
+    next: u64,
+    tasks: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+    shed: u64,
+}
 
 /// How [`incoming`] treats each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,16 +327,9 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<ServerIo>>,
 ) {
     let IncomingOptions { handshake_timeout, max_pings_per_sec, tcp_keepalive } = options;
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
     let throttle = Arc::new(Throttle::default());
     loop {
-        let permit = tokio::select! {
-            () = tx.closed() => return,
-            permit = handshakes.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let accepted = tokio::select! {
             () = tx.closed() => return,
             accepted = listener.accept() => accepted,
@@ -361,18 +364,24 @@ async fn accept_loop(
             continue;
         };
         let acceptor = TlsAcceptor::from(tls.config());
-        let (tx, throttle) = (tx.clone(), throttle.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        // The task waits for its id, so that it cannot finish (and leave) before it is in.
+        let (id_tx, id_rx) = tokio::sync::oneshot::channel::<u64>();
+        let (handed, warnings, done) = (tx.clone(), throttle.clone(), pending.clone());
+        let task = tokio::spawn(async move {
+            let Ok(id) = id_rx.await else { return };
+            let leave = Leave { pending: done, id };
             let peer = peer.to_string();
-            match tokio::time::timeout(handshake_timeout, handshake(tcp, acceptor, &peer)).await {
+            let outcome = tokio::time::timeout(handshake_timeout, handshake(tcp, acceptor, &peer)).await;
+            // Done with the handshake: no longer one to shed, even while tonic is busy.
+            drop(leave);
+            match outcome {
                 Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(ServerIo::new(MaybeTls::Tls(Box::new(stream)), max_pings_per_sec))).await;
+                    let _ = handed.send(Ok(ServerIo::new(MaybeTls::Tls(Box::new(stream)), max_pings_per_sec))).await;
                 }
                 // A connection closed before a word (a TCP probe, a port scan) is routine.
                 Ok(Err(Refused::Quiet(why))) => debug!("{why}"),
                 Ok(Err(Refused::Loud(why))) => {
-                    if throttle.allow() {
+                    if warnings.allow() {
                         warn!("{why}");
                     } else {
                         debug!("{why}");
@@ -381,6 +390,35 @@ async fn accept_loop(
                 Err(_) => debug!("TLS handshake with {peer} did not finish within {handshake_timeout:?}; closed"),
             }
         });
+        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let id = p.next;
+        p.next += 1;
+        p.tasks.insert(id, task.abort_handle());
+        let _ = id_tx.send(id);
+        if p.tasks.len() > MAX_HANDSHAKES
+            && let Some((_, oldest)) = p.tasks.pop_first()
+        {
+            oldest.abort();
+            p.shed += 1;
+            if throttle.allow() {
+                warn!(
+                    "more than {MAX_HANDSHAKES} TLS handshakes under way: closed the oldest ({} so far); a flood of silent connections?",
+                    p.shed
+                );
+            }
+        }
+    }
+}
+
+/// Takes a handshake out of [`Pending`] when it ends, however it ends.
+struct Leave {
+    pending: Arc<std::sync::Mutex<Pending>>,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).tasks.remove(&self.id);
     }
 }
 

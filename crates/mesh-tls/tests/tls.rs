@@ -134,3 +134,49 @@ async fn handshake_errors_name_an_expired_certificate_a_wrong_name_and_an_unknow
     let err = ServerTls::load(Identity::new(dir.path().join("missing.pem"), &named.key), None).expect_err("no file");
     assert!(err.to_string().contains("missing.pem") && err.to_string().contains("cannot be read"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_past_the_handshake_limit_shed_the_oldest_and_a_real_client_gets_in() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = Pki::create(dir.path(), "t").expect("CA");
+    let cert = pki.issue("server", "s", &["127.0.0.1"], Validity::Current).expect("cert");
+    let tls = ServerTls::load(Identity::new(&cert.cert, &cert.key), None).expect("load");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    // 600 sockets here and 512 in the server: more than a soft limit of 1024 holds.
+    mesh_tls::raise_fd_limit().expect("the open-files limit");
+    // Handshakes that never time out: only shedding can make room.
+    let options = IncomingOptions { handshake_timeout: Duration::from_secs(3600), ..IncomingOptions::default() };
+    let mut connections = incoming(listener, Some(tls), options);
+    let accepted = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Some(Ok(mut io)) = connections.next().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = io.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+            let _ = io.flush().await;
+            kept.push(io);
+        }
+    });
+    // More silent sockets than handshakes may be under way (512), each connected before
+    // the next, so that the server has accepted them all.
+    let mut silent = Vec::new();
+    for _ in 0..600 {
+        silent.push(TcpStream::connect(&addr).await.expect("connect"));
+    }
+    let client = ClientTls::load(pki.ca_file(), None).expect("client");
+    // A hang guard: without shedding the server accepts no one for the hour the silent
+    // handshakes may take.
+    let got = tokio::time::timeout(Duration::from_secs(30), presented(&addr, &client)).await;
+    assert!(matches!(got, Ok(Ok(_))), "a real client after 600 silent sockets: {got:?}");
+    // The oldest silent sockets were closed by the server.
+    let mut closed = 0;
+    for s in &silent[..50] {
+        let mut byte = [0u8; 1];
+        // A hang guard again: a closed socket reads its end at once.
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_secs(5), s.peek(&mut byte)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 50, "{closed} of the 50 oldest silent sockets closed");
+    accepted.abort();
+}

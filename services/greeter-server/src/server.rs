@@ -13,7 +13,7 @@ use mesh_proto::pb::greeter_server::GreeterServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use mesh_etcd::Etcd;
 use mesh_metrics::{CallMetricsLayer, Side};
@@ -152,6 +152,11 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         _ => None,
     };
     let limits = args.connection_limits();
+    match mesh_tls::raise_fd_limit() {
+        Ok((before, after)) if after > before => info!("open files: soft limit raised from {before} to {after}"),
+        Ok((_, now)) => debug!("open files: limit {now}"),
+        Err(e) => warn!("cannot raise the open-files limit: {e}"),
+    }
     let metrics = match args.metrics_listen {
         Some(addr) => {
             let exporter = mesh_metrics::install().context("--metrics-listen")?;

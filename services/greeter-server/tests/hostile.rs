@@ -353,3 +353,33 @@ async fn a_burst_of_connects_is_queued_by_the_kernel_not_dropped() {
         s.abort();
     }
 }
+
+#[test]
+fn the_server_raises_its_open_files_limit_to_the_hard_limit() {
+    // Each connection holds a descriptor: with a soft limit of 1024 (a common default),
+    // 1,100 idle sockets made the server refuse a legitimate call with "Too many open files".
+    let port = mesh_etcd_local::free_port().expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new("prlimit")
+        .args(["--nofile=1024:4096", "--", env!("CARGO_BIN_EXE_greeter-server"), "--listen", &addr, "--no-register"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs greeter-server");
+    let mut server = Server { addr: addr.clone(), child };
+    let limits = |pid: u32| {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" "))
+    };
+    // A hang guard while the server starts (prlimit execs it: the pid stays).
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(server.alive(), "greeter-server exited");
+        assert!(start.elapsed() < Duration::from_secs(30), "greeter-server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(limits(server.child.id()).as_deref(), Some("4096 4096"));
+}
