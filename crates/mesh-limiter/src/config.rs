@@ -38,7 +38,7 @@ pub enum CallerKey {
 }
 
 /// Limits per caller: each caller its own buckets, at most `max_callers` of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct PerCaller {
     /// What tells callers apart.
@@ -48,12 +48,27 @@ pub struct PerCaller {
     pub max_callers: usize,
     /// A caller's buckets are dropped after this long without a call.
     pub idle: Duration,
+    /// Each caller's limit; `None` for the server's (or the method's) limit per caller as
+    /// well. Either way the server's and the methods' limits still apply to all callers
+    /// together, so callers that make up keys cannot multiply the server's budget.
+    pub limit: Option<Limit>,
 }
 
+/// The longest metadata value that names a caller, in bytes: longer values count as calls
+/// without the key (one shared budget), so made-up keys cannot fill memory.
+pub const MAX_CALLER_KEY_BYTES: usize = 128;
+
 impl PerCaller {
-    /// Per caller by `key`: at most 10 000 callers, idle after 60 s.
+    /// Per caller by `key`: at most 10 000 callers, idle after 60 s, each with the server's
+    /// (or method's) limit.
     pub fn new(key: CallerKey) -> Self {
-        PerCaller { key, max_callers: 10_000, idle: Duration::from_secs(60) }
+        PerCaller { key, max_callers: 10_000, idle: Duration::from_secs(60), limit: None }
+    }
+
+    /// Each caller gets `limit` (the server's and methods' limits still apply to them all).
+    pub fn with_limit(mut self, limit: Limit) -> Self {
+        self.limit = Some(limit);
+        self
     }
 }
 
@@ -188,6 +203,9 @@ impl LimiterConfig {
         if let Some(p) = &self.per_caller {
             if p.max_callers == 0 {
                 return Err(InvalidLimit { setting: "per_caller.max_callers".into(), reason: "is 0".into() });
+            }
+            if let Some(limit) = &p.limit {
+                limit.validate("per_caller.")?;
             }
             if let CallerKey::Metadata(key) = &p.key
                 && http::HeaderName::from_bytes(key.as_bytes()).is_err()

@@ -39,7 +39,7 @@ mod config;
 mod service;
 mod table;
 
-pub use config::{CallerKey, InvalidLimit, Limit, LimiterConfig, MAX_RATE, Mode, PerCaller};
+pub use config::{CallerKey, InvalidLimit, Limit, LimiterConfig, MAX_CALLER_KEY_BYTES, MAX_RATE, Mode, PerCaller};
 pub use service::{LimiterHandle, PUSHBACK_KEY, RateLimit, RateLimitLayer, ResponseFuture, Scope};
 
 /// The README's example, compiled (and run, unless marked `no_run`) as a doctest.

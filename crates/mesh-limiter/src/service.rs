@@ -188,11 +188,12 @@ impl<S> RateLimit<S> {
     }
 }
 
-/// RESOURCE_EXHAUSTED naming the method, the limit and (per caller) the caller, with the
-/// pushback hint in its metadata.
-fn rejection<B: Default>(path: &str, caller: Option<&dyn std::fmt::Display>, bucket: &Bucket) -> http::Response<B> {
+/// RESOURCE_EXHAUSTED naming the method, the limit and (for a caller's own budget) what
+/// tells callers apart, never the caller's key: it may be a credential. The pushback hint
+/// goes in its metadata.
+fn rejection<B: Default>(path: &str, caller_kind: Option<&str>, bucket: &Bucket) -> http::Response<B> {
     let limit = &bucket.limit;
-    let who = caller.map(|c| format!(" from {c}")).unwrap_or_default();
+    let who = caller_kind.map(|k| format!(" for this caller (by {k})")).unwrap_or_default();
     let mut status = tonic::Status::resource_exhausted(format!(
         "rate limit exceeded for {path}{who}: {}/s, burst {}",
         limit.rate_per_sec, limit.burst
@@ -231,15 +232,28 @@ where
         };
         let caller = table.caller(&request);
         // Admitted calls, the most common by far, touch the bucket without cloning it.
-        let (bucket, scope) = table.with_bucket(path, caller, |b, scope| ((!b.try_admit()).then(|| b.clone()), scope));
+        let (mut bucket, mut scope) =
+            table.with_bucket(path, caller, |b, scope| ((!b.try_admit()).then(|| b.clone()), scope));
+        // Per caller, the server's (or method's) budget applies to all callers together too.
+        // A caller over its own budget is turned away before it takes from the shared one.
+        let mut then_shared = None;
+        if caller.is_some() {
+            let (shared, shared_scope) = table.shared_bucket(path);
+            if bucket.is_some() {
+                then_shared = Some((shared.clone(), shared_scope));
+            } else if !shared.try_admit() {
+                (bucket, scope) = (Some(shared.clone()), shared_scope);
+            }
+        }
         let Some(bucket) = bucket else {
             self.shared.counts.admit(scope);
             return ResponseFuture::inner(self.inner.call(request));
         };
+        let caller_kind = (scope == Scope::Caller).then(|| table.caller_kind()).flatten();
         match bucket.limit.mode {
             Mode::Reject => {
                 self.shared.counts.reject(scope);
-                ResponseFuture::rejected(rejection(path, caller.as_ref().map(|c| c as _), &bucket))
+                ResponseFuture::rejected(rejection(path, caller_kind.as_deref(), &bucket))
             }
             Mode::Wait { max_wait } => {
                 // The instance polled ready goes with the call; this one takes a clone.
@@ -247,15 +261,22 @@ where
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let shared = self.shared.clone();
                 let path = path.to_owned();
-                let caller = caller.map(|c| c.to_string());
                 ResponseFuture::waiting(Box::pin(async move {
-                    if bucket.admit_within(max_wait).await {
-                        shared.counts.admit(scope);
-                        inner.call(request).await
-                    } else {
+                    let deadline = tokio::time::Instant::now() + max_wait;
+                    if !bucket.admit_within(max_wait).await {
                         shared.counts.reject(scope);
-                        Ok(rejection(&path, caller.as_ref().map(|c| c as _), &bucket))
+                        return Ok(rejection(&path, caller_kind.as_deref(), &bucket));
                     }
+                    // Past its own budget, a caller still waits for the shared one.
+                    if let Some((all, all_scope)) = then_shared {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        if !all.admit_within(left).await {
+                            shared.counts.reject(all_scope);
+                            return Ok(rejection(&path, None, &all));
+                        }
+                    }
+                    shared.counts.admit(scope);
+                    inner.call(request).await
                 }))
             }
         }

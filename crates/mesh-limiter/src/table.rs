@@ -129,13 +129,35 @@ impl Table {
                     .extensions()
                     .get::<tonic::transport::server::TcpConnectInfo>()
                     .and_then(|info| info.remote_addr())
-                    .map(|addr| addr.ip()),
+                    .map(|addr| caller_ip(addr.ip())),
             )),
             CallerMap::Keys(_, header) => {
                 let value = header.as_ref().and_then(|h| request.headers().get(h));
-                Some(Caller::Key(value.and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())))
+                Some(Caller::Key(
+                    value
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|v| !v.is_empty() && v.len() <= crate::config::MAX_CALLER_KEY_BYTES),
+                ))
             }
         }
+    }
+
+    /// The bucket every call to `path` draws from, whoever it comes from: the method's, or
+    /// the server's.
+    pub(crate) fn shared_bucket(&self, path: &str) -> (&Arc<Bucket>, Scope) {
+        match self.methods.get(path) {
+            Some(bucket) => (bucket, Scope::Method),
+            None => (&self.default, Scope::Server),
+        }
+    }
+
+    /// What tells callers apart, in words for a rejection (never the caller's key itself,
+    /// which may be a credential).
+    pub(crate) fn caller_kind(&self) -> Option<String> {
+        self.callers.as_ref().map(|c| match &c.settings.key {
+            CallerKey::PeerIp => "its address".to_string(),
+            CallerKey::Metadata(key) => format!("its {key}"),
+        })
     }
 
     /// Runs `then` on the bucket of a call to `path` from `caller` (when limits are per
@@ -150,17 +172,15 @@ impl Table {
         then: impl FnOnce(&Arc<Bucket>, Scope) -> R,
     ) -> R {
         let Some(callers) = &self.callers else {
-            return match self.methods.get(path) {
-                Some(bucket) => then(bucket, Scope::Method),
-                None => then(&self.default, Scope::Server),
-            };
+            let (bucket, scope) = self.shared_bucket(path);
+            return then(bucket, scope);
         };
         let then = |bucket: &Arc<Bucket>| then(bucket, Scope::Caller);
         let lookup = Lookup {
             config: &self.config,
             settings: &callers.settings,
             scope: scope_of(&self.config, path),
-            limit: *self.config.limit_of(path),
+            limit: callers.settings.limit.unwrap_or(*self.config.limit_of(path)),
         };
         match (&callers.map, caller) {
             (CallerMap::Ips(entries), Some(Caller::Ip(Some(ip)))) => {
@@ -181,6 +201,19 @@ impl Table {
             Some(CallerMap::Keys(entries, _)) => lock(entries).callers.len(),
             None => 0,
         }
+    }
+}
+
+/// The address that names a caller: an IPv4 address (also when mapped into IPv6), or the
+/// /64 an IPv6 address is in, since one host commonly holds a whole /64 and could otherwise
+/// be as many callers as it has addresses.
+fn caller_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
     }
 }
 

@@ -335,10 +335,11 @@ async fn waiting_calls_complete_within_max_wait_and_the_rest_are_rejected_then()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_callers_flood_leaves_another_callers_rate_intact_and_a_method_override_applies() {
-    let limit = Limit::try_new(50.0, 5).expect("valid");
-    let config = LimiterConfig::try_new(limit)
+    // Each tenant 50/s; the server as a whole 2000/s, more than the flood sends.
+    let tenant = Limit::try_new(50.0, 5).expect("valid");
+    let config = LimiterConfig::try_new(Limit::try_new(2000.0, 200).expect("valid"))
         .expect("valid")
-        .with_per_caller(PerCaller::new(CallerKey::Metadata("x-tenant".into())));
+        .with_per_caller(PerCaller::new(CallerKey::Metadata("x-tenant".into())).with_limit(tenant));
     let (server, handle, arrivals, _) = serve_recorded(config, Counting::default()).await;
     let lasting = Duration::from_secs(2);
     let (a, b) = tokio::join!(
@@ -365,7 +366,7 @@ async fn one_callers_flood_leaves_another_callers_rate_intact_and_a_method_overr
     assert!(a.1 > 0, "tenant a's flood at 20x its rate was never limited: {a:?}");
     assert_eq!(a.0 + b.0, handle.admitted());
     assert_eq!(handle.callers(), 2);
-    // A method override: SayHello down to 1 per second, burst 1, for everyone.
+    // A method override: SayHello down to 1 per second, burst 1, for all callers together.
     let slow = Limit::try_new(1.0, 1).expect("valid");
     let config = handle.config().expect("limits in force");
     handle.update(config.with_method("/greeter.v1.Greeter/SayHello", slow)).expect("valid");
@@ -376,14 +377,63 @@ async fn one_callers_flood_leaves_another_callers_rate_intact_and_a_method_overr
     let mut request = Request::new(HelloRequest { name: "x".into() });
     request.metadata_mut().insert("x-tenant", "c".parse().expect("ascii"));
     let status = client.say_hello(request).await.expect_err("over 1/s");
-    assert_eq!(status.message(), "rate limit exceeded for /greeter.v1.Greeter/SayHello from c: 1/s, burst 1");
+    assert_eq!(status.message(), "rate limit exceeded for /greeter.v1.Greeter/SayHello: 1/s, burst 1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callers_told_apart_by_peer_ip_get_a_budget_each_and_a_rejection_names_the_address() {
+async fn made_up_caller_keys_never_get_past_the_servers_limit_nor_into_a_rejection_or_the_table() {
+    // --rate 10 --burst 1 --limit-per-caller metadata:x-tenant: 500 calls, each with a key of
+    // its own, were all admitted when only the callers' buckets counted.
+    let limit = Limit::try_new(10.0, 1).expect("valid");
+    let config = LimiterConfig::try_new(limit)
+        .expect("valid")
+        .with_per_caller(PerCaller::new(CallerKey::Metadata("x-tenant".into())));
+    let (server, handle, arrivals, _) = serve_recorded(config, Counting::default()).await;
+    let mut client = GreeterClient::new(channel(&server).await);
+    let secret = "sk-live-0123456789";
+    for i in 0..500 {
+        let mut request = Request::new(HelloRequest { name: "spoof".into() });
+        request.metadata_mut().insert("x-tenant", format!("{secret}-{i}").parse().expect("ascii"));
+        if let Err(status) = client.say_hello(request).await {
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            assert!(!status.message().contains(secret), "the key in a rejection: {}", status.message());
+        }
+    }
+    // Every arrival against the server's one bucket (10/s is a token every 100 ms).
+    let seen = arrivals.seen();
+    let first = seen.first().map(|(at, _, _)| *at).expect("calls");
+    let mut model = Model::full(1, 1, Duration::from_millis(100), first);
+    let (want, got) = replay(&seen, &mut model);
+    let span = span_of(&seen);
+    assert!(
+        within_the_bucket(&model, want, got, span),
+        "{got} of 500 admitted in {span:?}; the server's bucket admits {want}"
+    );
+    // A caller over its own budget is rejected naming how callers are told apart, not who.
+    let mut request = Request::new(HelloRequest { name: "k".into() });
+    request.metadata_mut().insert("x-tenant", secret.parse().expect("ascii"));
+    let _ = client.say_hello(request).await;
+    let mut request = Request::new(HelloRequest { name: "k".into() });
+    request.metadata_mut().insert("x-tenant", secret.parse().expect("ascii"));
+    let status = client.say_hello(request).await.expect_err("over the burst of 1");
+    assert!(!status.message().contains(secret), "{}", status.message());
+    // Keys longer than 128 bytes share one budget and take no place in the table.
+    let callers = handle.callers();
+    for i in 0..50 {
+        let mut request = Request::new(HelloRequest { name: "long".into() });
+        request.metadata_mut().insert("x-tenant", format!("{i}{}", "x".repeat(15_000)).parse().expect("ascii"));
+        let _ = client.say_hello(request).await;
+    }
+    assert_eq!(handle.callers(), callers, "long keys got buckets of their own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_told_apart_by_peer_ip_get_a_budget_each_and_a_rejection_says_so() {
     // One token a second and a burst of 2: the third quick call from one address is over.
     let limit = Limit::try_new(1.0, 2).expect("valid");
-    let config = LimiterConfig::try_new(limit).expect("valid").with_per_caller(PerCaller::new(CallerKey::PeerIp));
+    let config = LimiterConfig::try_new(Limit::try_new(100.0, 10).expect("valid"))
+        .expect("valid")
+        .with_per_caller(PerCaller::new(CallerKey::PeerIp).with_limit(limit));
     let (server, handle) = serve(config, Counting::default()).await;
     // Two callers on loopback addresses of their own (all of 127.0.0.0/8 is local on Linux).
     let from = |ip: [u8; 4]| {
@@ -396,7 +446,10 @@ async fn callers_told_apart_by_peer_ip_get_a_budget_each_and_a_rejection_names_t
     a.say_hello(hello()).await.expect("a's second");
     let status = a.say_hello(hello()).await.expect_err("a's third is over its burst");
     assert_eq!(status.code(), Code::ResourceExhausted);
-    assert_eq!(status.message(), "rate limit exceeded for /greeter.v1.Greeter/SayHello from 127.0.0.2: 1/s, burst 2");
+    assert_eq!(
+        status.message(),
+        "rate limit exceeded for /greeter.v1.Greeter/SayHello for this caller (by its address): 1/s, burst 2"
+    );
     assert_eq!(status.metadata().get(PUSHBACK_KEY).and_then(|v| v.to_str().ok()), Some("1000"));
     b.say_hello(hello()).await.expect("b's first: a's calls took nothing from b");
     b.say_hello(hello()).await.expect("b's second");

@@ -90,9 +90,16 @@ pub struct LimiterSection {
     /// In `wait` mode, the longest a call waits, in milliseconds (default 100).
     #[serde(default = "hundred")]
     pub max_wait_ms: u64,
-    /// `peer-ip` or `metadata:KEY`: a budget per caller.
+    /// `peer-ip` or `metadata:KEY`: a budget per caller as well as the server's.
     #[serde(default)]
     pub per_caller: Option<String>,
+    /// Each caller's calls per second, with `per_caller`; default the server's rate (the
+    /// server's limit applies to all callers together either way).
+    #[serde(default)]
+    pub caller_rate_per_sec: Option<f64>,
+    /// Each caller's burst; default a tenth of its rate (at least 1).
+    #[serde(default)]
+    pub caller_burst: Option<u32>,
     /// Limits of single methods, by path.
     #[serde(default)]
     pub methods: BTreeMap<String, MethodLimit>,
@@ -152,8 +159,17 @@ impl LimiterSection {
                 limit(m.rate_per_sec, m.burst).map_err(|e| format!("methods[{path}]: {e}"))?,
             );
         }
-        if let Some(key) = &self.per_caller {
-            config = config.with_per_caller(PerCaller::new(parse_caller(key).map_err(|e| format!("per_caller: {e}"))?));
+        match (&self.per_caller, self.caller_rate_per_sec, self.caller_burst) {
+            (Some(key), rate, burst) => {
+                let mut per_caller = PerCaller::new(parse_caller(key).map_err(|e| format!("per_caller: {e}"))?);
+                if rate.is_some() || burst.is_some() {
+                    let rate = rate.unwrap_or(self.rate_per_sec);
+                    per_caller = per_caller.with_limit(limit(rate, burst).map_err(|e| format!("caller limit: {e}"))?);
+                }
+                config = config.with_per_caller(per_caller);
+            }
+            (None, None, None) => {}
+            (None, _, _) => return Err("caller_rate_per_sec and caller_burst need per_caller".into()),
         }
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)

@@ -45,6 +45,11 @@ fn bad_settings_are_refused_naming_the_field() {
         (r#"{"server":{"limiter":{"rate_per_sec":100,"burst":0}}}"#, "burst: is 0"),
         (r#"{"server":{"limiter":{"rate_per_sec":100,"mode":"queue"}}}"#, "mode is \"queue\""),
         (r#"{"server":{"limiter":{"rate_per_sec":100,"per_caller":"tenant"}}}"#, "per_caller"),
+        (r#"{"server":{"limiter":{"rate_per_sec":100,"caller_rate_per_sec":5}}}"#, "need per_caller"),
+        (
+            r#"{"server":{"limiter":{"rate_per_sec":100,"per_caller":"peer-ip","caller_burst":0}}}"#,
+            "caller limit: invalid rate limit burst: is 0",
+        ),
         (
             r#"{"server":{"limiter":{"rate_per_sec":100,"methods":{"SayHello":{"rate_per_sec":5}}}}}"#,
             "methods[SayHello]",
@@ -115,4 +120,15 @@ fn a_document_that_depends_on_a_clients_flags_says_so() {
     let both = parse(r#"{"client": {"breaker": {"open_ms": 20000, "max_open_ms": 60000}}}"#).expect("valid");
     assert!(both.flag_dependencies().is_empty());
     assert!(parse(DOC).expect("valid").flag_dependencies().is_empty());
+}
+
+#[test]
+fn a_caller_limit_is_its_own_and_the_servers_stays() {
+    let doc = r#"{"server":{"limiter":{"rate_per_sec":100,"per_caller":"metadata:x-tenant","caller_rate_per_sec":5}}}"#;
+    let config = parse(doc).expect("valid");
+    let limits = config.server.limiter.expect("limits").limiter_config().expect("valid");
+    assert_eq!(limits.default.rate_per_sec, 100.0);
+    let per_caller = limits.per_caller.expect("per caller");
+    let caller = per_caller.limit.expect("a caller limit");
+    assert_eq!((caller.rate_per_sec, caller.burst), (5.0, 1));
 }

@@ -159,9 +159,19 @@ pub struct Args {
     #[arg(long, env = "MESH_LIMIT_MAX_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub limit_max_wait: Duration,
 
-    /// Give each caller its own budget: `peer-ip`, or `metadata:KEY` (a tenant header).
+    /// Give each caller its own budget as well as the server's: `peer-ip` (each IPv4
+    /// address, each IPv6 /64), or `metadata:KEY` (a tenant header; values over 128 bytes
+    /// share one budget).
     #[arg(long, env = "MESH_LIMIT_PER_CALLER", value_parser = checked_caller)]
     pub limit_per_caller: Option<String>,
+
+    /// With --limit-per-caller, each caller's calls per second; default --rate.
+    #[arg(long, env = "MESH_CALLER_RATE")]
+    pub caller_rate: Option<f64>,
+
+    /// With --limit-per-caller, each caller's burst; default a tenth of its rate.
+    #[arg(long, env = "MESH_CALLER_BURST")]
+    pub caller_burst: Option<u32>,
 
     /// A method's own limit, `PATH=RATE` or `PATH=RATE/BURST`, e.g.
     /// `/greeter.v1.Greeter/SayHello=50/5`; repeatable.
@@ -232,8 +242,12 @@ impl Args {
     pub fn limiter_section(&self) -> anyhow::Result<Option<greeter_config::LimiterSection>> {
         let Some(rate) = self.rate else {
             anyhow::ensure!(
-                self.burst.is_none() && self.limit_methods.is_empty() && self.limit_per_caller.is_none(),
-                "--burst, --limit-method and --limit-per-caller need --rate"
+                self.burst.is_none()
+                    && self.limit_methods.is_empty()
+                    && self.limit_per_caller.is_none()
+                    && self.caller_rate.is_none()
+                    && self.caller_burst.is_none(),
+                "--burst, --limit-method, --limit-per-caller, --caller-rate and --caller-burst need --rate"
             );
             return Ok(None);
         };
@@ -250,6 +264,8 @@ impl Args {
             mode: self.limit_mode.clone(),
             max_wait_ms: u64::try_from(self.limit_max_wait.as_millis()).unwrap_or(u64::MAX),
             per_caller: self.limit_per_caller.clone(),
+            caller_rate_per_sec: self.caller_rate,
+            caller_burst: self.caller_burst,
             methods,
         }))
     }

@@ -294,7 +294,8 @@ fn describe(config: &mesh_limiter::LimiterConfig) -> String {
         out.push_str(&format!("; and {} more method limits", config.methods.len() - DESCRIBED_METHODS));
     }
     if let Some(p) = &config.per_caller {
-        out.push_str(&format!("; per caller by {:?}, at most {} callers", p.key, p.max_callers));
+        let each = p.limit.as_ref().map_or_else(|| "the same".to_string(), one);
+        out.push_str(&format!("; and per caller by {:?} ({each} each), at most {} callers", p.key, p.max_callers));
     }
     out
 }
