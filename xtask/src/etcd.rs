@@ -274,8 +274,20 @@ pub(crate) fn up_secure() -> anyhow::Result<()> {
             TcpListener::bind(("127.0.0.1", port))
                 .with_context(|| format!("port {port} on 127.0.0.1 is taken; etcd-up --secure needs it"))?;
         }
-        if !member.data_dir.exists() {
-            provision(&spec)?;
+        match provisioning(&secure_dir(), &member.data_dir) {
+            Provisioning::Done => {}
+            Provisioning::Fresh => provision(&spec)?,
+            Provisioning::Unfinished => {
+                // An earlier run stopped between making etcd's data and finishing its users:
+                // that etcd would start without auth while the flags below named users.
+                println!("an earlier etcd-up --secure did not finish setting up; starting over");
+                for dir in [&member.data_dir, &pki_dir()] {
+                    if dir.exists() {
+                        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+                    }
+                }
+                provision(&spec)?;
+            }
         }
         let (dir, pids, _children) = launch(&spec)?;
         println!(
@@ -287,6 +299,32 @@ pub(crate) fn up_secure() -> anyhow::Result<()> {
     }
     print_flags(&member.client_url());
     Ok(())
+}
+
+/// Where the secure etcd stands before a start.
+#[derive(Debug, PartialEq, Eq)]
+enum Provisioning {
+    /// Nothing made yet.
+    Fresh,
+    /// Certificates, users and roles all made.
+    Done,
+    /// Something made, not all of it: a run failed half way.
+    Unfinished,
+}
+
+/// The file written once provisioning finished.
+fn provisioned_marker(dir: &Path) -> PathBuf {
+    dir.join("provisioned")
+}
+
+fn provisioning(dir: &Path, data_dir: &Path) -> Provisioning {
+    if provisioned_marker(dir).exists() {
+        Provisioning::Done
+    } else if data_dir.exists() || dir.join("pki").exists() {
+        Provisioning::Unfinished
+    } else {
+        Provisioning::Fresh
+    }
 }
 
 /// Makes the certificates, then starts etcd once in plaintext to create the roles and users
@@ -325,6 +363,9 @@ fn provision(spec: &ClusterSpec) -> anyhow::Result<()> {
     }
     let _ = fs::remove_file(pid_file(&plain, 0));
     result.context("creating the roles and users")?;
+    // Last: only a run that got here has an etcd with auth on and every user it prints.
+    fs::write(provisioned_marker(&secure_dir()), "certificates, roles and users made\n")
+        .context("marking the secure etcd as provisioned")?;
     println!("made a CA, certificates and the users root, greeter-server, greeter-client and mesh-admin");
     Ok(())
 }
@@ -358,4 +399,24 @@ fn print_flags(url: &str) {
         p("etcd-client.pem"),
         p("etcd-client.key")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secure_etcd_whose_provisioning_stopped_half_way_is_provisioned_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("m0.etcd");
+        assert_eq!(provisioning(dir.path(), &data), Provisioning::Fresh);
+        // etcd made its data directory, then creating the users failed.
+        fs::create_dir_all(&data).expect("data dir");
+        assert_eq!(provisioning(dir.path(), &data), Provisioning::Unfinished);
+        fs::remove_dir_all(&data).expect("remove");
+        fs::create_dir_all(dir.path().join("pki")).expect("pki");
+        assert_eq!(provisioning(dir.path(), &data), Provisioning::Unfinished);
+        fs::write(provisioned_marker(dir.path()), "").expect("marker");
+        assert_eq!(provisioning(dir.path(), &data), Provisioning::Done);
+    }
 }
