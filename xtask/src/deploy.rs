@@ -9,7 +9,9 @@
 //!   API, readiness is the gRPC probe on the port it listens on, the TLS files are under a
 //!   mounted secret, and the termination grace covers preStop + shutdown grace + drain.
 //! - The Dockerfile copies paths that exist, builds packages of this workspace, and copies
-//!   out the binaries it built.
+//!   out the binaries it built; its default command serves and stops cleanly on SIGTERM (in
+//!   the image built for real where a Docker engine answers, else run with the binary built
+//!   here).
 //! - docs/OPERATING.md names every flag and `MESH_*` variable of both services.
 //! - The etcd configurations run: the one-member file and the three member files start a
 //!   real etcd (on loopback ports instead of their hosts') that becomes healthy.
@@ -47,8 +49,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
     println!("deploy-check: k8s: flags, downward-API pod IP, gRPC readiness, TLS mounts, termination grace");
     systemd(&deploy.join("systemd"), &server)?;
     println!("deploy-check: systemd: MESH_* variables exist; the stop timeout covers grace and drain");
-    dockerfile(&root, &deploy.join("docker/Dockerfile"))?;
+    let image = dockerfile(&root, &deploy.join("docker/Dockerfile"))?;
     println!("deploy-check: Dockerfile: its COPY sources exist, it builds workspace binaries and copies them out");
+    let how = default_command(&root, &image, &bin)?;
+    println!("deploy-check: Dockerfile: {how}");
     let subcommands =
         [Cli::read(&bin.join("greeter-server"), &["config"])?, Cli::read(&bin.join("greeter-client"), &["bench"])?];
     operators_guide(&root.join("docs").join("OPERATING.md"), [&server, &client].into_iter().chain(&subcommands))?;
@@ -302,11 +306,49 @@ fn systemd(dir: &Path, server: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dockerfile(root: &Path, path: &Path) -> anyhow::Result<()> {
+/// The Dockerfile's instructions, each on one line (continuations joined).
+fn instructions(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().map(str::trim) {
+        if current.is_empty() && (line.is_empty() || line.starts_with('#')) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(start) => {
+                current.push_str(start);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                out.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    out
+}
+
+/// A JSON-array instruction's words (`CMD ["--listen", "0.0.0.0:50051"]`).
+fn exec_form(instruction: &str, name: &str) -> anyhow::Result<Vec<String>> {
+    let json = instruction.strip_prefix(name).map(str::trim).context("not this instruction")?;
+    let words: Vec<String> =
+        serde_json::from_str(json).with_context(|| format!("Dockerfile: {name} is not a JSON array: {json}"))?;
+    Ok(words)
+}
+
+/// What the Dockerfile builds and runs by default.
+struct Image {
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+}
+
+fn dockerfile(root: &Path, path: &Path) -> anyhow::Result<Image> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut built = Vec::new();
     let mut copied_out = Vec::new();
-    for line in text.lines().map(str::trim) {
+    let mut run_text = String::new();
+    let (mut entrypoint, mut cmd) = (Vec::new(), Vec::new());
+    for line in instructions(&text) {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.first().copied() {
             Some("COPY") if words.get(1).is_some_and(|w| w.starts_with("--from=")) => {
@@ -319,13 +361,17 @@ fn dockerfile(root: &Path, path: &Path) -> anyhow::Result<()> {
                 }
             }
             Some("RUN") if line.contains("cargo build") => {
-                let mut it = words.iter();
+                let build = line.split("cargo build").nth(1).and_then(|b| b.split("&&").next()).unwrap_or_default();
+                let mut it = build.split_whitespace();
                 while let Some(w) = it.next() {
-                    if *w == "-p" {
+                    if w == "-p" {
                         built.push(it.next().context("-p without a package")?.to_string());
                     }
                 }
+                run_text.push_str(&line);
             }
+            Some("ENTRYPOINT") => entrypoint = exec_form(&line, "ENTRYPOINT")?,
+            Some("CMD") => cmd = exec_form(&line, "CMD")?,
             _ => {}
         }
     }
@@ -339,9 +385,101 @@ fn dockerfile(root: &Path, path: &Path) -> anyhow::Result<()> {
     }
     for binary in &copied_out {
         ensure!(built.contains(binary), "Dockerfile: copies out {binary}, which it does not build");
+        // Built in a cache mount, a binary must be copied out of it in the same step.
+        ensure!(
+            !run_text.contains("--mount=type=cache,target=/src/target")
+                || run_text.contains(&format!("target/release/{binary}")),
+            "Dockerfile: the build's target directory is a cache mount, and {binary} is not copied out of it"
+        );
     }
     ensure!(!copied_out.is_empty(), "Dockerfile: copies no binary out of the build stage");
-    Ok(())
+    ensure!(entrypoint == ["greeter-server"], "Dockerfile: ENTRYPOINT is {entrypoint:?}, not [\"greeter-server\"]");
+    Ok(Image { entrypoint, cmd })
+}
+
+/// Whether a Docker engine answers here (a client alone is not enough).
+fn docker_engine() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs the image's default command and sees it serve, then stop cleanly on SIGTERM: in
+/// the image built for real where a Docker engine answers, else with this machine's binary
+/// (the port moved to a free one, etcd pointed at a loopback port nothing listens on).
+fn default_command(root: &Path, image: &Image, bin: &Path) -> anyhow::Result<&'static str> {
+    if docker_engine() {
+        let tag = "mesh-greeter:deploy-check";
+        util::run(Command::new("docker").current_dir(root).args([
+            "build",
+            "-f",
+            "deploy/docker/Dockerfile",
+            "-t",
+            tag,
+            ".",
+        ]))?;
+        let out = Command::new("docker").args(["run", "-d", "--rm", tag]).output().context("docker run")?;
+        ensure!(out.status.success(), "docker run {tag}: {}", String::from_utf8_lossy(&out.stderr));
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let logs = || {
+            Command::new("docker")
+                .args(["logs", &id])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default()
+        };
+        let served = wait_for(|| logs().contains("serving greeter.v1"), Duration::from_secs(60));
+        let stopped = Command::new("docker").args(["stop", "-t", "20", &id]).status();
+        ensure!(served, "the image's default command did not serve:\n{}", logs());
+        ensure!(stopped.is_ok_and(|s| s.success()), "docker stop {id} failed");
+        return Ok("built the image and ran its default command: it served and stopped on SIGTERM");
+    }
+    let port = mesh_etcd_local::free_port()?;
+    let nothing = mesh_etcd_local::free_port()?;
+    let args: Vec<String> = image
+        .cmd
+        .iter()
+        .map(|a| if a.ends_with(":50051") { a.replace(":50051", &format!(":{port}")) } else { a.clone() })
+        .collect();
+    let log = root.join("target").join("deploy-check-default-command.log");
+    let mut child = Command::new(bin.join(&image.entrypoint[0]))
+        .args(&args)
+        .env("MESH_ETCD", format!("http://127.0.0.1:{nothing}"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?)
+        .spawn()
+        .context("running the image's default command")?;
+    let read = || fs::read_to_string(&log).unwrap_or_default();
+    let served = wait_for(
+        || read().contains("serving greeter.v1") || matches!(child.try_wait(), Ok(Some(_))),
+        Duration::from_secs(30),
+    );
+    let alive = matches!(child.try_wait(), Ok(None));
+    if alive {
+        mesh_etcd_local::signal(child.id(), mesh_etcd_local::Signal::Term)?;
+    }
+    let status = child.wait().context("waiting for greeter-server")?;
+    ensure!(served && alive, "the image's default command {:?} {args:?} did not serve:\n{}", image.entrypoint, read());
+    ensure!(status.success(), "the image's default command exited {status} on SIGTERM:\n{}", read());
+    Ok(
+        "no Docker engine here, so the image was not built; its ENTRYPOINT and CMD, run with this machine's binary, served and stopped on SIGTERM",
+    )
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, within: Duration) -> bool {
+    let start = std::time::Instant::now();
+    while !done() {
+        if start.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 /// Starts etcd on each configuration, moved to loopback ports and a temp data dir, and waits

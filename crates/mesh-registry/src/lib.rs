@@ -21,9 +21,11 @@
 //! What it does not do: decide when to register (the server does, once it listens and
 //! reports SERVING) or read registrations (mesh-discovery does, with [`Instance::decode`]).
 
+mod host;
 mod record;
 mod registrar;
 
+pub use host::{InterfaceAddr, interface_addrs, pick_host_ip};
 pub use record::{DEFAULT_ROOT, DecodeError, Instance, MAX_VALUE_BYTES, check_addr, check_name, prefix};
 pub use registrar::{Registrar, RegistrarConfig, Registration, RegistrationState};
 

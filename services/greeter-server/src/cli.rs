@@ -35,8 +35,9 @@ pub struct Args {
     #[arg(long, env = "MESH_SHUTDOWN_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// The host:port clients should dial, as registered in etcd; default: the bound address
-    /// (required when listening on 0.0.0.0 or `[::]`).
+    /// The host:port clients should dial, as registered in etcd; default: the bound address,
+    /// or, listening on 0.0.0.0 or `[::]`, this host's first private address (the first
+    /// other one without a private one) with the bound port.
     #[arg(long, env = "MESH_ADVERTISE")]
     pub advertise: Option<String>,
 

@@ -226,6 +226,42 @@ async fn the_server_registers_the_documented_json_once_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_every_interface_without_advertise_registers_this_hosts_address() {
+    // The Docker image's default command: --listen 0.0.0.0:50051 and nothing else. It exited
+    // 1 ("pass --advertise"); go-zero and Kratos register the host's address instead.
+    let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
+    let port = mesh_etcd_local::free_port().expect("port");
+    let host = mesh_registry::pick_host_ip(&mesh_registry::interface_addrs());
+    let logs = tempfile::NamedTempFile::new().expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
+        .args(["--listen", &format!("0.0.0.0:{port}"), "--instance-id", "any", "--ttl", "2s"])
+        .args(["--etcd", &etcd.endpoints().join(",")])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logs.reopen().expect("log handle"))
+        .spawn()
+        .expect("start greeter-server");
+    let log = || std::fs::read_to_string(logs.path()).unwrap_or_default();
+    let Some(host) = host else {
+        // A host with loopback only: the server must say what to do, not register 0.0.0.0.
+        let status = child.wait().expect("wait");
+        assert!(!status.success() && log().contains("pass --advertise"), "{status}: {}", log());
+        return;
+    };
+    let addr = std::net::SocketAddr::new(host, port).to_string();
+    let value = eventually("the registration", Duration::from_secs(30), || async {
+        etcd.get(&format!("{PREFIX}any")).await.ok().flatten()
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not registered:\n{}", log()));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(value.contains(&format!(r#""Addr":"{addr}""#)), "{value}");
+    assert!(log().contains(&format!("advertising {addr}")), "{}", log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_three_servers_loses_no_call() {
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
     let mut servers: Vec<Server> = (1..=3).map(|i| Server::start(&format!("s{i}"), &etcd)).collect();
