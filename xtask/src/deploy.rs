@@ -12,6 +12,8 @@
 //!   out the binaries it built; its default command serves and stops cleanly on SIGTERM (in
 //!   the image built for real where a Docker engine answers, else run with the binary built
 //!   here).
+//! - systemd: `systemd-analyze verify` passes on greeter-server.service and `systemd-analyze
+//!   security --offline` rates it at most 2.0, where systemd-analyze exists.
 //! - docs/OPERATING.md names every flag and `MESH_*` variable of both services.
 //! - The etcd configurations run: the one-member file and the three member files start a
 //!   real etcd (on loopback ports instead of their hosts') that becomes healthy.
@@ -49,6 +51,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     println!("deploy-check: k8s: flags, downward-API pod IP, gRPC readiness, TLS mounts, termination grace");
     systemd(&deploy.join("systemd"), &server)?;
     println!("deploy-check: systemd: MESH_* variables exist; the stop timeout covers grace and drain");
+    println!("deploy-check: systemd: {}", systemd_analyze(&root, &deploy.join("systemd"), &bin)?);
     let image = dockerfile(&root, &deploy.join("docker/Dockerfile"))?;
     println!("deploy-check: Dockerfile: its COPY sources exist, it builds workspace binaries and copies them out");
     let how = default_command(&root, &image, &bin)?;
@@ -304,6 +307,49 @@ fn systemd(dir: &Path, server: &Cli) -> anyhow::Result<()> {
     let drain = seconds(values.get("MESH_DRAIN_TIMEOUT").map_or("10s", String::as_str))?;
     ensure!(stop > grace + drain, "greeter-server.service: TimeoutStopSec {stop} s does not cover {grace} + {drain} s");
     Ok(())
+}
+
+/// The exposure `systemd-analyze security` may give greeter-server.service, times ten.
+const MAX_EXPOSURE_TENTHS: u32 = 20;
+
+/// `systemd-analyze verify` on greeter-server.service (its ExecStart pointed at the binary
+/// built here, since verify wants it to exist) and `security --offline` within
+/// [`MAX_EXPOSURE_TENTHS`]; said so where there is no systemd-analyze.
+fn systemd_analyze(root: &Path, dir: &Path, bin: &Path) -> anyhow::Result<String> {
+    let unit = dir.join("greeter-server.service");
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        return Ok("no systemd-analyze on this machine: the unit was neither verified nor scored".into());
+    }
+    let text = fs::read_to_string(&unit).with_context(|| format!("reading {}", unit.display()))?;
+    let work = root.join("target").join("deploy-check-systemd");
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let copy = work.join("greeter-server.service");
+    let built = bin.join("greeter-server");
+    fs::write(
+        &copy,
+        text.replace("ExecStart=/usr/local/bin/greeter-server", &format!("ExecStart={}", built.display())),
+    )
+    .with_context(|| format!("writing {}", copy.display()))?;
+    let verify = Command::new("systemd-analyze").arg("verify").arg(&copy).output().context("systemd-analyze verify")?;
+    let said = String::from_utf8_lossy(&verify.stderr);
+    // Only what is about this unit: a machine without the units it orders itself after
+    // (etcd.service) says so, which is not the unit's fault.
+    let complaints: Vec<&str> = said.lines().filter(|l| l.contains("greeter-server.service")).collect();
+    ensure!(verify.status.success() && complaints.is_empty(), "systemd-analyze verify greeter-server.service:\n{said}");
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", &format!("--threshold={MAX_EXPOSURE_TENTHS}")])
+        .arg(&unit)
+        .output()
+        .context("systemd-analyze security")?;
+    let out = String::from_utf8_lossy(&security.stdout);
+    let overall = out.lines().find(|l| l.contains("Overall exposure level")).unwrap_or("no overall exposure level");
+    ensure!(
+        security.status.success(),
+        "systemd-analyze security: greeter-server.service is above {}.{}: {overall}\n{out}",
+        MAX_EXPOSURE_TENTHS / 10,
+        MAX_EXPOSURE_TENTHS % 10
+    );
+    Ok(format!("systemd-analyze verify passes; security: {}", overall.trim_start_matches('→').trim()))
 }
 
 /// The Dockerfile's instructions, each on one line (continuations joined).
