@@ -6,8 +6,10 @@
 //!   file, the Kubernetes manifests and the systemd files is one the binary accepts (read
 //!   from its `--help`), so a renamed flag cannot leave deploy/ behind.
 //! - The Kubernetes greeter-server: the advertised address is the pod IP from the downward
-//!   API, readiness is the gRPC probe on the port it listens on, the TLS files are under a
-//!   mounted secret, and the termination grace covers preStop + shutdown grace + drain.
+//!   API, the TLS files are under a mounted secret, the termination grace covers preStop +
+//!   shutdown grace + drain, and the probes are the kubelet's gRPC probe on a plaintext port:
+//!   the server is started with the manifest's arguments and probed as the kubelet does
+//!   (plaintext grpc.health.v1), which must answer SERVING, while the TLS port must not.
 //! - The Dockerfile copies paths that exist, builds packages of this workspace, and copies
 //!   out the binaries it built; its default command serves and stops cleanly on SIGTERM (in
 //!   the image built for real where a Docker engine answers, else run with the binary built
@@ -47,8 +49,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
 
     compose(&load(&deploy.join("docker/compose.yaml"))?, &server, &client)?;
     println!("deploy-check: compose: every greeter flag and MESH_* variable exists");
-    kubernetes(&deploy.join("k8s"), &server, &client)?;
-    println!("deploy-check: k8s: flags, downward-API pod IP, gRPC readiness, TLS mounts, termination grace");
+    kubernetes(&deploy.join("k8s"), &bin, &server, &client)?;
+    println!(
+        "deploy-check: k8s: flags, downward-API pod IP, TLS mounts, termination grace; the kubelet's plaintext gRPC probe gets SERVING from the server started with the manifest's arguments"
+    );
     systemd(&deploy.join("systemd"), &server)?;
     println!("deploy-check: systemd: MESH_* variables exist; the stop timeout covers grace and drain");
     println!("deploy-check: systemd: {}", systemd_analyze(&root, &deploy.join("systemd"), &bin)?);
@@ -190,7 +194,7 @@ fn compose(docs: &[Yaml], server: &Cli, client: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kubernetes(dir: &Path, server: &Cli, client: &Cli) -> anyhow::Result<()> {
+fn kubernetes(dir: &Path, bin: &Path, server: &Cli, client: &Cli) -> anyhow::Result<()> {
     let mut saw_server = false;
     for file in ["etcd.yaml", "greeter-server.yaml", "greeter-client.yaml"] {
         for doc in load(&dir.join(file))? {
@@ -213,6 +217,7 @@ fn kubernetes(dir: &Path, server: &Cli, client: &Cli) -> anyhow::Result<()> {
                 }
                 if cli.name == "greeter-server" {
                     greeter_server_pod(pod, c, &args, &at)?;
+                    kubelet_probe(bin, c, &args, &at)?;
                     saw_server = true;
                 }
             }
@@ -254,10 +259,22 @@ fn greeter_server_pod(pod: &Yaml, c: &Yaml, args: &[String], at: &str) -> anyhow
     let listen = arg(args, "--listen").context("no --listen")?;
     let port: i64 = listen.rsplit(':').next().unwrap_or_default().parse().context("--listen has no port")?;
     ensure!(advertise.ends_with(&format!(":{port}")), "{at}: it advertises another port than it listens on");
-    ensure!(
-        c["readinessProbe"]["grpc"]["port"].as_i64() == Some(port),
-        "{at}: readiness is not the gRPC probe on {port}"
-    );
+    // The kubelet's gRPC probe speaks plaintext only: against a TLS port it always fails.
+    let tls = arg(args, "--tls-cert").is_some();
+    let health_port = arg(args, "--health-listen").map(|h| h.rsplit(':').next().unwrap_or_default().parse::<i64>());
+    let health_port = health_port.transpose().context("--health-listen has no port")?;
+    let probed = if tls {
+        health_port
+            .with_context(|| format!("{at}: a TLS server needs --health-listen for the kubelet's plaintext probe"))?
+    } else {
+        health_port.unwrap_or(port)
+    };
+    for probe in ["readinessProbe", "livenessProbe"] {
+        ensure!(
+            c[probe]["grpc"]["port"].as_i64() == Some(probed),
+            "{at}: {probe} is not the gRPC probe on the plaintext health port {probed}"
+        );
+    }
     ensure!(arg(args, "--etcd").is_some_and(|e| e.contains("//etcd:")), "{at}: etcd is not reached by Service name");
 
     let mounts: Vec<String> = c["volumeMounts"]
@@ -281,6 +298,82 @@ fn greeter_server_pod(pod: &Yaml, c: &Yaml, args: &[String], at: &str) -> anyhow
         termination > pre_stop + grace + drain,
         "{at}: terminationGracePeriodSeconds {termination} does not cover preStop {pre_stop} + grace {grace} + drain {drain}"
     );
+    Ok(())
+}
+
+/// Starts greeter-server with the container's arguments (pod IP and name filled in, its
+/// ports moved to free loopback ones, certificates made here, etcd pointed at a port nothing
+/// listens on) and probes it as the kubelet does: a plaintext grpc.health.v1 check on the
+/// readiness probe's port, which must answer SERVING.
+fn kubelet_probe(bin: &Path, c: &Yaml, args: &[String], at: &str) -> anyhow::Result<()> {
+    let probe_port =
+        c["readinessProbe"]["grpc"]["port"].as_i64().with_context(|| format!("{at}: no gRPC readiness probe"))?;
+    let dir = util::root().join("target").join("deploy-check-kubelet");
+    let _ = fs::remove_dir_all(&dir);
+    let pki = mesh_etcd_local::pki::Pki::create(&dir, "deploy-check")?;
+    let cert = pki.issue("server", "greeter", &["127.0.0.1"], mesh_etcd_local::pki::Validity::Current)?;
+    let nothing = mesh_etcd_local::free_port()?;
+    let mut moved = std::collections::BTreeMap::new();
+    let mut probe_at = None;
+    let mut run_args = Vec::new();
+    for a in args {
+        let Some((flag, value)) = a.split_once('=') else {
+            run_args.push(a.clone());
+            continue;
+        };
+        let value = match flag {
+            "--listen" | "--health-listen" | "--metrics-listen" => {
+                let port = value.rsplit(':').next().unwrap_or_default().to_string();
+                let free = mesh_etcd_local::free_port()?;
+                if port == probe_port.to_string() {
+                    probe_at = Some(free);
+                }
+                moved.insert(port, free);
+                format!("127.0.0.1:{free}")
+            }
+            "--advertise" => "127.0.0.1:1".to_string(),
+            "--instance-id" => "deploy-check".to_string(),
+            "--etcd" => format!("http://127.0.0.1:{nothing}"),
+            "--tls-cert" => cert.cert.display().to_string(),
+            "--tls-key" => cert.key.display().to_string(),
+            _ => value.to_string(),
+        };
+        run_args.push(format!("{flag}={value}"));
+    }
+    let probe_at =
+        probe_at.with_context(|| format!("{at}: the probe's port {probe_port} is none the server listens on"))?;
+    let log = dir.join("greeter-server.log");
+    let mut child = Command::new(bin.join("greeter-server"))
+        .args(&run_args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?)
+        .spawn()
+        .context("starting greeter-server with the manifest's arguments")?;
+    let read = || fs::read_to_string(&log).unwrap_or_default();
+    let served = wait_for(
+        || read().contains("serving greeter.v1") || matches!(child.try_wait(), Ok(Some(_))),
+        Duration::from_secs(30),
+    );
+    let probe = |port: u16| {
+        Command::new(bin.join("greeter-client"))
+            .args(["health", "--target", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let main_port = arg(args, "--listen").and_then(|l| l.rsplit(':').next()).unwrap_or_default();
+    let (probed, main) = (probe(probe_at), moved.get(main_port).map(|&p| probe(p)));
+    let _ = mesh_etcd_local::signal(child.id(), mesh_etcd_local::Signal::Term);
+    let _ = child.wait();
+    ensure!(served, "{at}: greeter-server did not start with the manifest's arguments {run_args:?}:\n{}", read());
+    ensure!(probed, "{at}: the kubelet's plaintext gRPC probe on port {probe_port} did not get SERVING:\n{}", read());
+    if arg(args, "--tls-cert").is_some() {
+        // The check is worth something only if a plaintext probe of the TLS port fails.
+        ensure!(main == Some(false), "{at}: a plaintext probe of the TLS port answered SERVING");
+    }
     Ok(())
 }
 

@@ -113,6 +113,12 @@ pub struct Args {
     #[arg(long, env = "MESH_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Serve grpc.health.v1 alone, in plaintext, on this address too: for probes that cannot
+    /// speak TLS, such as the kubelet's gRPC probe against a TLS server. It answers what the
+    /// main port would (NOT_SERVING from the start of a shutdown) and closes last.
+    #[arg(long, env = "MESH_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// How long a new connection may take to finish its TLS handshake.
     #[arg(long, env = "MESH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,

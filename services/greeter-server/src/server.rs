@@ -58,6 +58,10 @@ pub struct ServeOptions {
     /// Count calls and sample the limiter into the process's metrics recorder (see
     /// `mesh_metrics::install`).
     pub metrics: bool,
+    /// Where to serve grpc.health.v1 alone, in plaintext, beside the main port: for probes
+    /// that cannot speak TLS (the kubelet's gRPC probe). It reports what the main port does,
+    /// NOT_SERVING from the first moment of the shutdown, and closes last.
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// What one client connection may do, so that a hostile or broken client cannot take the
@@ -108,6 +112,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("tls", &self.tls)
             .field("limits", &self.limits)
             .field("metrics", &self.metrics)
+            .field("health_listen", &self.health_listen)
             .finish()
     }
 }
@@ -254,6 +259,7 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
         tls,
         limits,
         metrics: metrics.is_some(),
+        health_listen: args.health_listen,
     };
     let result = serve_until(listener, options, shutdown, cut_short).await;
     if let Some(report) = report
@@ -375,6 +381,28 @@ pub async fn serve_until(
         options.log_filter.clone(),
         initial,
     ));
+    // Health alone, in plaintext, for probes that cannot do TLS; bound before registering.
+    let (stop_health, health_stopped) = oneshot::channel::<()>();
+    let health_server = match options.health_listen {
+        Some(addr) => {
+            let listener =
+                mesh_tls::listen(addr, None).with_context(|| format!("listening on {addr} (--health-listen)"))?;
+            let bound = listener.local_addr().context("reading the health address")?;
+            info!("grpc.health.v1 in plaintext on {bound}");
+            let incoming = mesh_tls::incoming(listener, None, options.limits.incoming);
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .max_concurrent_streams(options.limits.max_concurrent_streams)
+                    .http2_max_header_list_size(options.limits.max_header_list_size)
+                    .http2_max_pending_accept_reset_streams(Some(options.limits.max_pending_resets))
+                    .add_service(health_service.clone())
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = health_stopped.await;
+                    }),
+            )))
+        }
+        None => None,
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     // New handshakes use a renewed certificate as soon as it is on disk (or on SIGHUP).
     let _reloading = options.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
@@ -458,6 +486,11 @@ pub async fn serve_until(
             warn!("shutdown cut short: calls still in flight were cut");
             server.abort();
         }
+    }
+    // Probes have seen NOT_SERVING all along the drain; the health port closes last.
+    let _ = stop_health.send(());
+    if let Some(health) = health_server {
+        let _ = tokio::time::timeout(Duration::from_secs(1), health).await;
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ async fn start(instance: &str) -> Running {
         tls: None,
         limits: Default::default(),
         metrics: false,
+        health_listen: None,
     };
     let task = tokio::spawn(serve(listener, options, async {
         let _ = stopped.await;

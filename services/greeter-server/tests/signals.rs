@@ -1,6 +1,7 @@
 //! greeter-server processes as an init system and an operator signal them: SIGHUP (a
 //! `systemctl reload`) reloads what there is and ends nothing; a second SIGTERM or SIGINT
-//! cuts the shutdown short; a shutdown with etcd hung says what it could not do.
+//! cuts the shutdown short; a shutdown with etcd hung says what it could not do; a TLS
+//! server answers plaintext health probes (the kubelet's) on its health port.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -172,4 +173,37 @@ async fn with_etcd_hung_the_shutdown_logs_why_it_did_not_deregister_and_never_cl
     println!("{line}");
     assert!(line.contains("the key expires with its lease"), "no reason why it did not deregister:\n{log}");
     assert!(!log.contains("deregistered; serving out the grace period"), "it claimed to have deregistered:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_answers_plaintext_health_probes_on_its_health_port_until_it_stops() {
+    // The kubelet's gRPC probe cannot speak TLS: against the TLS port it always fails.
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = mesh_etcd_local::pki::Pki::create(dir.path(), "health").expect("ca");
+    let cert = pki.issue("server", "greeter", &["127.0.0.1"], mesh_etcd_local::pki::Validity::Current).expect("cert");
+    let (addr, health) = (free_addr(), free_addr());
+    let (c, k) = (path(&cert.cert), path(&cert.key));
+    let mut s = server(&addr, &["--tls-cert", c, "--tls-key", k, "--health-listen", &health]);
+    s.wait_for("serving greeter.v1");
+    let connect = |a: &str| {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{a}")).expect("uri");
+        async move { endpoint.connect().await }
+    };
+    let mut probe = HealthClient::new(connect(&health).await.expect("plaintext connect"));
+    let status = probe.check(HealthCheckRequest { service: String::new() }).await.expect("a check").into_inner().status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let mut watch = probe.watch(HealthCheckRequest { service: String::new() }).await.expect("a watch").into_inner();
+    assert_eq!(watch.message().await.expect("a status").map(|r| r.status), Some(ServingStatus::Serving as i32));
+    // The same probe against the TLS port fails, as the kubelet's did.
+    let failed = match connect(&addr).await {
+        Ok(channel) => HealthClient::new(channel).check(HealthCheckRequest::default()).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(failed, "a plaintext probe of the TLS port passed");
+    s.signal(Signal::Term);
+    assert_eq!(watch.message().await.expect("a status").map(|r| r.status), Some(ServingStatus::NotServing as i32));
+    let status = s.child.wait().expect("wait");
+    assert!(status.success(), "{status}:\n{}", s.log());
 }
