@@ -695,14 +695,17 @@ where
                             response
                         }
                         Err(e) => {
-                            let mut status = status::of_error(e.into(), &guard.slot.label);
+                            let e = e.into();
+                            // A call the server never took (a graceful GOAWAY) says nothing of it.
+                            let taken = !mesh_util::transport::never_taken(&*e);
+                            let mut status = status::of_error(e, &guard.slot.label);
                             if status.code() == tonic::Code::Cancelled
                                 && guard.deadline.is_some_and(|d| Instant::now().into_std() >= d)
                             {
                                 let message = format!("{}: the call's deadline passed", guard.slot.label);
                                 status = Status::deadline_exceeded(message);
                             }
-                            guard.finish(status::counts_against_endpoint(status.code()));
+                            guard.finish(taken && status::counts_against_endpoint(status.code()));
                             let mut response = status.into_http();
                             response.extensions_mut().insert(FailedAt(guard.slot.id.clone()));
                             response

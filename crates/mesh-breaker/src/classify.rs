@@ -103,6 +103,10 @@ impl Classify for GrpcClassifier {
     }
 
     fn classify_error(&self, error: &(dyn std::error::Error + 'static)) -> Outcome {
+        // A call the server never took (a graceful GOAWAY) says nothing of its health.
+        if mesh_util::transport::never_taken(error) {
+            return Outcome::Ignored;
+        }
         let mut next = Some(error);
         while let Some(e) = next {
             if let Some(status) = e.downcast_ref::<tonic::Status>() {

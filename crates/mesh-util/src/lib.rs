@@ -1,8 +1,9 @@
 //! Small pieces that several mesh crates need, written once: [`Backoff`], the jittered
 //! exponential backoff of every recovery loop (etcd watches, the registry, the balancer's
 //! probes), and [`error_chain`], which turns an error and its sources into one line for
-//! logs and gRPC messages, and [`grpc`], the `grpc-status` and `grpc-timeout` headers that
-//! the balancer, the breaker and the retry layer all read.
+//! logs and gRPC messages, [`grpc`], the `grpc-status` and `grpc-timeout` headers that
+//! the balancer, the breaker and the retry layer all read, and [`transport`], what a
+//! transport error says of the server.
 //!
 //! ```
 //! use std::time::Duration;
@@ -21,6 +22,7 @@
 
 mod backoff;
 pub mod grpc;
+pub mod transport;
 
 pub use backoff::Backoff;
 

@@ -226,6 +226,40 @@ async fn when_every_endpoint_is_ejected_the_call_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_closing_connections_gracefully_is_never_counted_against_by_its_breaker() {
+    // GOAWAY(NO_ERROR) as a maximum connection age sends it: calls it refused (above its
+    // last stream) and calls hyper had queued on the closing connection never reached the
+    // greeter. On a busy machine five of them in a row opened the endpoint's breaker and
+    // ejected a healthy server; here one counted failure would.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let greeter = Flaky::new("aged", false);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_connection_age(Duration::from_millis(100))
+            .add_service(GreeterServer::new(greeter.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let set = EndpointSet::from_addresses([addr.clone()]);
+    let resilience = resilience(BreakerConfig::default().with_failure_threshold(1), 3);
+    let mesh = Mesh::spawn(BalancerConfig::new("greeter"), &resilience, tokio_stream::once(set)).expect("valid");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = GreeterClient::new(mesh.channel.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..300 {
+                let _ = hello(&mut client).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("caller");
+    }
+    let breaker = mesh.endpoint_breaker(&addr).expect("the endpoint's breaker");
+    assert_eq!(breaker.transitions(), 0, "graceful closes opened the breaker ({:?})", breaker.state());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_closed_by_the_server_fail_no_call_through_the_whole_stack() {
     // A server that closes every connection after 300 ms, as servers with a maximum
     // connection age do: a call hyper had queued on a closing connection is cancelled
