@@ -9,12 +9,16 @@ pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const PING: u8 = 0x6;
 const ACK: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
 
 /// ENHANCE_YOUR_CALM, and the words grpc-go clients look for to back off their keepalive.
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const TOO_MANY_PINGS: &[u8] = b"too_many_pings";
+const NO_ERROR: u32 = 0x0;
+const IDLE: &[u8] = b"idle";
 
 /// A frame's header: its type, flags, stream and payload length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,23 +129,56 @@ pub(crate) struct Guard {
     per_sec: u32,
     /// The highest stream the client opened, for the GOAWAY.
     last_stream: u32,
+    /// The streams open now: opened by the client's HEADERS, closed by the server's
+    /// END_STREAM or a reset either way. Bounded by the streams the server lets be open.
+    open: std::collections::HashSet<u32>,
+    /// When the connection last had no stream open (since it was made, at first).
+    idle_since: Instant,
 }
 
 /// Why a guard closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
+    /// More PINGs than allowed.
     TooManyPings,
+    /// No stream open for the idle bound.
+    Idle(Duration),
+    /// The HTTP/2 preface did not come within the bound.
+    NoPreface(Duration),
 }
 
 impl Guard {
     /// `max_pings_per_sec` 0: no limit on PINGs.
-    pub(crate) fn new(max_pings_per_sec: u32) -> Self {
+    pub(crate) fn new(max_pings_per_sec: u32, now: Instant) -> Self {
         Guard {
             input: Frames::from_client(),
             output: Frames::from_server(),
             pings: (max_pings_per_sec > 0).then(|| PingBudget::new(max_pings_per_sec)),
             per_sec: max_pings_per_sec,
             last_stream: 0,
+            open: std::collections::HashSet::new(),
+            idle_since: now,
+        }
+    }
+
+    /// Whether the client's preface has come whole.
+    pub(crate) fn preface_done(&self) -> bool {
+        self.input.preface_left == 0
+    }
+
+    /// Streams open now.
+    pub(crate) fn open_streams(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Since when no stream has been open (meaningful while none is).
+    pub(crate) fn idle_since(&self) -> Instant {
+        self.idle_since
+    }
+
+    fn closed(open: &mut std::collections::HashSet<u32>, idle_since: &mut Instant, stream: u32) {
+        if open.remove(&stream) && open.is_empty() {
+            *idle_since = Instant::now();
         }
     }
 
@@ -149,10 +186,16 @@ impl Guard {
     /// asked only when a PING comes.
     pub(crate) fn read(&mut self, bytes: &[u8], now: impl Fn() -> Instant) -> Option<Verdict> {
         let (pings, last_stream) = (&mut self.pings, &mut self.last_stream);
+        let (open, idle_since) = (&mut self.open, &mut self.idle_since);
         let mut verdict = None;
         self.input.feed(bytes, |f| {
-            if f.kind == HEADERS && f.stream % 2 == 1 {
-                *last_stream = (*last_stream).max(f.stream);
+            // A new stream: HEADERS on an odd stream above every one before it.
+            if f.kind == HEADERS && f.stream % 2 == 1 && f.stream > *last_stream {
+                *last_stream = f.stream;
+                open.insert(f.stream);
+            }
+            if f.kind == RST_STREAM {
+                Self::closed(open, idle_since, f.stream);
             }
             if f.kind == PING
                 && f.flags & ACK == 0
@@ -169,12 +212,16 @@ impl Guard {
 
     /// Follows what the server wrote.
     pub(crate) fn wrote(&mut self, bytes: &[u8]) {
-        let pings = &mut self.pings;
+        let (pings, open, idle_since) = (&mut self.pings, &mut self.open, &mut self.idle_since);
         self.output.feed(bytes, |f| {
             if (f.kind == HEADERS || f.kind == DATA)
                 && let Some(budget) = pings.as_mut()
             {
                 budget.forgive();
+            }
+            let ends = (f.kind == HEADERS || f.kind == DATA) && f.flags & END_STREAM != 0;
+            if ends || f.kind == RST_STREAM {
+                Self::closed(open, idle_since, f.stream);
             }
             true
         });
@@ -186,29 +233,37 @@ impl Guard {
         self.output.at_boundary()
     }
 
-    /// The GOAWAY that tells the client why: ENHANCE_YOUR_CALM "too_many_pings".
-    pub(crate) fn goaway(&self, _verdict: Verdict) -> Vec<u8> {
-        let mut frame = Vec::with_capacity(9 + 8 + TOO_MANY_PINGS.len());
-        let len = (8 + TOO_MANY_PINGS.len()) as u32;
+    /// The GOAWAY that tells the client why: ENHANCE_YOUR_CALM "too_many_pings", or
+    /// NO_ERROR "idle" (a client dials again when it next calls); none before the preface.
+    pub(crate) fn goaway(&self, verdict: Verdict) -> Option<Vec<u8>> {
+        let (code, why) = match verdict {
+            Verdict::TooManyPings => (ENHANCE_YOUR_CALM, TOO_MANY_PINGS),
+            Verdict::Idle(_) => (NO_ERROR, IDLE),
+            Verdict::NoPreface(_) => return None,
+        };
+        let mut frame = Vec::with_capacity(9 + 8 + why.len());
+        let len = (8 + why.len()) as u32;
         frame.extend_from_slice(&len.to_be_bytes()[1..]);
         frame.extend_from_slice(&[0x7, 0]);
         frame.extend_from_slice(&0u32.to_be_bytes());
         frame.extend_from_slice(&self.last_stream.to_be_bytes());
-        frame.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
-        frame.extend_from_slice(TOO_MANY_PINGS);
-        frame
+        frame.extend_from_slice(&code.to_be_bytes());
+        frame.extend_from_slice(why);
+        Some(frame)
     }
 
-    /// The error the connection's reads end with.
-    pub(crate) fn error(&self, verdict: Verdict) -> std::io::Error {
+    /// How the connection's reads end: an error that says why, or (idle) its end.
+    pub(crate) fn end(&self, verdict: Verdict) -> std::io::Result<()> {
+        let error = |why: String| Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
         match verdict {
-            Verdict::TooManyPings => std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "too many pings: more than {} a second with no headers or data from the server between them; connection closed (GOAWAY ENHANCE_YOUR_CALM too_many_pings)",
-                    self.per_sec
-                ),
-            ),
+            Verdict::TooManyPings => error(format!(
+                "too many pings: more than {} a second with no headers or data from the server between them; connection closed (GOAWAY ENHANCE_YOUR_CALM too_many_pings)",
+                self.per_sec
+            )),
+            Verdict::NoPreface(within) => {
+                error(format!("no HTTP/2 preface within {within:?} of the connection; closed"))
+            }
+            Verdict::Idle(_) => Ok(()),
         }
     }
 }

@@ -93,7 +93,17 @@ impl ServerTls {
 pub struct ServerIo {
     stream: Stream,
     guard: Option<Guard>,
+    /// When the connection must have sent its preface, and how long it may stay without a
+    /// stream: checked when this fires.
+    timer: Option<Timer>,
     closing: Option<Closing>,
+}
+
+#[derive(Debug)]
+struct Timer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    preface_within: Duration,
+    max_idle: Option<Duration>,
 }
 
 type Stream = MaybeTls<TlsStream<TcpStream>>;
@@ -111,9 +121,66 @@ struct Closing {
 }
 
 impl ServerIo {
-    fn new(stream: Stream, max_pings_per_sec: u32) -> Self {
-        let guard = (max_pings_per_sec > 0).then(|| Guard::new(max_pings_per_sec));
-        ServerIo { stream, guard, closing: None }
+    fn new(stream: Stream, options: &IncomingOptions) -> Self {
+        let now = Instant::now();
+        let guard = Guard::new(options.max_pings_per_sec, now);
+        // The preface first: a connection that sends none in time is closed.
+        let preface_within = options.handshake_timeout;
+        let timer = Timer {
+            sleep: Box::pin(tokio::time::sleep_until((now + preface_within).into())),
+            preface_within,
+            max_idle: options.max_connection_idle,
+        };
+        ServerIo { stream, guard: Some(guard), timer: Some(timer), closing: None }
+    }
+
+    /// When the timer fires: the connection's verdict if it must go, else the timer moved
+    /// to the next moment it could have to.
+    fn check_timer(&mut self, cx: &mut Context<'_>) -> Option<Verdict> {
+        let (Some(guard), Some(timer)) = (self.guard.as_ref(), self.timer.as_mut()) else { return None };
+        if timer.sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        if !guard.preface_done() {
+            return Some(Verdict::NoPreface(timer.preface_within));
+        }
+        let Some(max_idle) = timer.max_idle else {
+            self.timer = None;
+            return None;
+        };
+        let now = Instant::now();
+        let next = if guard.open_streams() > 0 {
+            // Busy: it cannot be idle before a bound from now.
+            now + max_idle
+        } else if now >= guard.idle_since() + max_idle {
+            return Some(Verdict::Idle(max_idle));
+        } else {
+            guard.idle_since() + max_idle
+        };
+        timer.sleep.as_mut().reset(next.into());
+        // Polled again so that it wakes this connection then.
+        let _ = timer.sleep.as_mut().poll(cx);
+        None
+    }
+
+    fn start_closing(&mut self, verdict: Verdict, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(guard) = self.guard.as_ref() else { return Poll::Ready(Ok(())) };
+        match guard.goaway(verdict) {
+            // The server is half way through a frame of its own: no GOAWAY, just the close.
+            Some(_) if !guard.can_interject() => Poll::Ready(guard.end(verdict)),
+            None => Poll::Ready(guard.end(verdict)),
+            Some(goaway) => {
+                self.closing = Some(Closing {
+                    verdict,
+                    goaway,
+                    written: 0,
+                    shut: false,
+                    drained: 0,
+                    linger: Box::pin(tokio::time::sleep(LINGER)),
+                });
+                self.poll_close(cx)
+            }
+        }
     }
 
     /// The TLS session, for a connection that completed a handshake: the client's
@@ -124,12 +191,12 @@ impl ServerIo {
 
     /// Sends the GOAWAY, shuts the writing side, lingers; ends with the guard's error.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let ServerIo { stream, guard, closing } = self;
+        let ServerIo { stream, guard, closing, .. } = self;
         let (Some(closing), Some(guard)) = (closing.as_mut(), guard.as_ref()) else {
             return Poll::Ready(Ok(()));
         };
         let verdict = closing.verdict;
-        let done = || Poll::Ready(Err(guard.error(verdict)));
+        let done = || Poll::Ready(guard.end(verdict));
         if closing.linger.as_mut().poll(cx).is_ready() {
             return done();
         }
@@ -182,23 +249,20 @@ impl AsyncRead for ServerIo {
         }
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(guard)) = (&poll, this.guard.as_mut())
-            && let Some(verdict) = guard.read(&buf.filled()[before..], Instant::now)
-        {
-            buf.set_filled(before);
-            if !guard.can_interject() {
-                // The server is half way through a frame of its own: no GOAWAY, just the close.
-                return Poll::Ready(Err(guard.error(verdict)));
+        match (&poll, this.guard.as_mut()) {
+            (Poll::Ready(Ok(())), Some(guard)) => {
+                if let Some(verdict) = guard.read(&buf.filled()[before..], Instant::now) {
+                    buf.set_filled(before);
+                    return this.start_closing(verdict, cx);
+                }
             }
-            this.closing = Some(Closing {
-                verdict,
-                goaway: guard.goaway(verdict),
-                written: 0,
-                shut: false,
-                drained: 0,
-                linger: Box::pin(tokio::time::sleep(LINGER)),
-            });
-            return this.poll_close(cx);
+            // Nothing to read: the moment to check for a missing preface or idleness.
+            (Poll::Pending, Some(_)) => {
+                if let Some(verdict) = this.check_timer(cx) {
+                    return this.start_closing(verdict, cx);
+                }
+            }
+            _ => {}
         }
         poll
     }
@@ -290,15 +354,22 @@ pub struct IncomingOptions {
     /// TCP keepalive: after this long idle the kernel probes the peer, so a dead peer's
     /// connection is closed (three probes, this far apart / 6). `None` for off.
     pub tcp_keepalive: Option<Duration>,
+    /// A connection with no call open for this long is closed with GOAWAY(NO_ERROR) "idle"
+    /// (its client dials again when it next calls). `None`: never. A connection must also
+    /// send its HTTP/2 preface within `handshake_timeout` of being accepted (or of its TLS
+    /// handshake), else it is closed.
+    pub max_connection_idle: Option<Duration>,
 }
 
 impl Default for IncomingOptions {
-    /// 10 s for a handshake, 10 pings a second, TCP keepalive after 60 s idle.
+    /// 10 s for a handshake and for the preface, 10 pings a second, TCP keepalive after
+    /// 60 s idle, a connection without calls closed after 5 minutes.
     fn default() -> Self {
         IncomingOptions {
             handshake_timeout: Duration::from_secs(10),
             max_pings_per_sec: 10,
             tcp_keepalive: Some(Duration::from_secs(60)),
+            max_connection_idle: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -326,7 +397,7 @@ async fn accept_loop(
     options: IncomingOptions,
     tx: mpsc::Sender<io::Result<ServerIo>>,
 ) {
-    let IncomingOptions { handshake_timeout, max_pings_per_sec, tcp_keepalive } = options;
+    let IncomingOptions { handshake_timeout, tcp_keepalive, .. } = options;
     let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
     let throttle = Arc::new(Throttle::default());
     loop {
@@ -358,7 +429,7 @@ async fn accept_loop(
             }
         }
         let Some(tls) = &tls else {
-            if tx.send(Ok(ServerIo::new(MaybeTls::Plain(tcp), max_pings_per_sec))).await.is_err() {
+            if tx.send(Ok(ServerIo::new(MaybeTls::Plain(tcp), &options))).await.is_err() {
                 return;
             }
             continue;
@@ -376,7 +447,7 @@ async fn accept_loop(
             drop(leave);
             match outcome {
                 Ok(Ok(stream)) => {
-                    let _ = handed.send(Ok(ServerIo::new(MaybeTls::Tls(Box::new(stream)), max_pings_per_sec))).await;
+                    let _ = handed.send(Ok(ServerIo::new(MaybeTls::Tls(Box::new(stream)), &options))).await;
                 }
                 // A connection closed before a word (a TCP probe, a port scan) is routine.
                 Ok(Err(Refused::Quiet(why))) => debug!("{why}"),

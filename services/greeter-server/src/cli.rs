@@ -119,7 +119,13 @@ pub struct Args {
     #[arg(long, env = "MESH_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
 
-    /// How long a new connection may take to finish its TLS handshake.
+    /// Close a connection that has had no call open for this long, with GOAWAY(NO_ERROR)
+    /// "idle" (its client dials again when it next calls); 0s for never.
+    #[arg(long, env = "MESH_MAX_CONNECTION_IDLE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_connection_idle: Duration,
+
+    /// How long a new connection may take to finish its TLS handshake, and then to send its
+    /// HTTP/2 preface; it is closed otherwise.
     #[arg(long, env = "MESH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
@@ -213,6 +219,7 @@ impl Args {
                 handshake_timeout: self.handshake_timeout,
                 max_pings_per_sec: self.max_pings_per_sec,
                 tcp_keepalive: Some(self.tcp_keepalive).filter(|d| !d.is_zero()),
+                max_connection_idle: Some(self.max_connection_idle).filter(|d| !d.is_zero()),
             },
         }
     }

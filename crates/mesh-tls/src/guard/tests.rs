@@ -31,7 +31,7 @@ fn pings_over_the_budget_are_refused_wherever_the_reads_cut_the_frames() {
             bytes.extend(ping());
             bytes.extend(frame(PING, ACK, 0, &[7; 8])); // an ACK does not count
         }
-        let mut guard = Guard::new(10);
+        let mut guard = Guard::new(10, Instant::now());
         assert_eq!(read(&mut guard, &bytes, piece, t0), None, "ten pings are allowed");
         assert_eq!(read(&mut guard, &ping(), piece, t0), Some(Verdict::TooManyPings), "the eleventh is not");
     }
@@ -45,14 +45,14 @@ fn other_client_frames_between_pings_do_not_reset_the_count() {
         bytes.extend(ping());
         bytes.extend(frame(0x8, 0, 0, &[0, 0, 0, 1]));
     }
-    let mut guard = Guard::new(10);
+    let mut guard = Guard::new(10, Instant::now());
     assert_eq!(read(&mut guard, &bytes, 7, Instant::now()), Some(Verdict::TooManyPings));
 }
 
 #[test]
 fn headers_or_data_from_the_server_forgive_the_pings_and_payloads_are_not_frames() {
     let t0 = Instant::now();
-    let mut guard = Guard::new(10);
+    let mut guard = Guard::new(10, Instant::now());
     assert_eq!(read(&mut guard, H2_PREFACE, 3, t0), None);
     for round in 0..100u32 {
         assert_eq!(read(&mut guard, &[ping(), ping(), ping()].concat(), 5, t0), None, "round {round}");
@@ -63,17 +63,17 @@ fn headers_or_data_from_the_server_forgive_the_pings_and_payloads_are_not_frames
         assert!(guard.can_interject());
     }
     // A DATA frame from the client whose payload holds what would be PING headers.
-    let mut guard = Guard::new(10);
+    let mut guard = Guard::new(10, Instant::now());
     let bytes = [H2_PREFACE.to_vec(), frame(DATA, 0, 1, &ping().repeat(20))].concat();
     assert_eq!(read(&mut guard, &bytes, 7, t0), None);
 }
 
 #[test]
 fn the_goaway_names_the_last_stream_the_client_opened_and_says_too_many_pings() {
-    let mut guard = Guard::new(1);
+    let mut guard = Guard::new(1, Instant::now());
     let bytes = [H2_PREFACE.to_vec(), frame(HEADERS, 0x4, 5, &[0; 3]), frame(HEADERS, 0x4, 3, &[0; 3])].concat();
     assert_eq!(read(&mut guard, &bytes, 4, Instant::now()), None);
-    let goaway = guard.goaway(Verdict::TooManyPings);
+    let goaway = guard.goaway(Verdict::TooManyPings).expect("a GOAWAY");
     assert_eq!(&goaway[3..5], &[0x7, 0]);
     assert_eq!(&goaway[9..13], &5u32.to_be_bytes(), "last stream");
     assert_eq!(&goaway[13..17], &ENHANCE_YOUR_CALM.to_be_bytes());
@@ -83,7 +83,7 @@ fn the_goaway_names_the_last_stream_the_client_opened_and_says_too_many_pings() 
 
 #[test]
 fn the_server_side_is_at_a_boundary_only_between_its_frames() {
-    let mut guard = Guard::new(10);
+    let mut guard = Guard::new(10, Instant::now());
     assert!(guard.can_interject());
     let data = frame(DATA, 0, 1, &[1; 100]);
     guard.wrote(&data[..4]);
@@ -152,4 +152,44 @@ proptest! {
         }
         prop_assert_eq!(got, model(u64::from(per_sec), &events));
     }
+}
+
+#[test]
+fn streams_are_open_from_the_clients_headers_to_the_servers_end_or_a_reset() {
+    let t0 = Instant::now();
+    let mut guard = Guard::new(10, t0);
+    assert!(!guard.preface_done());
+    assert_eq!(read(&mut guard, &H2_PREFACE[..10], 3, t0), None);
+    assert!(!guard.preface_done(), "half a preface");
+    let opened = [H2_PREFACE[10..].to_vec(), frame(HEADERS, 0x4, 1, &[0; 5]), frame(HEADERS, 0x4, 3, &[0; 5])].concat();
+    assert_eq!(read(&mut guard, &opened, 4, t0), None);
+    assert!(guard.preface_done());
+    assert_eq!(guard.open_streams(), 2);
+    // The client's trailers (HEADERS again on stream 1) open nothing new.
+    assert_eq!(read(&mut guard, &frame(HEADERS, 0x5, 1, &[0; 2]), 9, t0), None);
+    assert_eq!(guard.open_streams(), 2);
+    // The server ends stream 1 with trailers; the client resets stream 3.
+    guard.wrote(
+        &[frame(HEADERS, 0x4, 1, &[0; 4]), frame(DATA, 0, 1, &[0; 30]), frame(HEADERS, 0x5, 1, &[0; 4])].concat(),
+    );
+    assert_eq!(guard.open_streams(), 1);
+    assert_eq!(guard.idle_since(), t0, "not idle while stream 3 is open");
+    assert_eq!(read(&mut guard, &frame(RST_STREAM, 0, 3, &[0, 0, 0, 8]), 5, t0), None);
+    assert_eq!(guard.open_streams(), 0);
+    assert!(guard.idle_since() > t0, "idle since stream 3 closed");
+    // A stream the server refuses with a reset is closed too.
+    assert_eq!(read(&mut guard, &frame(HEADERS, 0x4, 5, &[0; 5]), 5, t0), None);
+    guard.wrote(&frame(RST_STREAM, 0, 5, &[0, 0, 0, 7]));
+    assert_eq!(guard.open_streams(), 0);
+}
+
+#[test]
+fn an_idle_connection_gets_goaway_no_error_and_one_without_a_preface_none() {
+    let guard = Guard::new(10, Instant::now());
+    let goaway = guard.goaway(Verdict::Idle(Duration::from_secs(1))).expect("a GOAWAY");
+    assert_eq!(&goaway[13..17], &NO_ERROR.to_be_bytes());
+    assert_eq!(&goaway[17..], b"idle");
+    assert!(guard.end(Verdict::Idle(Duration::from_secs(1))).is_ok(), "an idle connection just ends");
+    assert_eq!(guard.goaway(Verdict::NoPreface(Duration::from_secs(1))), None);
+    assert!(guard.end(Verdict::NoPreface(Duration::from_secs(1))).is_err());
 }
