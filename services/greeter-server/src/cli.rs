@@ -72,7 +72,7 @@ pub struct Args {
 
     /// Most streams (calls) one connection may have open at once; more are refused
     /// (REFUSED_STREAM) until some finish.
-    #[arg(long, env = "MESH_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MESH_MAX_CONCURRENT_STREAMS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
 
     /// Largest header list a request may carry, in bytes.
@@ -118,6 +118,12 @@ pub struct Args {
     /// main port would (NOT_SERVING from the start of a shutdown) and closes last.
     #[arg(long, env = "MESH_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+
+    /// How long a call may take to be answered (its response's headers): a request body that
+    /// never ends or a handler that never answers gets DEADLINE_EXCEEDED and is dropped;
+    /// 0s for no bound. A stream goes on after its headers.
+    #[arg(long, env = "MESH_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
 
     /// Close a connection that has had no call open for this long, with GOAWAY(NO_ERROR)
     /// "idle" (its client dials again when it next calls); 0s for never.
@@ -221,6 +227,7 @@ impl Args {
                 tcp_keepalive: Some(self.tcp_keepalive).filter(|d| !d.is_zero()),
                 max_connection_idle: Some(self.max_connection_idle).filter(|d| !d.is_zero()),
             },
+            request_timeout: Some(self.request_timeout).filter(|d| !d.is_zero()),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! # }
 //! ```
 
+mod answer;
 mod cli;
 mod config_cmd;
 mod greeter;

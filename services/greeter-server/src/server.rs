@@ -82,19 +82,25 @@ pub struct ConnectionLimits {
     /// What every accepted connection gets: the TLS handshake timeout, the limit on client
     /// PINGs (keepalive enforcement) and TCP keepalive.
     pub incoming: mesh_tls::IncomingOptions,
+    /// How long a call may take to be answered (its response's headers): a request body
+    /// that never ends or a handler that never answers gets DEADLINE_EXCEEDED, and what it
+    /// held is freed. `None` for no bound. Streams go on after their headers.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for ConnectionLimits {
-    /// 1024 streams, 16 KiB of headers, 20 pending resets, no server pings (TCP keepalive
-    /// after 60 s idle finds dead peers), 10 client pings a second, 10 s for a handshake.
+    /// 100 streams, 16 KiB of headers, 20 pending resets, no server pings (TCP keepalive
+    /// after 60 s idle finds dead peers), 10 client pings a second, 10 s for a handshake,
+    /// 30 s to answer a call.
     fn default() -> Self {
         ConnectionLimits {
-            max_concurrent_streams: 1024,
+            max_concurrent_streams: 100,
             max_header_list_size: 16 * 1024,
             max_pending_resets: 20,
             keepalive_interval: Duration::ZERO,
             keepalive_timeout: Duration::from_secs(10),
             incoming: mesh_tls::IncomingOptions::default(),
+            request_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -420,6 +426,7 @@ pub async fn serve_until(
             } else {
                 CallMetricsLayer::off()
             })
+            .layer(crate::answer::AnswerWithinLayer::new(limits.request_timeout))
             .layer(limiter)
             .add_service(health_service)
             .add_service(reflection_v1)

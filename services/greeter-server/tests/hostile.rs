@@ -259,7 +259,7 @@ async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up
     let quiet = p99(&calm, 500).await;
     let rss_before = server.rss_kib();
 
-    // 10 000 streams on one connection, the server's limit (1024) ignored.
+    // 10 000 streams on one connection, the server's limit (100) ignored.
     let (held, counter) = flood(&server.addr, 10_000).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let under_flood = p99(&calm, 500).await;
@@ -302,7 +302,7 @@ async fn a_stream_flood_a_rapid_reset_burst_and_huge_headers_leave_the_server_up
     println!(
         "quiet p99 {quiet:?}, under a 10 000-stream flood {under_flood:?}, after a rapid-reset burst of {sent}          {after_reset:?}; {refused} streams refused; RSS {rss_before} → {rss_flooded} KiB; huge headers: {status:?}"
     );
-    assert!(refused >= 10_000 - 1024, "the server refused only {refused} of the streams over its limit");
+    assert!(refused >= 10_000 - 100, "the server refused only {refused} of the streams over its limit");
     // How fast the calm client is, the machine decides (a timed assert measures it; the
     // benchmarks measure speed). What the server decides is that the calm client is served
     // beside the flood, not behind its 10 000 streams: every call answered (p99 panics on a
@@ -442,4 +442,37 @@ async fn silent_and_idle_connections_are_closed_and_open_calls_keep_theirs() {
     assert!(server.alive());
     p99(&calm, 10).await;
     drop(watch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_never_ends_is_answered_deadline_exceeded_and_dropped() {
+    // 64,999 of a declared 65,000 bytes, then nothing: held forever (2 × 1000 of them took
+    // 165 MB) before calls had to be answered in time.
+    let mut server = start_with(&["--request-timeout", "1s"]);
+    let tcp = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+        TcpStream::connect(&server.addr).await.ok()
+    })
+    .await
+    .expect("connect");
+    let (mut send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/greeter.v1.Greeter/SayHello", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut body) = send.send_request(request, false).expect("a stream");
+    let mut data = vec![0u8];
+    data.extend_from_slice(&65_000u32.to_be_bytes());
+    data.extend(std::iter::repeat_n(b'x', 64_999));
+    body.reserve_capacity(data.len());
+    body.send_data(data.into(), false).expect("the body, all but its last byte");
+    // A hang guard: the server answers within its request timeout.
+    let response = tokio::time::timeout(Duration::from_secs(30), response)
+        .await
+        .expect("the server answered")
+        .expect("a response");
+    let status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {:?}", response.headers());
+    assert!(server.alive());
 }

@@ -1,0 +1,91 @@
+//! A bound on how long the server takes to answer a call: the time from its request to its
+//! response's headers, which covers a request body that never finishes and a handler that
+//! never answers. A call over it gets DEADLINE_EXCEEDED and everything it held is dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+/// Answers DEADLINE_EXCEEDED for a call not answered within `limit` (`None`: no bound).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AnswerWithinLayer {
+    limit: Option<Duration>,
+}
+
+impl AnswerWithinLayer {
+    /// Calls must be answered within `limit`; `None` for no bound.
+    pub(crate) fn new(limit: Option<Duration>) -> Self {
+        AnswerWithinLayer { limit }
+    }
+}
+
+impl<S> Layer<S> for AnswerWithinLayer {
+    type Service = AnswerWithin<S>;
+
+    fn layer(&self, inner: S) -> AnswerWithin<S> {
+        AnswerWithin { inner, limit: self.limit }
+    }
+}
+
+/// The service of [`AnswerWithinLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct AnswerWithin<S> {
+    inner: S,
+    limit: Option<Duration>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AnswerWithin<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = AnswerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        AnswerFuture { inner: self.inner.call(request), sleep: self.limit.map(tokio::time::sleep), limit: self.limit }
+    }
+}
+
+pin_project! {
+    /// The response of an [`AnswerWithin`] call.
+    pub(crate) struct AnswerFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        limit: Option<Duration>,
+    }
+}
+
+impl<F, ResBody, E> Future for AnswerFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+    ResBody: Default,
+{
+    type Output = Result<http::Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(out);
+        }
+        let (Some(sleep), Some(limit)) = (this.sleep.as_pin_mut(), this.limit) else { return Poll::Pending };
+        if sleep.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(tonic::Status::deadline_exceeded(format!(
+            "the server did not answer within {limit:?} (--request-timeout); the call was dropped"
+        ))
+        .into_http()))
+    }
+}
