@@ -84,13 +84,18 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 /// A HEADERS block for a gRPC call to SayHello, HPACK without Huffman or indexing.
 fn request_headers(authority: &str) -> Vec<u8> {
+    request_headers_to(authority, "/greeter.v1.Greeter/SayHello")
+}
+
+/// A HEADERS block for a gRPC call to `path`.
+fn request_headers_to(authority: &str, path: &str) -> Vec<u8> {
     let mut h = vec![0x83, 0x86]; // :method POST, :scheme http
     let literal = |h: &mut Vec<u8>, index: u8, value: &str| {
         h.push(index);
         h.push(value.len() as u8);
         h.extend_from_slice(value.as_bytes());
     };
-    literal(&mut h, 0x04, "/greeter.v1.Greeter/SayHello"); // :path
+    literal(&mut h, 0x04, path); // :path
     literal(&mut h, 0x01, authority); // :authority
     h.extend_from_slice(&[0x0f, 0x10]); // content-type (static 31)
     h.push(16);
@@ -475,4 +480,64 @@ async fn a_request_body_that_never_ends_is_answered_deadline_exceeded_and_droppe
     let status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
     assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {:?}", response.headers());
     assert!(server.alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_responses_holds_bounded_memory_and_a_calm_client_is_served() {
+    // A client advertising a 2 GiB window sends 1000 SayHelloStream calls (10 000 greetings
+    // each) and never reads: RSS went 82 MB → 883 MB on one connection. The names are short
+    // so that the 1000 requests fit the server's first connection window (64 KiB); each
+    // stream still has 10 000 greetings, about 700 KB, to send.
+    let mut server = start();
+    let calm = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+        Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect().await.ok()
+    })
+    .await
+    .expect("a calm client connects");
+    p99(&calm, 20).await;
+    let rss_before = server.rss_kib();
+    let request = mesh_proto::pb::HelloStreamRequest { name: "n".repeat(40), count: 10_000 };
+    let mut message = vec![0u8];
+    let encoded = prost::Message::encode_to_vec(&request);
+    message.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    message.extend(encoded);
+    let headers = request_headers_to(&server.addr, "/greeter.v1.Greeter/SayHelloStream");
+    let mut held = Vec::new();
+    for _ in 0..1 {
+        let mut tcp = TcpStream::connect(&server.addr).await.expect("connect");
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS_INITIAL_WINDOW_SIZE 2^31 - 1, and the connection's window as large.
+        out.extend(frame(0x4, 0, 0, &[0x00, 0x04, 0x7f, 0xff, 0xff, 0xff]));
+        out.extend(frame(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+        for i in 0..1000 {
+            out.extend(frame(0x1, 0x4, 2 * i + 1, &headers));
+            out.extend(frame(0x0, 0x1, 2 * i + 1, &message));
+        }
+        tcp.write_all(&out).await.expect("the calls");
+        // Never read from it again.
+        held.push(tcp);
+    }
+    // The server makes what it may hold: sample its memory until it stops growing (or
+    // passes the bound), and serve a calm client meanwhile. 100 streams, each with at most
+    // hyper's 400 KiB send buffer and what tonic encoded for it: about 55 MiB; with 1024
+    // streams it grew past 130 MiB within seconds and went on.
+    const BOUND_KIB: u64 = 96 * 1024;
+    let (mut peak, mut still) = (rss_before, 0);
+    let start = Instant::now();
+    while still < 15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rss = server.rss_kib();
+        if rss > peak + 1024 {
+            (peak, still) = (rss, 0);
+        } else {
+            still += 1;
+        }
+        assert!(server.alive(), "the server died");
+        assert!(peak < rss_before + BOUND_KIB, "RSS {rss_before} → {peak} KiB and growing");
+        // A hang guard: it stops growing within seconds.
+        assert!(start.elapsed() < Duration::from_secs(120), "RSS still growing at {peak} KiB");
+    }
+    p99(&calm, 20).await;
+    println!("RSS {rss_before} KiB → {peak} KiB at most with a connection that never reads");
+    drop(held);
 }
