@@ -541,3 +541,50 @@ async fn a_client_that_never_reads_its_responses_holds_bounded_memory_and_a_calm
     println!("RSS {rss_before} KiB → {peak} KiB at most with a connection that never reads");
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_caller_keys_get_no_more_than_the_servers_rate_nor_memory() {
+    // --rate 10 --burst 1 --limit-per-caller metadata:x-tenant: each made-up key was a caller
+    // of its own (500 of 500 admitted), and 10,000 keys of 15 KB took 16.8 → 189 MB.
+    let metrics = format!("127.0.0.1:{}", mesh_etcd_local::free_port().expect("port"));
+    let flags = ["--rate", "10", "--burst", "1", "--limit-per-caller", "metadata:x-tenant"];
+    let mut server = start_with(&[&flags[..], &["--metrics-listen", &metrics]].concat());
+    let calm = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+        Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect().await.ok()
+    })
+    .await
+    .expect("a calm client connects");
+    let rss_before = server.rss_kib();
+    let mut client = GreeterClient::new(calm.clone());
+    let started = Instant::now();
+    let (mut admitted, mut rejected) = (0u64, 0u64);
+    for i in 0..600 {
+        let mut request = tonic::Request::new(HelloRequest { name: "spoof".into() });
+        let key = format!("{i:05}{}", "k".repeat(15_000));
+        request.metadata_mut().insert("x-tenant", key.parse().expect("ascii"));
+        match client.say_hello(request).await {
+            Ok(_) => admitted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert!(!status.message().contains("kkkk"), "the key in a rejection: {}", status.message());
+                rejected += 1;
+            }
+        }
+    }
+    let took = started.elapsed();
+    let rss_after = server.rss_kib();
+    // The server's bucket: one at once, then one per 100 ms, however many keys.
+    let most = 1 + (took.as_millis() / 100) as u64 + 1;
+    assert!(
+        admitted <= most,
+        "{admitted} admitted (and {rejected} rejected) in {took:?}; the server's rate allows {most}"
+    );
+    let samples = mesh_testkit::prometheus::scrape(&metrics).await.expect("a scrape");
+    assert_eq!(
+        mesh_testkit::prometheus::value(&samples, "mesh_limiter_callers", &[]),
+        Some(0.0),
+        "long keys took places"
+    );
+    assert!(rss_after < rss_before + 32 * 1024, "RSS {rss_before} → {rss_after} KiB");
+    assert!(server.alive());
+}
