@@ -1,9 +1,10 @@
 //! Hostile clients against a real greeter-server process: a connection that opens 10 000
 //! streams (raw HTTP/2 frames, ignoring the server's limit), an HTTP/2 rapid-reset burst
-//! (the h2 crate, opening and cancelling streams at once), a PING flood, and oversized
-//! headers. The
-//! server stays up, its memory stays bounded, and a well-behaved client on another
-//! connection keeps its latency.
+//! (the h2 crate, opening and cancelling streams at once), PING floods (in a row, and with a
+//! frame between every two), oversized headers, a burst of connects (the kernel's accept
+//! queue), silent and idle connections, a request body that never ends, a client that never
+//! reads its responses, and made-up caller keys. The server stays up, its memory and
+//! descriptors stay bounded, and a well-behaved client on another connection is served.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
