@@ -215,8 +215,19 @@ struct Session {
     /// The lease of the other holder last logged, so a conflict is logged once, not on
     /// every event.
     conflict_logged: Option<i64>,
-    /// The first failure was logged as a warning; later ones go to debug until a success.
-    warned: bool,
+    /// The kind of failure last logged as a warning; later ones of the same kind go to
+    /// debug until a success, and one of another kind (a refusal after a timeout) is a
+    /// warning again, so the log always says the reason that holds now.
+    warned: Option<FailureKind>,
+}
+
+/// What a failure to register says to an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    /// etcd refused: a role or the credentials are wrong.
+    Refused,
+    /// etcd did not answer, or answered with some other error.
+    Unreachable,
 }
 
 /// Why a step failed.
@@ -348,7 +359,7 @@ impl Keeper {
         s.repair = None;
         s.conflict_logged = None;
         let id = s.lease.unwrap_or_default();
-        if std::mem::take(&mut s.warned) {
+        if s.warned.take().is_some() {
             info!(key = %self.key, "etcd is back; registered");
         } else {
             info!(key = %self.key, lease = %format!("{id:x}"), ttl = ?self.ttl, "registered");
@@ -426,7 +437,7 @@ impl Keeper {
                 debug!(key = %self.key, ttl, "lease refreshed");
                 s.lease_confirmed = Some(Instant::now());
                 s.refresh_due = false;
-                if std::mem::take(&mut s.warned) {
+                if s.warned.take().is_some() {
                     info!(key = %self.key, "etcd is back; the lease is alive");
                 }
                 self.state.send_modify(|st| {
@@ -525,24 +536,28 @@ impl Keeper {
     }
 
     fn failed(&self, e: &EtcdError, s: &mut Session) {
-        if s.warned {
+        let kind = match e.kind() {
+            mesh_etcd::ErrorKind::PermissionDenied(_) | mesh_etcd::ErrorKind::AuthFailed(_) => FailureKind::Refused,
+            _ => FailureKind::Unreachable,
+        };
+        if s.warned == Some(kind) {
             debug!(key = %self.key, "{e}");
         } else {
-            match e.kind() {
-                mesh_etcd::ErrorKind::PermissionDenied(_) | mesh_etcd::ErrorKind::AuthFailed(_) => warn!(
+            match kind {
+                FailureKind::Refused => warn!(
                     key = %self.key,
                     "cannot register in etcd at {}: {e}; serving anyway, unregistered, and trying again \
                      (a server of this service needs readwrite on {} in etcd)",
                     self.etcd.endpoints(),
                     self.prefix
                 ),
-                _ => warn!(
+                FailureKind::Unreachable => warn!(
                     key = %self.key,
                     "cannot register in etcd at {}: {e}; serving anyway and registering when etcd comes (for a local one: `cargo xtask etcd-up`)",
                     self.etcd.endpoints()
                 ),
             }
-            s.warned = true;
+            s.warned = Some(kind);
         }
         let message = e.to_string();
         self.state.send_modify(|st| {

@@ -431,6 +431,27 @@ async fn in_a_locked_down_etcd_a_client_user_cannot_register_nor_a_server_under_
 }
 
 #[tokio::test]
+async fn a_refusal_after_a_timeout_is_logged_too() {
+    // A busy machine made a refused server's first grant time out; the refusal that followed
+    // went to debug, since a warning had been logged, and the log never said why.
+    let (mut etcd, creds) = mesh_testkit::Etcd::start_secure(SecureOptions::default()).await.expect("a secure etcd");
+    etcd.pause(0).expect("SIGSTOP etcd");
+    let s = secure_server("c", &etcd, &creds, "client", "greeter", true);
+    let unanswered = eventually("the first grant to go unanswered", Duration::from_secs(60), || async {
+        s.log().contains("registering when etcd comes").then_some(())
+    })
+    .await;
+    etcd.resume(0).expect("SIGCONT etcd");
+    unanswered.unwrap_or_else(|_| panic!("no unanswered grant in {}", s.log()));
+    // A bound against a hang only.
+    eventually("the refusal in the log", Duration::from_secs(60), || async {
+        s.log().contains("needs readwrite on /mesh/services/greeter/").then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the refusal after the timeout was not logged: {}", s.log()));
+}
+
+#[tokio::test]
 async fn registrations_and_watches_survive_tokens_expiring_every_two_seconds_for_30s_and_an_etcd_restart() {
     let (mut etcd, creds) =
         mesh_testkit::Etcd::start_secure(SecureOptions { auth_token_ttl: Some(2), ..SecureOptions::default() })
