@@ -21,8 +21,9 @@ use mesh_registry::{Instance, Registrar, RegistrarConfig};
 
 use crate::{Args, Command, Greeter};
 
-/// Requests larger than this are refused by tonic before they reach the greeter: a name is
-/// at most 1 KiB, so anything near this size is a mistake or an attack.
+/// Requests larger than this are refused by tonic before they reach a service (greeter,
+/// health or reflection): a name is at most 1 KiB and a health or reflection request far
+/// less, so anything near this size is a mistake or an attack.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// How long deregistering may take on shutdown before the server goes on without it (the
@@ -343,6 +344,9 @@ pub async fn serve_until(
 ) -> anyhow::Result<()> {
     let local: SocketAddr = listener.local_addr().context("reading the bound address")?;
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Every service refuses messages over the bound, health and reflection too: tonic's
+    // default of 4 MiB let unfinished requests hold hundreds of MiB on one connection.
+    let health_service = health_service.max_decoding_message_size(MAX_REQUEST_BYTES);
     health.set_serving::<GreeterServer<Greeter>>().await;
 
     // The same descriptors for both versions, so older grpcurl and Python tools work too.
@@ -356,8 +360,14 @@ pub async fn serve_until(
     for set in DESCRIPTOR_SETS {
         served.extend(mesh_metrics::methods_in(set).context("reading the services' descriptors")?);
     }
-    let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
-    let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
+    let reflection_v1 = reflection()
+        .build_v1()
+        .context("building the reflection service")?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service")?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let initial = options.config.borrow().clone();
     let greeter = Greeter::new(options.instance_id.clone()).with_fault(options.fault.clone());
     let greeting = greeter.greeting();
@@ -401,6 +411,7 @@ pub async fn serve_until(
                     .max_concurrent_streams(options.limits.max_concurrent_streams)
                     .http2_max_header_list_size(options.limits.max_header_list_size)
                     .http2_max_pending_accept_reset_streams(Some(options.limits.max_pending_resets))
+                    .layer(crate::answer::AnswerWithinLayer::new(options.limits.request_timeout))
                     .add_service(health_service.clone())
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = health_stopped.await;

@@ -589,3 +589,56 @@ async fn made_up_caller_keys_get_no_more_than_the_servers_rate_nor_memory() {
     assert!(rss_after < rss_before + 32 * 1024, "RSS {rss_before} → {rss_after} KiB");
     assert!(server.alive());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_refuse_a_message_over_64_kib_at_once() {
+    // tonic's default of 4 MiB applied to health and reflection: streams that declared 4 MiB
+    // and never finished held 388 MiB on two connections (reflection, a bidi stream, is
+    // answered at once, so no request timeout applies). No timeout here either: only the
+    // size decides.
+    let mut server = start_with(&["--request-timeout", "0s"]);
+    for path in ["/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"] {
+        let tcp = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+            TcpStream::connect(&server.addr).await.ok()
+        })
+        .await
+        .expect("connect");
+        let (mut send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{}{path}", server.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request");
+        let (response, mut body) = send.send_request(request, false).expect("a stream");
+        let mut data = vec![0u8];
+        data.extend_from_slice(&(4u32 << 20).to_be_bytes());
+        data.extend(std::iter::repeat_n(0u8, 60_000));
+        body.reserve_capacity(data.len());
+        body.send_data(data.into(), false).expect("the start of a 4 MiB message");
+        // A hang guard: refused as soon as the length is read.
+        let response = tokio::time::timeout(Duration::from_secs(30), response)
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer to a 4 MiB message"))
+            .expect("a response");
+        let (head, mut rest) = response.into_parts();
+        let status = match head.headers.get("grpc-status") {
+            Some(s) => s.to_str().map(str::to_string).unwrap_or_default(),
+            None => {
+                // The head came first (reflection streams): the status is in the trailers.
+                let trailers = tokio::time::timeout(Duration::from_secs(30), rest.trailers())
+                    .await
+                    .unwrap_or_else(|_| panic!("{path}: no trailers"))
+                    .expect("trailers")
+                    .unwrap_or_default();
+                trailers.get("grpc-status").and_then(|s| s.to_str().ok()).unwrap_or_default().to_string()
+            }
+        };
+        // Check fails the call; the reflection stream ends (tonic-reflection ends its
+        // answers with OK when the requests fail), either way nothing more is held.
+        if path.contains("Health") {
+            assert!(!status.is_empty() && status != "0", "{path}: grpc-status {status:?}");
+        }
+    }
+    assert!(server.alive());
+}
