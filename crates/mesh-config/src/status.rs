@@ -204,6 +204,9 @@ impl Reporter {
         // The lease the status in force was written under, and what was written.
         let mut written: Option<i64> = None;
         let mut value: Vec<u8> = Vec::new();
+        // The revision of the last write: an event older than it (the watch delivering an
+        // earlier write of ours after a later one) says nothing of what etcd holds now.
+        let mut written_at: i64 = 0;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut own = ListWatch::key(self.etcd.clone(), self.key.clone());
         loop {
@@ -212,12 +215,13 @@ impl Reporter {
             if let Some(lease) = lease.filter(|l| written != Some(*l) && due) {
                 retry_at = None;
                 match self.put(lease).await {
-                    Ok(put) => {
+                    Ok((put, revision)) => {
                         if written.is_none() {
                             info!(key = %self.key, lease = %format!("{lease:x}"), "reporting the config status");
                         }
                         written = Some(lease);
                         value = put;
+                        written_at = revision;
                         backoff.reset();
                         warned = false;
                     }
@@ -264,7 +268,7 @@ impl Reporter {
                     let ours = |kv: &KeyValue| written.is_some_and(|l| l == kv.lease) && kv.value == value;
                     let intact = match &event {
                         WatchEvent::Reset { kvs, .. } => kvs.iter().find(|kv| kv.key == self.key).is_some_and(ours),
-                        WatchEvent::Put(kv) => ours(kv),
+                        WatchEvent::Put(kv) => ours(kv) || kv.mod_revision < written_at,
                         WatchEvent::Delete { .. } => false,
                     };
                     if !intact && written.is_some() && *under.borrow() == written {
@@ -276,11 +280,11 @@ impl Reporter {
         }
     }
 
-    /// Writes the status under `lease`; what was written.
-    async fn put(&mut self, lease: i64) -> Result<Vec<u8>, EtcdError> {
+    /// Writes the status under `lease`; what was written, and at which revision.
+    async fn put(&mut self, lease: i64) -> Result<(Vec<u8>, i64), EtcdError> {
         let status = AppliedStatus::of(&self.instance, &self.status.borrow_and_update());
         let value = serde_json::to_vec(&status).unwrap_or_default();
-        self.etcd.put(&self.key, value.clone(), Some(lease)).await?;
-        Ok(value)
+        let revision = self.etcd.put(&self.key, value.clone(), Some(lease)).await?;
+        Ok((value, revision))
     }
 }
