@@ -474,7 +474,11 @@ pub async fn serve_until(
     let mut hurry = Hurry::new(cut_short);
     if let Some(r) = options.registry.as_ref().zip(registration) {
         let ttl = r.0.config.ttl;
+        let held = r.1.state().borrow().lease.is_some();
         match hurry.unless(r.1.deregister(DEREGISTER_TIMEOUT)).await {
+            // Never registered (etcd unreachable all along): no client found it through
+            // etcd, so there is nothing to wait for.
+            Some(Ok(())) if !held => info!("never registered; no grace period to serve"),
             Some(Ok(())) => {
                 // Clients watching etcd drop this endpoint now; keep serving until they have.
                 info!(grace = ?options.shutdown_grace, "deregistered; serving out the grace period");
@@ -486,7 +490,9 @@ pub async fn serve_until(
             ),
             None => warn!("not deregistered (shutdown cut short); the key stays until its lease expires (TTL {ttl:?})"),
         }
-        hurry.unless(tokio::time::sleep(options.shutdown_grace)).await;
+        if held {
+            hurry.unless(tokio::time::sleep(options.shutdown_grace)).await;
+        }
     }
     applier.abort();
     let _ = stop.send(());

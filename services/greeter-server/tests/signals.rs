@@ -207,3 +207,27 @@ async fn a_tls_server_answers_plaintext_health_probes_on_its_health_port_until_i
     let status = s.child.wait().expect("wait");
     assert!(status.success(), "{status}:\n{}", s.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_registered_says_so_on_shutdown_and_serves_no_grace() {
+    // etcd never answered: the log said "deregistered; serving out the grace period".
+    let addr = free_addr();
+    let nowhere = format!("http://{}", free_addr());
+    let mut s = greeter_server(&["--listen", &addr, "--etcd", &nowhere, "--shutdown-grace", "1h"]);
+    s.wait_for("serving greeter.v1");
+    s.wait_for("registering when etcd comes");
+    s.signal(Signal::Term);
+    // A hang guard: an hour of grace would hold it.
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = s.child.try_wait() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "it served the grace period:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = s.log();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(log.contains("never registered"), "{log}");
+    assert!(!log.contains("deregistered;"), "it claimed to have deregistered:\n{log}");
+}
