@@ -18,8 +18,9 @@ pub struct InterfaceAddr {
 /// The address other hosts most likely reach this one at, from `addrs`: of the interfaces
 /// that are up and not loopback, the first private IPv4 address (10/8, 172.16/12,
 /// 192.168/16, 100.64/10), else the first other IPv4 address that is not link-local, else
-/// the first IPv6 address that is neither link-local nor loopback. go-zero and Kratos pick
-/// an address the same way when a server listens on 0.0.0.0.
+/// (only when `ipv6` allows it: a server on `[::]`, not on 0.0.0.0) the first IPv6 address
+/// that is neither link-local nor loopback. go-zero and Kratos pick an address the same way
+/// when a server listens on every interface.
 ///
 /// ```
 /// use mesh_registry::{InterfaceAddr, pick_host_ip};
@@ -31,9 +32,9 @@ pub struct InterfaceAddr {
 ///     ip: ip.parse().expect("an address"),
 /// };
 /// let addrs = [addr("lo", "127.0.0.1"), addr("docker0", "203.0.113.1"), addr("eth0", "10.0.0.7")];
-/// assert_eq!(pick_host_ip(&addrs), Some("10.0.0.7".parse().expect("an address")));
+/// assert_eq!(pick_host_ip(&addrs, false), Some("10.0.0.7".parse().expect("an address")));
 /// ```
-pub fn pick_host_ip(addrs: &[InterfaceAddr]) -> Option<IpAddr> {
+pub fn pick_host_ip(addrs: &[InterfaceAddr], ipv6: bool) -> Option<IpAddr> {
     let usable = || addrs.iter().filter(|a| a.up && !a.loopback && !a.ip.is_loopback() && !a.ip.is_unspecified());
     let v4 = || {
         usable().filter_map(|a| match a.ip {
@@ -46,6 +47,9 @@ pub fn pick_host_ip(addrs: &[InterfaceAddr]) -> Option<IpAddr> {
     }
     if let Some(other) = v4().next() {
         return Some(IpAddr::V4(other));
+    }
+    if !ipv6 {
+        return None;
     }
     usable().find_map(|a| match a.ip {
         IpAddr::V6(v6) if !is_link_local_v6(v6) => Some(IpAddr::V6(v6)),
@@ -100,7 +104,7 @@ mod tests {
 
     #[test]
     fn private_ipv4_first_then_other_ipv4_then_global_ipv6_and_never_loopback_link_local_or_down() {
-        let pick = |addrs: &[InterfaceAddr]| pick_host_ip(addrs).map(|ip| ip.to_string());
+        let pick = |addrs: &[InterfaceAddr]| pick_host_ip(addrs, true).map(|ip| ip.to_string());
         assert_eq!(pick(&[addr("lo", true, "127.0.0.1"), addr("lo", true, "::1")]), None);
         assert_eq!(pick(&[addr("eth0", true, "fe80::1"), addr("eth1", true, "169.254.3.4")]), None);
         assert_eq!(pick(&[addr("eth0", false, "10.1.2.3")]), None, "a down interface");
@@ -120,5 +124,7 @@ mod tests {
             pick(&[addr("eth0", true, "fe80::2"), addr("eth0", true, "2001:db8::5")]).as_deref(),
             Some("2001:db8::5")
         );
+        // A server on 0.0.0.0 cannot be reached at an IPv6 address.
+        assert_eq!(pick_host_ip(&[addr("tap0", true, "fd02::9")], false), None);
     }
 }

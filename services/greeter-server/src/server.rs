@@ -191,19 +191,21 @@ pub async fn run(args: Args, log_filter: Option<LogFilter>) -> anyhow::Result<()
     info!(address = %local, "greeter-server listening on {local}");
     let advertise = match &args.advertise {
         Some(a) => a.clone(),
-        None if local.ip().is_unspecified() => match mesh_registry::pick_host_ip(&mesh_registry::interface_addrs()) {
-            Some(ip) => {
-                let addr = SocketAddr::new(ip, local.port()).to_string();
-                info!(
-                    "advertising {addr}: this host's address, as listening on {local} says nothing clients can dial (--advertise sets it)"
-                );
-                addr
+        None if local.ip().is_unspecified() => {
+            match mesh_registry::pick_host_ip(&mesh_registry::interface_addrs(), local.is_ipv6()) {
+                Some(ip) => {
+                    let addr = SocketAddr::new(ip, local.port()).to_string();
+                    info!(
+                        "advertising {addr}: this host's address, as listening on {local} says nothing clients can dial (--advertise sets it)"
+                    );
+                    addr
+                }
+                None => anyhow::bail!(
+                    "listening on {local}, which clients cannot dial, and this host has no address but loopback; pass --advertise HOST:{}",
+                    local.port()
+                ),
             }
-            None => anyhow::bail!(
-                "listening on {local}, which clients cannot dial, and this host has no address but loopback; pass --advertise HOST:{}",
-                local.port()
-            ),
-        },
+        }
         None => local.to_string(),
     };
     let instance_id = args.instance_id.unwrap_or_else(|| advertise.clone());

@@ -231,7 +231,7 @@ async fn a_server_on_every_interface_without_advertise_registers_this_hosts_addr
     // 1 ("pass --advertise"); go-zero and Kratos register the host's address instead.
     let etcd = mesh_testkit::Etcd::start().await.expect("etcd");
     let port = mesh_etcd_local::free_port().expect("port");
-    let host = mesh_registry::pick_host_ip(&mesh_registry::interface_addrs());
+    let host = mesh_registry::pick_host_ip(&mesh_registry::interface_addrs(), false);
     let logs = tempfile::NamedTempFile::new().expect("log file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_greeter-server"))
         .args(["--listen", &format!("0.0.0.0:{port}"), "--instance-id", "any", "--ttl", "2s"])
