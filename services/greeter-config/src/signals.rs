@@ -20,6 +20,19 @@ pub struct Hangups {
 }
 
 impl Hangups {
+    /// Holds SIGHUP off from the first line of `main`, before any runtime exists: until
+    /// [`Hangups::install`] takes over, a SIGHUP (a `systemctl reload` right after a start)
+    /// is dropped rather than ending the process, as its default would.
+    pub fn hold_off() {
+        #[cfg(unix)]
+        if let Err(e) = signal_hook::flag::register(
+            signal_hook::consts::SIGHUP,
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        ) {
+            eprintln!("cannot hold SIGHUP off during the start ({e}): a SIGHUP now ends this process");
+        }
+    }
+
     /// Installs the handler now (call it first thing, so that no SIGHUP in the start-up
     /// ends the process): `reloads` names what a SIGHUP reloads, `None` for nothing.
     pub fn install(reloads: Option<&'static str>) -> Self {

@@ -8,8 +8,19 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before anything else: a SIGHUP during the start must not end the process.
+    greeter_config::Hangups::hold_off();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("greeter-server: error: starting the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let args = greeter_server::Args::parse();
     let (startup, bad_filter) = match EnvFilter::try_from_default_env() {
         Ok(_) => (std::env::var("RUST_LOG").unwrap_or_default(), None),
