@@ -253,11 +253,18 @@ impl Guard {
     }
 
     /// How the connection's reads end: an error that says why, or (idle) its end.
-    pub(crate) fn end(&self, verdict: Verdict) -> std::io::Result<()> {
+    /// `goaway_sent`: whether the GOAWAY went out (not when the server was half way through
+    /// a frame of its own).
+    pub(crate) fn end(&self, verdict: Verdict, goaway_sent: bool) -> std::io::Result<()> {
         let error = |why: String| Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+        let told = if goaway_sent {
+            "GOAWAY ENHANCE_YOUR_CALM too_many_pings"
+        } else {
+            "no GOAWAY: the server was half way through a frame"
+        };
         match verdict {
             Verdict::TooManyPings => error(format!(
-                "too many pings: more than {} a second with no headers or data from the server between them; connection closed (GOAWAY ENHANCE_YOUR_CALM too_many_pings)",
+                "too many pings: more than {} a second with no headers or data from the server between them; connection closed ({told})",
                 self.per_sec
             )),
             Verdict::NoPreface(within) => {

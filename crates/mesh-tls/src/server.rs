@@ -167,8 +167,8 @@ impl ServerIo {
         let Some(guard) = self.guard.as_ref() else { return Poll::Ready(Ok(())) };
         match guard.goaway(verdict) {
             // The server is half way through a frame of its own: no GOAWAY, just the close.
-            Some(_) if !guard.can_interject() => Poll::Ready(guard.end(verdict)),
-            None => Poll::Ready(guard.end(verdict)),
+            Some(_) if !guard.can_interject() => Poll::Ready(guard.end(verdict, false)),
+            None => Poll::Ready(guard.end(verdict, false)),
             Some(goaway) => {
                 self.closing = Some(Closing {
                     verdict,
@@ -196,7 +196,7 @@ impl ServerIo {
             return Poll::Ready(Ok(()));
         };
         let verdict = closing.verdict;
-        let done = || Poll::Ready(guard.end(verdict));
+        let done = || Poll::Ready(guard.end(verdict, true));
         if closing.linger.as_mut().poll(cx).is_ready() {
             return done();
         }

@@ -189,7 +189,7 @@ fn an_idle_connection_gets_goaway_no_error_and_one_without_a_preface_none() {
     let goaway = guard.goaway(Verdict::Idle(Duration::from_secs(1))).expect("a GOAWAY");
     assert_eq!(&goaway[13..17], &NO_ERROR.to_be_bytes());
     assert_eq!(&goaway[17..], b"idle");
-    assert!(guard.end(Verdict::Idle(Duration::from_secs(1))).is_ok(), "an idle connection just ends");
+    assert!(guard.end(Verdict::Idle(Duration::from_secs(1)), true).is_ok(), "an idle connection just ends");
     assert_eq!(guard.goaway(Verdict::NoPreface(Duration::from_secs(1))), None);
-    assert!(guard.end(Verdict::NoPreface(Duration::from_secs(1))).is_err());
+    assert!(guard.end(Verdict::NoPreface(Duration::from_secs(1)), false).is_err());
 }
