@@ -343,19 +343,11 @@ fn kubelet_probe(bin: &Path, c: &Yaml, args: &[String], at: &str) -> anyhow::Res
     let probe_at =
         probe_at.with_context(|| format!("{at}: the probe's port {probe_port} is none the server listens on"))?;
     let log = dir.join("greeter-server.log");
-    let mut child = Command::new(bin.join("greeter-server"))
-        .args(&run_args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?)
-        .spawn()
-        .context("starting greeter-server with the manifest's arguments")?;
+    let mut command = Command::new(bin.join("greeter-server"));
+    command.args(&run_args);
+    let mut child = spawn_logged(command, &log).context("starting greeter-server with the manifest's arguments")?;
     let read = || fs::read_to_string(&log).unwrap_or_default();
-    let served = wait_for(
-        || read().contains("serving greeter.v1") || matches!(child.try_wait(), Ok(Some(_))),
-        Duration::from_secs(30),
-    );
+    let served = serves(&mut child, &log);
     let probe = |port: u16| {
         Command::new(bin.join("greeter-client"))
             .args(["health", "--target", &format!("127.0.0.1:{port}")])
@@ -584,20 +576,11 @@ fn default_command(root: &Path, image: &Image, bin: &Path) -> anyhow::Result<&'s
         .map(|a| if a.ends_with(":50051") { a.replace(":50051", &format!(":{port}")) } else { a.clone() })
         .collect();
     let log = root.join("target").join("deploy-check-default-command.log");
-    let mut child = Command::new(bin.join(&image.entrypoint[0]))
-        .args(&args)
-        .env("MESH_ETCD", format!("http://127.0.0.1:{nothing}"))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?)
-        .spawn()
-        .context("running the image's default command")?;
+    let mut command = Command::new(bin.join(&image.entrypoint[0]));
+    command.args(&args).env("MESH_ETCD", format!("http://127.0.0.1:{nothing}"));
+    let mut child = spawn_logged(command, &log).context("running the image's default command")?;
     let read = || fs::read_to_string(&log).unwrap_or_default();
-    let served = wait_for(
-        || read().contains("serving greeter.v1") || matches!(child.try_wait(), Ok(Some(_))),
-        Duration::from_secs(30),
-    );
+    let served = serves(&mut child, &log);
     let alive = matches!(child.try_wait(), Ok(None));
     if alive {
         mesh_etcd_local::signal(child.id(), mesh_etcd_local::Signal::Term)?;
@@ -607,6 +590,22 @@ fn default_command(root: &Path, image: &Image, bin: &Path) -> anyhow::Result<&'s
     ensure!(status.success(), "the image's default command exited {status} on SIGTERM:\n{}", read());
     Ok(
         "no Docker engine here, so the image was not built; its ENTRYPOINT and CMD, run with this machine's binary, served and stopped on SIGTERM",
+    )
+}
+
+/// Starts greeter-server as `command` says, logging at info into `log`.
+fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Child> {
+    let file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Ok(command.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn()?)
+}
+
+/// Whether a greeter-server started by [`spawn_logged`] serves within 30 s (false as soon
+/// as it exits).
+fn serves(child: &mut Child, log: &Path) -> bool {
+    let read = || fs::read_to_string(log).unwrap_or_default();
+    wait_for(
+        || read().contains("serving greeter.v1") || matches!(child.try_wait(), Ok(Some(_))),
+        Duration::from_secs(30),
     )
 }
 

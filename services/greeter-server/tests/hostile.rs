@@ -450,11 +450,15 @@ async fn silent_and_idle_connections_are_closed_and_open_calls_keep_theirs() {
     drop(watch);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_body_that_never_ends_is_answered_deadline_exceeded_and_dropped() {
-    // 64,999 of a declared 65,000 bytes, then nothing: held forever (2 × 1000 of them took
-    // 165 MB) before calls had to be answered in time.
-    let mut server = start_with(&["--request-timeout", "1s"]);
+/// Opens a gRPC call to `path` on a connection of its own and sends the start of one
+/// message that declares `declared` bytes: `sent` of them, then nothing. Returns the
+/// response to come, and the request's body, held open.
+async fn unfinished_message(
+    server: &Server,
+    path: &str,
+    declared: u32,
+    sent: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let tcp = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
         TcpStream::connect(&server.addr).await.ok()
     })
@@ -462,17 +466,26 @@ async fn a_request_body_that_never_ends_is_answered_deadline_exceeded_and_droppe
     .expect("connect");
     let (mut send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
     tokio::spawn(connection);
-    let request = http::Request::post(format!("http://{}/greeter.v1.Greeter/SayHello", server.addr))
+    let request = http::Request::post(format!("http://{}{path}", server.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .expect("request");
     let (response, mut body) = send.send_request(request, false).expect("a stream");
     let mut data = vec![0u8];
-    data.extend_from_slice(&65_000u32.to_be_bytes());
-    data.extend(std::iter::repeat_n(b'x', 64_999));
+    data.extend_from_slice(&declared.to_be_bytes());
+    data.extend(std::iter::repeat_n(b'x', sent));
     body.reserve_capacity(data.len());
-    body.send_data(data.into(), false).expect("the body, all but its last byte");
+    body.send_data(data.into(), false).expect("the start of the message");
+    (response, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_never_ends_is_answered_deadline_exceeded_and_dropped() {
+    // 64,999 of a declared 65,000 bytes, then nothing: held forever (2 × 1000 of them took
+    // 165 MB) before calls had to be answered in time.
+    let mut server = start_with(&["--request-timeout", "1s"]);
+    let (response, _body) = unfinished_message(&server, "/greeter.v1.Greeter/SayHello", 65_000, 64_999).await;
     // A hang guard: the server answers within its request timeout.
     let response = tokio::time::timeout(Duration::from_secs(30), response)
         .await
@@ -598,24 +611,7 @@ async fn health_and_reflection_refuse_a_message_over_64_kib_at_once() {
     // size decides.
     let mut server = start_with(&["--request-timeout", "0s"]);
     for path in ["/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"] {
-        let tcp = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
-            TcpStream::connect(&server.addr).await.ok()
-        })
-        .await
-        .expect("connect");
-        let (mut send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-        tokio::spawn(connection);
-        let request = http::Request::post(format!("http://{}{path}", server.addr))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .expect("request");
-        let (response, mut body) = send.send_request(request, false).expect("a stream");
-        let mut data = vec![0u8];
-        data.extend_from_slice(&(4u32 << 20).to_be_bytes());
-        data.extend(std::iter::repeat_n(0u8, 60_000));
-        body.reserve_capacity(data.len());
-        body.send_data(data.into(), false).expect("the start of a 4 MiB message");
+        let (response, _body) = unfinished_message(&server, path, 4 << 20, 60_000).await;
         // A hang guard: refused as soon as the length is read.
         let response = tokio::time::timeout(Duration::from_secs(30), response)
             .await

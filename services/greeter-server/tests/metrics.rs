@@ -16,14 +16,16 @@ impl Drop for Server {
     }
 }
 
-#[tokio::test]
-async fn a_scrape_shows_calls_by_method_and_code_their_latency_and_the_limiter_moving_after_calls() {
+/// A greeter-server with `--metrics-listen` and `flags`, once it accepts calls: the process,
+/// a channel to it, and the metrics address.
+async fn start(flags: &[&str]) -> (Server, tonic::transport::Channel, String) {
     let port = mesh_etcd_local::free_port().expect("port");
     let metrics_port = mesh_etcd_local::free_port().expect("port");
     let (addr, metrics) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{metrics_port}"));
-    let _server = Server(
+    let server = Server(
         Command::new(env!("CARGO_BIN_EXE_greeter-server"))
-            .args(["--listen", &addr, "--no-register", "--metrics-listen", &metrics, "--rate", "1000"])
+            .args(["--listen", &addr, "--no-register", "--metrics-listen", &metrics])
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -36,6 +38,12 @@ async fn a_scrape_shows_calls_by_method_and_code_their_latency_and_the_limiter_m
     })
     .await
     .expect("connected");
+    (server, channel, metrics)
+}
+
+#[tokio::test]
+async fn a_scrape_shows_calls_by_method_and_code_their_latency_and_the_limiter_moving_after_calls() {
+    let (_server, channel, metrics) = start(&["--rate", "1000"]).await;
     let (status, _) = get(&metrics, "/metrics").await.expect("a scrape");
     assert_eq!(status, "HTTP/1.1 200 OK");
 
@@ -70,24 +78,7 @@ async fn a_scrape_shows_calls_by_method_and_code_their_latency_and_the_limiter_m
 
 #[tokio::test]
 async fn made_up_paths_share_one_unknown_label_and_never_push_a_served_method_out() {
-    let port = mesh_etcd_local::free_port().expect("port");
-    let metrics_port = mesh_etcd_local::free_port().expect("port");
-    let (addr, metrics) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{metrics_port}"));
-    let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_greeter-server"))
-            .args(["--listen", &addr, "--no-register", "--metrics-listen", &metrics])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start greeter-server"),
-    );
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).expect("uri");
-    let channel = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
-        channel.clone().connect().await.ok()
-    })
-    .await
-    .expect("connected");
+    let (_server, channel, metrics) = start(&[]).await;
     // More made-up paths than the 256 labels a layer gives the paths it sees first.
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     for i in 0..300 {
