@@ -55,6 +55,19 @@ impl Frames {
         self.preface_left == 0 && self.have == 0 && self.skip == 0
     }
 
+    /// How many more bytes may go by without passing a frame boundary: the rest of the
+    /// header under way, or of its payload; 0 at a boundary. (A header's length is known
+    /// only once it is whole, so inside a header this is the header's rest.)
+    pub(crate) fn to_boundary(&self) -> usize {
+        if self.preface_left > 0 {
+            self.preface_left
+        } else if self.have > 0 {
+            9 - self.have
+        } else {
+            self.skip
+        }
+    }
+
     /// Follows `bytes`, calling `each` with every frame header they complete; stops early
     /// when `each` returns `false`.
     pub(crate) fn feed(&mut self, mut bytes: &[u8], mut each: impl FnMut(FrameHead) -> bool) {
@@ -233,6 +246,12 @@ impl Guard {
         self.output.at_boundary()
     }
 
+    /// How many bytes the server may still write before its next frame boundary, where a
+    /// frame of the guard's own can go out.
+    pub(crate) fn to_interjection(&self) -> usize {
+        self.output.to_boundary()
+    }
+
     /// The GOAWAY that tells the client why: ENHANCE_YOUR_CALM "too_many_pings", or
     /// NO_ERROR "idle" (a client dials again when it next calls); none before the preface.
     pub(crate) fn goaway(&self, verdict: Verdict) -> Option<Vec<u8>> {
@@ -260,7 +279,7 @@ impl Guard {
         let told = if goaway_sent {
             "GOAWAY ENHANCE_YOUR_CALM too_many_pings"
         } else {
-            "no GOAWAY: the server was half way through a frame"
+            "no GOAWAY: the server's frame under way was not done within the linger"
         };
         match verdict {
             Verdict::TooManyPings => error(format!(
@@ -275,8 +294,9 @@ impl Guard {
     }
 }
 
-/// How long a connection closed by its guard may take to read what the client still sends
-/// before it is closed, so that the client reads the GOAWAY rather than a reset.
+/// How long a connection closed by its guard may take to finish the frame the server is
+/// half way through (so that the GOAWAY does not cut it), and then to read what the client
+/// still sends, so that the client reads the GOAWAY rather than a reset.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
 /// How much a closed connection reads and drops while it lingers.

@@ -16,7 +16,10 @@
 //! Both speak HTTP/2 only (ALPN `h2`), as gRPC does. [`incoming`] also sets what every
 //! connection gets, TLS or not: TCP keepalive, so a dead peer's connection is closed, and
 //! keepalive enforcement, a limit on the PING frames a client may send
-//! ([`IncomingOptions`]). [`listen`] binds with the system's backlog rather than tokio's 128.
+//! ([`IncomingOptions`]), and it keeps the connections open at once under a cap. [`serve`]
+//! serves any tonic service (`Routes`, layered or not) on them with hyper's HTTP/2, bounding
+//! what one connection can hold ([`Http2Options`]). [`listen`] binds with the system's
+//! backlog rather than tokio's 128.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,6 +45,7 @@ mod guard;
 mod listen;
 mod load;
 mod reload;
+mod serve;
 mod server;
 mod stream;
 
@@ -49,6 +53,7 @@ pub use client::{ClientIo, ClientTls, explain};
 pub use listen::{listen, raise_fd_limit, system_backlog};
 pub use load::{Identity, TlsError};
 pub use reload::Reloader;
+pub use serve::{Http2Options, serve};
 pub use server::{IncomingOptions, ServerIo, ServerTls, incoming};
 pub use stream::{MaybeTls, OverTcp};
 

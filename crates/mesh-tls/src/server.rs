@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,10 @@ pub struct ServerIo {
     /// stream: checked when this fires.
     timer: Option<Timer>,
     closing: Option<Closing>,
+    /// A close waiting for the end of the frame the server is writing.
+    deferred: Option<Deferred>,
+    /// Counts this connection as open while it lives.
+    _open: Open,
 }
 
 #[derive(Debug)]
@@ -107,6 +111,14 @@ struct Timer {
 }
 
 type Stream = MaybeTls<TlsStream<TcpStream>>;
+
+/// A connection its guard must close while the server is half way through a frame.
+#[derive(Debug)]
+struct Deferred {
+    verdict: Verdict,
+    linger: Pin<Box<tokio::time::Sleep>>,
+    drained: usize,
+}
 
 /// A connection its guard is closing: the GOAWAY going out, then the client's last bytes
 /// read and dropped for a moment, so that it reads the GOAWAY before the close.
@@ -121,7 +133,7 @@ struct Closing {
 }
 
 impl ServerIo {
-    fn new(stream: Stream, options: &IncomingOptions) -> Self {
+    fn new(stream: Stream, options: &IncomingOptions, open: Open) -> Self {
         let now = Instant::now();
         let guard = Guard::new(options.max_pings_per_sec, now);
         // The preface first: a connection that sends none in time is closed.
@@ -131,7 +143,7 @@ impl ServerIo {
             preface_within,
             max_idle: options.max_connection_idle,
         };
-        ServerIo { stream, guard: Some(guard), timer: Some(timer), closing: None }
+        ServerIo { stream, guard: Some(guard), timer: Some(timer), closing: None, deferred: None, _open: open }
     }
 
     /// When the timer fires: the connection's verdict if it must go, else the timer moved
@@ -166,9 +178,13 @@ impl ServerIo {
     fn start_closing(&mut self, verdict: Verdict, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some(guard) = self.guard.as_ref() else { return Poll::Ready(Ok(())) };
         match guard.goaway(verdict) {
-            // The server is half way through a frame of its own: no GOAWAY, just the close.
-            Some(_) if !guard.can_interject() => Poll::Ready(guard.end(verdict, false)),
             None => Poll::Ready(guard.end(verdict, false)),
+            // The server is half way through a frame of its own: the GOAWAY waits for its
+            // end, the linger at most.
+            Some(_) if !guard.can_interject() => {
+                self.deferred = Some(Deferred { verdict, linger: Box::pin(tokio::time::sleep(LINGER)), drained: 0 });
+                self.poll_deferred(cx)
+            }
             Some(goaway) => {
                 self.closing = Some(Closing {
                     verdict,
@@ -181,6 +197,56 @@ impl ServerIo {
                 self.poll_close(cx)
             }
         }
+    }
+
+    /// The read side while the GOAWAY waits for the server's frame to end: the client's
+    /// bytes are read and dropped, and the close starts once the frame is done (or
+    /// without a GOAWAY when the linger passes first).
+    fn poll_deferred(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(guard) = self.guard.as_ref() else { return Poll::Ready(Ok(())) };
+        let Some(deferred) = self.deferred.as_mut() else { return Poll::Ready(Ok(())) };
+        let verdict = deferred.verdict;
+        if guard.can_interject() {
+            self.deferred = None;
+            return self.start_closing(verdict, cx);
+        }
+        if deferred.linger.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(guard.end(verdict, false));
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut read = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    deferred.drained += read.filled().len();
+                    if deferred.drained >= LINGER_BYTES {
+                        return Poll::Ready(guard.end(verdict, false));
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(guard.end(verdict, false)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// A write while the GOAWAY waits: only what finishes the server's frame goes out; once
+    /// it has, the rest is dropped and the read side (woken) sends the GOAWAY.
+    fn write_deferred(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let Some(guard) = self.guard.as_mut() else { return Poll::Ready(Ok(data.len())) };
+        let left = guard.to_interjection();
+        if left == 0 {
+            cx.waker().wake_by_ref();
+            return Poll::Ready(Ok(data.len()));
+        }
+        let take = left.min(data.len());
+        let poll = Pin::new(&mut self.stream).poll_write(cx, &data[..take]);
+        if let Poll::Ready(Ok(n)) = poll {
+            guard.wrote(&data[..n]);
+            if guard.can_interject() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        poll
     }
 
     /// The TLS session, for a connection that completed a handshake: the client's
@@ -247,6 +313,9 @@ impl AsyncRead for ServerIo {
         if this.closing.is_some() {
             return this.poll_close(cx);
         }
+        if this.deferred.is_some() {
+            return this.poll_deferred(cx);
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
         match (&poll, this.guard.as_mut()) {
@@ -275,6 +344,9 @@ impl AsyncWrite for ServerIo {
             // The connection is ending with the guard's GOAWAY: nothing more goes out.
             return Poll::Ready(Ok(data.len()));
         }
+        if this.deferred.is_some() {
+            return this.write_deferred(cx, data);
+        }
         let poll = Pin::new(&mut this.stream).poll_write(cx, data);
         if let (Poll::Ready(Ok(n)), Some(guard)) = (&poll, this.guard.as_mut()) {
             guard.wrote(&data[..*n]);
@@ -290,6 +362,10 @@ impl AsyncWrite for ServerIo {
         let this = self.get_mut();
         if this.closing.is_some() {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        if this.deferred.is_some() {
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+            return this.write_deferred(cx, first);
         }
         let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
         if let (Poll::Ready(Ok(n)), Some(guard)) = (&poll, this.guard.as_mut()) {
@@ -327,6 +403,25 @@ impl AsyncWrite for ServerIo {
     }
 }
 
+/// One connection counted as open, from its accept to its close (or its failed handshake).
+#[derive(Debug)]
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    /// Counts one more, unless `max` are open.
+    fn take(count: &Arc<AtomicUsize>, max: Option<usize>) -> Option<Open> {
+        let max = max.unwrap_or(usize::MAX);
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Open(count.clone()))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Handshakes under way at once. Accepting never stops: a connection past this many sheds
 /// the oldest handshake still pending (its socket closed), so a flood of connections that
 /// never finish a handshake holds at most this many sockets and delays a real client by no
@@ -359,17 +454,22 @@ pub struct IncomingOptions {
     /// send its HTTP/2 preface within `handshake_timeout` of being accepted (or of its TLS
     /// handshake), else it is closed.
     pub max_connection_idle: Option<Duration>,
+    /// Connections open at once, counting those still in their TLS handshake: one more is
+    /// closed as soon as it is accepted (its client sees the connection reset and may dial
+    /// another server), with a warning at most once a second. `None` for no cap.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for IncomingOptions {
     /// 10 s for a handshake and for the preface, 10 pings a second, TCP keepalive after
-    /// 60 s idle, a connection without calls closed after 5 minutes.
+    /// 60 s idle, a connection without calls closed after 5 minutes, 1024 connections.
     fn default() -> Self {
         IncomingOptions {
             handshake_timeout: Duration::from_secs(10),
             max_pings_per_sec: 10,
             tcp_keepalive: Some(Duration::from_secs(60)),
             max_connection_idle: Some(Duration::from_secs(300)),
+            max_connections: Some(1024),
         }
     }
 }
@@ -400,6 +500,8 @@ async fn accept_loop(
     let IncomingOptions { handshake_timeout, tcp_keepalive, .. } = options;
     let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
     let throttle = Arc::new(Throttle::default());
+    let (open_now, refusals) = (Arc::new(AtomicUsize::new(0)), Throttle::default());
+    let mut refused = 0u64;
     loop {
         let accepted = tokio::select! {
             () = tx.closed() => return,
@@ -416,6 +518,18 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(open) = Open::take(&open_now, options.max_connections) else {
+            // Closed at once: the cap is what keeps the memory connections hold bounded.
+            refused += 1;
+            if refusals.allow() {
+                warn!(
+                    "{} connections open (the cap): closed a new one from {peer} ({refused} so far)",
+                    open_now.load(Ordering::Acquire)
+                );
+            }
+            drop(tcp);
+            continue;
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             debug!("setting TCP_NODELAY for {peer}: {e}");
         }
@@ -429,7 +543,7 @@ async fn accept_loop(
             }
         }
         let Some(tls) = &tls else {
-            if tx.send(Ok(ServerIo::new(MaybeTls::Plain(tcp), &options))).await.is_err() {
+            if tx.send(Ok(ServerIo::new(MaybeTls::Plain(tcp), &options, open))).await.is_err() {
                 return;
             }
             continue;
@@ -447,7 +561,7 @@ async fn accept_loop(
             drop(leave);
             match outcome {
                 Ok(Ok(stream)) => {
-                    let _ = handed.send(Ok(ServerIo::new(MaybeTls::Tls(Box::new(stream)), &options))).await;
+                    let _ = handed.send(Ok(ServerIo::new(MaybeTls::Tls(Box::new(stream)), &options, open))).await;
                 }
                 // A connection closed before a word (a TCP probe, a port scan) is routine.
                 Ok(Err(Refused::Quiet(why))) => debug!("{why}"),

@@ -95,6 +95,18 @@ pub struct Args {
     #[arg(long, env = "MESH_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// Response bytes one call may have waiting to be sent to a client that is not reading
+    /// them; past it the call's response waits. What one connection can hold is about
+    /// --max-concurrent-streams times this (and the message being encoded).
+    #[arg(long, env = "MESH_MAX_SEND_BUFFER", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub max_send_buffer: u32,
+
+    /// Connections open at once (TLS handshakes under way count); one more is closed as
+    /// soon as it is accepted, with a warning. 0 for no cap. With --max-send-buffer and
+    /// --max-concurrent-streams this bounds what clients can make the server hold.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: u32,
+
     /// Keepalive enforcement: HTTP/2 PINGs a client may send a second (on average, and at
     /// once), counted afresh whenever the server sends it headers or data; a client that
     /// sends more gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and its connection closed.
@@ -216,16 +228,20 @@ impl Args {
     /// The per-connection limits the flags set.
     pub fn connection_limits(&self) -> crate::ConnectionLimits {
         crate::ConnectionLimits {
-            max_concurrent_streams: self.max_concurrent_streams,
-            max_header_list_size: self.max_header_list_size,
-            max_pending_resets: self.max_pending_resets as usize,
-            keepalive_interval: self.keepalive_interval,
-            keepalive_timeout: self.keepalive_timeout,
+            http2: mesh_tls::Http2Options {
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_header_list_size: self.max_header_list_size,
+                max_pending_resets: self.max_pending_resets as usize,
+                keepalive_interval: Some(self.keepalive_interval).filter(|d| !d.is_zero()),
+                keepalive_timeout: self.keepalive_timeout,
+                max_send_buffer: self.max_send_buffer as usize,
+            },
             incoming: mesh_tls::IncomingOptions {
                 handshake_timeout: self.handshake_timeout,
                 max_pings_per_sec: self.max_pings_per_sec,
                 tcp_keepalive: Some(self.tcp_keepalive).filter(|d| !d.is_zero()),
                 max_connection_idle: Some(self.max_connection_idle).filter(|d| !d.is_zero()),
+                max_connections: Some(self.max_connections as usize).filter(|n| *n > 0),
             },
             request_timeout: Some(self.request_timeout).filter(|d| !d.is_zero()),
         }

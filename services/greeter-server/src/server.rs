@@ -69,19 +69,13 @@ pub struct ServeOptions {
 /// server down: the defaults are those of `greeter-server`'s flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
-    /// Streams open at once per connection; more are refused with REFUSED_STREAM.
-    pub max_concurrent_streams: u32,
-    /// Largest header list of a request, in bytes.
-    pub max_header_list_size: u32,
-    /// Streams a client may reset before the server took them (HTTP/2 rapid reset,
-    /// CVE-2023-44487) before its connection is closed.
-    pub max_pending_resets: usize,
-    /// How often the server pings each connection; zero for never.
-    pub keepalive_interval: Duration,
-    /// How long a ping may go unanswered before the connection is closed.
-    pub keepalive_timeout: Duration,
+    /// How each HTTP/2 connection is served: streams at once, header size, rapid-reset
+    /// protection, server keepalive pings, and the response bytes a stream may have waiting
+    /// for a client that does not read.
+    pub http2: mesh_tls::Http2Options,
     /// What every accepted connection gets: the TLS handshake timeout, the limit on client
-    /// PINGs (keepalive enforcement) and TCP keepalive.
+    /// PINGs (keepalive enforcement), TCP keepalive, the idle bound and the cap on
+    /// connections open at once.
     pub incoming: mesh_tls::IncomingOptions,
     /// How long a call may take to be answered (its response's headers): a request body
     /// that never ends or a handler that never answers gets DEADLINE_EXCEEDED, and what it
@@ -90,16 +84,14 @@ pub struct ConnectionLimits {
 }
 
 impl Default for ConnectionLimits {
-    /// 100 streams, 16 KiB of headers, 20 pending resets, no server pings (TCP keepalive
-    /// after 60 s idle finds dead peers), 10 client pings a second, 10 s for a handshake,
-    /// 30 s to answer a call.
+    /// [`Http2Options::default`](mesh_tls::Http2Options) (100 streams, 16 KiB of headers,
+    /// 20 pending resets, no server pings, 64 KiB waiting per stream),
+    /// [`IncomingOptions::default`](mesh_tls::IncomingOptions) (10 client pings a second, 10 s
+    /// for a handshake, TCP keepalive after 60 s idle, 1024 connections), 30 s to answer a
+    /// call.
     fn default() -> Self {
         ConnectionLimits {
-            max_concurrent_streams: 100,
-            max_header_list_size: 16 * 1024,
-            max_pending_resets: 20,
-            keepalive_interval: Duration::ZERO,
-            keepalive_timeout: Duration::from_secs(10),
+            http2: mesh_tls::Http2Options::default(),
             incoming: mesh_tls::IncomingOptions::default(),
             request_timeout: Some(Duration::from_secs(30)),
         }
@@ -408,17 +400,19 @@ pub async fn serve_until(
             let bound = listener.local_addr().context("reading the health address")?;
             info!("grpc.health.v1 in plaintext on {bound}");
             let incoming = mesh_tls::incoming(listener, None, options.limits.incoming);
-            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-                tonic::transport::Server::builder()
-                    .max_concurrent_streams(options.limits.max_concurrent_streams)
-                    .http2_max_header_list_size(options.limits.max_header_list_size)
-                    .http2_max_pending_accept_reset_streams(Some(options.limits.max_pending_resets))
-                    .layer(crate::answer::AnswerWithinLayer::new(options.limits.request_timeout))
-                    .add_service(health_service.clone())
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = health_stopped.await;
-                    }),
-            )))
+            let routes = tower::ServiceBuilder::new()
+                .layer(crate::answer::AnswerWithinLayer::new(options.limits.request_timeout))
+                .service(tonic::service::Routes::new(health_service.clone()).prepare());
+            // Without server pings: a probe's connection is short.
+            let http2 = mesh_tls::Http2Options { keepalive_interval: None, ..options.limits.http2 };
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(mesh_tls::serve(
+                incoming,
+                routes,
+                http2,
+                async {
+                    let _ = health_stopped.await;
+                },
+            ))))
         }
         None => None,
     };
@@ -427,28 +421,19 @@ pub async fn serve_until(
     let _reloading = options.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
     let limits = options.limits;
     let incoming = mesh_tls::incoming(listener, options.tls.clone(), limits.incoming);
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .http2_max_header_list_size(limits.max_header_list_size)
-            .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-            .http2_keepalive_interval(Some(limits.keepalive_interval).filter(|d| !d.is_zero()))
-            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .layer(if options.metrics {
-                CallMetricsLayer::serving(Side::Server, served)
-            } else {
-                CallMetricsLayer::off()
-            })
-            .layer(crate::answer::AnswerWithinLayer::new(limits.request_timeout))
-            .layer(limiter)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(greeter)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            }),
-    );
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(greeter)
+        .prepare();
+    let routes = tower::ServiceBuilder::new()
+        .layer(if options.metrics { CallMetricsLayer::serving(Side::Server, served) } else { CallMetricsLayer::off() })
+        .layer(crate::answer::AnswerWithinLayer::new(limits.request_timeout))
+        .layer(limiter)
+        .service(routes);
+    let mut server = tokio::spawn(mesh_tls::serve(incoming, routes, limits.http2, async {
+        let _ = stopped.await;
+    }));
     let scheme = match &options.tls {
         Some(tls) if tls.is_mutual() => "mTLS",
         Some(_) => "TLS",
@@ -464,8 +449,10 @@ pub async fn serve_until(
 
     tokio::select! {
         result = &mut server => {
-            // The server stopped without being asked: an accept error it could not survive.
-            return result.context("server task")?.context("serving");
+            // The server stopped without being asked: its task panicked, or the accept loop
+            // ended.
+            result.context("server task")?;
+            anyhow::bail!("stopped serving on {local} without being asked");
         }
         () = shutdown => {}
     }
@@ -501,7 +488,7 @@ pub async fn serve_until(
     info!(timeout = ?options.drain_timeout, "draining in-flight calls");
     match hurry.unless(tokio::time::timeout(options.drain_timeout, &mut server)).await {
         Some(Ok(result)) => {
-            result.context("server task")?.context("serving")?;
+            result.context("server task")?;
             info!("drained; bye");
         }
         Some(Err(_)) => {

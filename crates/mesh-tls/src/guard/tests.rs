@@ -193,3 +193,42 @@ fn an_idle_connection_gets_goaway_no_error_and_one_without_a_preface_none() {
     assert_eq!(guard.goaway(Verdict::NoPreface(Duration::from_secs(1))), None);
     assert!(guard.end(Verdict::NoPreface(Duration::from_secs(1)), false).is_err());
 }
+
+proptest! {
+    /// Against the boundaries counted by hand (each frame 9 bytes and its payload): after
+    /// any prefix, the guard is at a boundary exactly on one, and what it says is left to
+    /// the next stays within the frame; written that far, twice at most, it is on the next.
+    #[test]
+    fn what_is_left_to_the_next_boundary_matches_the_frames_laid_end_to_end(
+        lengths in proptest::collection::vec(0usize..300, 1..12),
+        start in 0usize..4000,
+    ) {
+        let mut bytes = Vec::new();
+        let mut boundaries = vec![0usize];
+        for (i, len) in lengths.iter().enumerate() {
+            bytes.extend(frame(DATA, 0, 2 * i as u32 + 1, &vec![7; *len]));
+            boundaries.push(bytes.len());
+        }
+        let start = start % bytes.len();
+        let mut guard = Guard::new(10, Instant::now());
+        guard.wrote(&bytes[..start]);
+        prop_assert_eq!(guard.can_interject(), boundaries.contains(&start));
+        let next = *boundaries.iter().find(|b| **b > start).expect("a boundary after");
+        let mut at = start;
+        if !guard.can_interject() {
+            for _ in 0..2 {
+                let left = guard.to_interjection();
+                prop_assert!(left > 0 && at + left <= next, "{} left at {} before {}", left, at, next);
+                guard.wrote(&bytes[at..at + left]);
+                at += left;
+                if guard.can_interject() {
+                    break;
+                }
+            }
+            prop_assert_eq!(at, next);
+            prop_assert!(guard.can_interject());
+        } else {
+            prop_assert_eq!(guard.to_interjection(), 0);
+        }
+    }
+}
