@@ -9,18 +9,57 @@ use anyhow::Context as _;
 use crate::util;
 
 pub(crate) fn run() -> anyhow::Result<()> {
+    let members = members()?;
+    forget_last_packaging(members.iter().filter(|m| !m.1).map(|m| m.0.as_str()))?;
     let mut cmd = util::cargo();
     // --allow-dirty: this checks that the crates package and build on their own, not that
     // the work tree is committed.
     cmd.args(["package", "--workspace", "--allow-dirty"]);
-    for name in unpublished()? {
-        cmd.args(["--exclude", &name]);
+    for (name, _) in members.iter().filter(|m| m.1) {
+        cmd.args(["--exclude", name]);
     }
     util::run(&mut cmd)
 }
 
-/// The names of the members that say `publish = false`.
-fn unpublished() -> anyhow::Result<Vec<String>> {
+/// Removes what an earlier `cargo package --workspace` left for `crates`: the temporary
+/// registry it verifies against, and the sources cargo unpacked from it under
+/// `$CARGO_HOME/registry/src/-<hash>/` (a registry with no name). Cargo reuses an unpacked
+/// crate of the same version as it finds it, so without this a crate is verified against
+/// its dependencies as they were at the last packaging: `cannot find … in mesh_util` for a
+/// module added since (and on a fresh machine, as CI, it passes).
+fn forget_last_packaging<'a>(crates: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
+    let tmp_registry = util::root().join("target").join("package").join("tmp-registry");
+    if tmp_registry.exists() {
+        fs::remove_dir_all(&tmp_registry).with_context(|| format!("removing {}", tmp_registry.display()))?;
+    }
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")));
+    let Some(sources) = cargo_home.map(|h| h.join("registry").join("src")) else { return Ok(()) };
+    let Ok(registries) = fs::read_dir(&sources) else { return Ok(()) };
+    let crates: Vec<&str> = crates.collect();
+    for registry in registries.flatten() {
+        if !registry.file_name().to_string_lossy().starts_with('-') {
+            continue;
+        }
+        let Ok(unpacked) = fs::read_dir(registry.path()) else { continue };
+        for dir in unpacked.flatten() {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            let ours = crates.iter().any(|c| {
+                name.strip_prefix(c)
+                    .and_then(|v| v.strip_prefix('-'))
+                    .is_some_and(|v| v.starts_with(|ch: char| ch.is_ascii_digit()))
+            });
+            if ours {
+                fs::remove_dir_all(dir.path()).with_context(|| format!("removing {}", dir.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every member's name, and whether its manifest says `publish = false`.
+fn members() -> anyhow::Result<Vec<(String, bool)>> {
     let root = util::root();
     let mut manifests = vec![root.join("xtask").join("Cargo.toml")];
     for dir in ["crates", "services"] {
@@ -35,14 +74,12 @@ fn unpublished() -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     for manifest in manifests {
         let text = fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
-        if !text.lines().any(|l| l.trim() == "publish = false") {
-            continue;
-        }
+        let unpublished = text.lines().any(|l| l.trim() == "publish = false");
         let name = text
             .lines()
             .find_map(|l| l.trim().strip_prefix("name = ").map(|v| v.trim_matches('"').to_string()))
             .with_context(|| format!("{} names no package", manifest.display()))?;
-        names.push(name);
+        names.push((name, unpublished));
     }
     names.sort();
     Ok(names)
