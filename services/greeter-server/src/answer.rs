@@ -1,6 +1,8 @@
 //! A bound on how long the server takes to answer a call: the time from its request to its
 //! response's headers, which covers a request body that never finishes and a handler that
-//! never answers. A call over it gets DEADLINE_EXCEEDED and everything it held is dropped.
+//! never answers. The bound is the server's own (`--request-timeout`) or the deadline the
+//! client sent in `grpc-timeout`, whichever comes first, as tonic's own server keeps the
+//! latter. A call over it gets DEADLINE_EXCEEDED and everything it held is dropped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,7 +54,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        AnswerFuture { inner: self.inner.call(request), sleep: self.limit.map(tokio::time::sleep), limit: self.limit }
+        let sent = mesh_util::grpc::grpc_timeout(request.headers());
+        let (limit, why) = match (sent, self.limit) {
+            (Some(sent), Some(own)) if own <= sent => (Some(own), Why::Server),
+            (Some(sent), _) => (Some(sent), Why::Client),
+            (None, own) => (own, Why::Server),
+        };
+        AnswerFuture { inner: self.inner.call(request), sleep: limit.map(tokio::time::sleep), limit, why }
     }
 }
 
@@ -64,7 +72,17 @@ pin_project! {
         #[pin]
         sleep: Option<tokio::time::Sleep>,
         limit: Option<Duration>,
+        why: Why,
     }
+}
+
+/// Whose bound a call has.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// The server's, `--request-timeout`.
+    Server,
+    /// The deadline the client sent.
+    Client,
 }
 
 impl<F, ResBody, E> Future for AnswerFuture<F>
@@ -83,9 +101,14 @@ where
         if sleep.poll(cx).is_pending() {
             return Poll::Pending;
         }
-        Poll::Ready(Ok(tonic::Status::deadline_exceeded(format!(
-            "the server did not answer within {limit:?} (--request-timeout); the call was dropped"
-        ))
-        .into_http()))
+        let message = match this.why {
+            Why::Server => {
+                format!("the server did not answer within {limit:?} (--request-timeout); the call was dropped")
+            }
+            Why::Client => format!(
+                "the call's deadline ({limit:?}, from its grpc-timeout) passed before the server answered; the call was dropped"
+            ),
+        };
+        Poll::Ready(Ok(tonic::Status::deadline_exceeded(message).into_http()))
     }
 }

@@ -807,3 +807,41 @@ async fn past_the_connection_cap_a_new_connection_is_closed_and_one_gets_in_when
     p99(&fourth, 5).await;
     assert!(server.alive());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_a_client_sends_ends_the_call_on_the_server_too() {
+    // tonic's own server kept a call's grpc-timeout; serving through hyper directly lost
+    // it (found by a hostile review): a call sent with 300 ms against a 2 s handler came
+    // back OK after 2 s. tonic's Request::set_timeout only sends the header.
+    let server = start_with(&["--fault-delay", "2s"]);
+    let channel = mesh_testkit::eventually("the server to listen", Duration::from_secs(10), || async {
+        Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect().await.ok()
+    })
+    .await
+    .expect("a client connects");
+    drop(channel);
+    // Through h2 itself, since tonic's client keeps the deadline on its side too.
+    let tcp = TcpStream::connect(&server.addr).await.expect("connect");
+    let (send, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut send = send.ready().await.expect("ready");
+    let request = http::Request::post(format!("http://{}/greeter.v1.Greeter/SayHello", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(())
+        .expect("request");
+    let (response, mut body) = send.send_request(request, false).expect("sent");
+    let mut message = vec![0u8];
+    let encoded = prost::Message::encode_to_vec(&HelloRequest { name: "hurried".into() });
+    message.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    message.extend(encoded);
+    body.send_data(message.into(), true).expect("the message");
+    // A hang guard only: the server answers at 300 ms, or at 2 s with the greeting.
+    let response =
+        tokio::time::timeout(Duration::from_secs(30), response).await.expect("answered").expect("a response");
+    let status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(String::from);
+    let message = response.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {:?}", response.headers());
+    assert!(message.contains("grpc-timeout"), "{message}");
+}
