@@ -456,20 +456,22 @@ pub struct IncomingOptions {
     pub max_connection_idle: Option<Duration>,
     /// Connections open at once, counting those still in their TLS handshake: one more is
     /// closed as soon as it is accepted (its client sees the connection reset and may dial
-    /// another server), with a warning at most once a second. `None` for no cap.
+    /// another server), with a warning at most once a second. `None` (the default) for no
+    /// cap: a cap bounds memory, but whoever holds that many connections (cheap ones, idle
+    /// or with a stream each) keeps every other client out until they close.
     pub max_connections: Option<usize>,
 }
 
 impl Default for IncomingOptions {
     /// 10 s for a handshake and for the preface, 10 pings a second, TCP keepalive after
-    /// 60 s idle, a connection without calls closed after 5 minutes, 1024 connections.
+    /// 60 s idle, a connection without calls closed after 5 minutes, no cap on connections.
     fn default() -> Self {
         IncomingOptions {
             handshake_timeout: Duration::from_secs(10),
             max_pings_per_sec: 10,
             tcp_keepalive: Some(Duration::from_secs(60)),
             max_connection_idle: Some(Duration::from_secs(300)),
-            max_connections: Some(1024),
+            max_connections: None,
         }
     }
 }

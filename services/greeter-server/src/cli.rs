@@ -102,9 +102,10 @@ pub struct Args {
     pub max_send_buffer: u32,
 
     /// Connections open at once (TLS handshakes under way count); one more is closed as
-    /// soon as it is accepted, with a warning. 0 for no cap. With --max-send-buffer and
-    /// --max-concurrent-streams this bounds what clients can make the server hold.
-    #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 1024)]
+    /// soon as it is accepted, with a warning. 0 (the default) for no cap. With
+    /// --max-send-buffer and --max-concurrent-streams it bounds what clients can make the
+    /// server hold, but whoever holds that many connections keeps everyone else out.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: u32,
 
     /// Keepalive enforcement: HTTP/2 PINGs a client may send a second (on average, and at

@@ -87,8 +87,8 @@ impl Default for ConnectionLimits {
     /// [`Http2Options::default`](mesh_tls::Http2Options) (100 streams, 16 KiB of headers,
     /// 20 pending resets, no server pings, 64 KiB waiting per stream),
     /// [`IncomingOptions::default`](mesh_tls::IncomingOptions) (10 client pings a second, 10 s
-    /// for a handshake, TCP keepalive after 60 s idle, 1024 connections), 30 s to answer a
-    /// call.
+    /// for a handshake, TCP keepalive after 60 s idle, no cap on connections), 30 s to
+    /// answer a call.
     fn default() -> Self {
         ConnectionLimits {
             http2: mesh_tls::Http2Options::default(),
