@@ -21,16 +21,17 @@ pub(crate) fn run() -> anyhow::Result<()> {
     util::run(&mut cmd)
 }
 
-/// Removes what an earlier `cargo package --workspace` left for `crates`: the temporary
-/// registry it verifies against, and the sources cargo unpacked from it under
-/// `$CARGO_HOME/registry/src/-<hash>/` (a registry with no name). Cargo reuses an unpacked
-/// crate of the same version as it finds it, so without this a crate is verified against
+/// Removes what an earlier `cargo package --workspace` left for `crates`: `target/package`
+/// (the temporary registry it verifies against, and the builds of the verification, which
+/// take a registry crate of the same version as built already), and the sources cargo
+/// unpacked from that registry under `$CARGO_HOME/registry/src/-<hash>/` (a registry with
+/// no name), which it reuses as it finds them too. Without this a crate is verified against
 /// its dependencies as they were at the last packaging: `cannot find … in mesh_util` for a
 /// module added since (and on a fresh machine, as CI, it passes).
 fn forget_last_packaging<'a>(crates: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
-    let tmp_registry = util::root().join("target").join("package").join("tmp-registry");
-    if tmp_registry.exists() {
-        fs::remove_dir_all(&tmp_registry).with_context(|| format!("removing {}", tmp_registry.display()))?;
+    let packaged = util::root().join("target").join("package");
+    if packaged.exists() {
+        fs::remove_dir_all(&packaged).with_context(|| format!("removing {}", packaged.display()))?;
     }
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
