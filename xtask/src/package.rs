@@ -10,35 +10,44 @@ use crate::util;
 
 pub(crate) fn run() -> anyhow::Result<()> {
     let members = members()?;
-    forget_last_packaging(members.iter().filter(|m| !m.1).map(|m| m.0.as_str()))?;
+    let verify = util::root().join("target").join("package-verify");
+    forget_last_packaging(members.iter().filter(|m| !m.1).map(|m| m.0.as_str()), &verify)?;
     let mut cmd = util::cargo();
     // --allow-dirty: this checks that the crates package and build on their own, not that
-    // the work tree is committed.
-    cmd.args(["package", "--workspace", "--allow-dirty"]);
+    // the work tree is committed. The verifying builds have a target directory of their
+    // own, so that forgetting them forgets nothing of the workspace's builds.
+    cmd.args(["package", "--workspace", "--allow-dirty", "--target-dir"]).arg(&verify);
     for (name, _) in members.iter().filter(|m| m.1) {
         cmd.args(["--exclude", name]);
     }
     util::run(&mut cmd)
 }
 
-/// Removes what an earlier `cargo package --workspace` left for `crates`: `target/package`
-/// (the temporary registry it verifies against, and the builds of the verification, which
-/// take a registry crate of the same version as built already), and the sources cargo
-/// unpacked from that registry under `$CARGO_HOME/registry/src/-<hash>/` (a registry with
-/// no name), which it reuses as it finds them too. Without this a crate is verified against
-/// its dependencies as they were at the last packaging: `cannot find … in mesh_util` for a
-/// module added since (and on a fresh machine, as CI, it passes).
-fn forget_last_packaging<'a>(crates: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
-    let packaged = util::root().join("target").join("package");
-    if packaged.exists() {
-        fs::remove_dir_all(&packaged).with_context(|| format!("removing {}", packaged.display()))?;
+/// Removes what an earlier `cargo package --workspace` left of `crates`: the temporary
+/// registry it verifies against, the verifying builds of them in `verify` (cargo takes a
+/// registry crate of the same version as built already, whatever its sources now), and the
+/// sources it unpacked from that registry under `$CARGO_HOME/registry/src/-<hash>/` (a
+/// registry with no name), which it also reuses as it finds them. Without this a crate is
+/// verified against its dependencies as they were at the last packaging: `cannot find … in
+/// mesh_util` for a module added since (and on a fresh machine, as CI, it passes). The
+/// builds of every other crate stay, so only ours are built again.
+fn forget_last_packaging<'a>(crates: impl Iterator<Item = &'a str>, verify: &std::path::Path) -> anyhow::Result<()> {
+    let crates: Vec<&str> = crates.collect();
+    let registry = util::root().join("target").join("package").join("tmp-registry");
+    remove(&registry)?;
+    let ours = |name: &str| crates.iter().any(|c| name.starts_with(&format!("{c}-")));
+    if let Ok(built) = fs::read_dir(verify.join("debug").join(".fingerprint")) {
+        for unit in built.flatten() {
+            if ours(&unit.file_name().to_string_lossy()) {
+                remove(&unit.path())?;
+            }
+        }
     }
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")));
     let Some(sources) = cargo_home.map(|h| h.join("registry").join("src")) else { return Ok(()) };
     let Ok(registries) = fs::read_dir(&sources) else { return Ok(()) };
-    let crates: Vec<&str> = crates.collect();
     for registry in registries.flatten() {
         if !registry.file_name().to_string_lossy().starts_with('-') {
             continue;
@@ -52,11 +61,20 @@ fn forget_last_packaging<'a>(crates: impl Iterator<Item = &'a str>) -> anyhow::R
                     .is_some_and(|v| v.starts_with(|ch: char| ch.is_ascii_digit()))
             });
             if ours {
-                fs::remove_dir_all(dir.path()).with_context(|| format!("removing {}", dir.path().display()))?;
+                remove(&dir.path())?;
             }
         }
     }
     Ok(())
+}
+
+fn remove(path: &std::path::Path) -> anyhow::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Every member's name, and whether its manifest says `publish = false`.
