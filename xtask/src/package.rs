@@ -33,8 +33,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
 /// builds of every other crate stay, so only ours are built again.
 fn forget_last_packaging<'a>(crates: impl Iterator<Item = &'a str>, verify: &std::path::Path) -> anyhow::Result<()> {
     let crates: Vec<&str> = crates.collect();
-    let registry = util::root().join("target").join("package").join("tmp-registry");
-    remove(&registry)?;
+    // `cargo package --target-dir` puts the packages and the registry under it.
+    remove(&verify.join("package").join("tmp-registry"))?;
     let ours = |name: &str| crates.iter().any(|c| name.starts_with(&format!("{c}-")));
     if let Ok(built) = fs::read_dir(verify.join("debug").join(".fingerprint")) {
         for unit in built.flatten() {
