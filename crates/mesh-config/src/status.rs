@@ -267,11 +267,20 @@ impl Reporter {
                 event = own.next() => {
                     let ours = |kv: &KeyValue| written.is_some_and(|l| l == kv.lease) && kv.value == value;
                     let intact = match &event {
-                        WatchEvent::Reset { kvs, .. } => kvs.iter().find(|kv| kv.key == self.key).is_some_and(ours),
+                        WatchEvent::Reset { kvs, revision, .. } => {
+                            // A listing behind our last write (etcd restored from a snapshot)
+                            // starts the revisions afresh: later events are compared to it.
+                            written_at = written_at.min(*revision);
+                            kvs.iter().find(|kv| kv.key == self.key).is_some_and(ours)
+                        }
                         WatchEvent::Put(kv) => ours(kv) || kv.mod_revision < written_at,
                         WatchEvent::Delete { .. } => false,
                     };
-                    if !intact && written.is_some() && *under.borrow() == written {
+                    // Written again under whatever lease the registration holds next, even
+                    // when it holds none at this moment: a registration that puts its own
+                    // key back under the same lease (none, then that lease again) would
+                    // otherwise leave the status missing for good.
+                    if !intact && written.is_some() {
                         info!(key = %self.key, "the config status in etcd is not what this instance wrote; writing it again");
                         written = None;
                     }
