@@ -3,15 +3,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mesh_balancer::{EndpointState, Strategy};
-use mesh_breaker::{BreakerConfig, FailureRate};
+use mesh_balancer::EndpointState;
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
-use mesh_retry::RetryPolicy;
 
+use crate::Mesh;
 use crate::bench::{self, BenchConfig};
-use crate::connect::{balanced, connect, discovered_through};
-use crate::stack::{GREETER_IDEMPOTENT, Mesh, Resilience};
+use mesh::client::connect;
 
 /// `greeter-client`: greet, or `bench` to drive load.
 #[derive(Debug, Clone, Parser)]
@@ -53,7 +51,7 @@ pub struct HealthArgs {
     pub json: bool,
     /// TLS towards the server.
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub tls: mesh::cli::TlsArgs,
 }
 
 /// What `health` reports.
@@ -67,146 +65,16 @@ pub struct HealthReport {
     pub other: BTreeMap<String, u64>,
 }
 
-/// Where calls go and how they are spread.
+/// Where calls go and how they are spread: every flag of a mesh client, and the greeter's
+/// hash key.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TargetArgs {
-    /// Servers to call, comma-separated: host:port or http://host:port. Without it, the
-    /// servers of --service are discovered in etcd.
-    #[arg(long, env = "MESH_TARGET", value_delimiter = ',')]
-    pub target: Vec<String>,
-    /// etcd endpoints to discover servers in, comma-separated (when no --target is given).
-    #[arg(long, env = "MESH_ETCD", default_value = "http://127.0.0.1:2379")]
-    pub etcd: String,
-    /// Root prefix of mesh's keys in etcd.
-    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh")]
-    pub etcd_prefix: String,
-    /// The service to discover (not empty, no `/`).
-    #[arg(long, env = "MESH_SERVICE", default_value = "greeter", value_parser = checked_service)]
-    pub service: String,
-    /// How calls are spread: round_robin, random, consistent_hash, weighted, p2c, p2c_ewma.
-    #[arg(long, env = "MESH_STRATEGY", default_value = "round_robin", value_parser = parse_strategy)]
-    pub strategy: Strategy,
-    /// Weights of the targets for `weighted`, comma-separated, one per --target, each at
-    /// least 1 (discovered servers carry their own).
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
-    pub weights: Vec<u32>,
+    /// Discovery or targets, strategy, breakers, retries, TLS, metrics, configuration.
+    #[command(flatten)]
+    pub mesh: mesh::cli::ClientArgs,
     /// The consistent-hash key sent as `x-mesh-hash-key`; `{i}` becomes the call's number.
     #[arg(long)]
     pub hash_key: Option<String>,
-    /// Circuit breakers and retries.
-    #[command(flatten)]
-    pub resilience: ResilienceArgs,
-    /// Do not follow the `client` section of `{etcd-prefix}/config/{service}` (it is
-    /// followed only when discovering through etcd).
-    #[arg(long, env = "MESH_NO_CONFIG")]
-    pub no_config: bool,
-    /// TLS and auth towards etcd.
-    #[command(flatten)]
-    pub etcd_access: greeter_config::EtcdAccess,
-    /// TLS towards the servers.
-    #[command(flatten)]
-    pub tls: TlsArgs,
-    /// Serve Prometheus metrics at http://ADDR/metrics while the client runs: calls by
-    /// method and code with latency histograms, per endpoint calls, failures, connection and
-    /// breaker, retries, discovery and the configuration followed.
-    #[arg(long, env = "MESH_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
-}
-
-/// TLS towards the servers: with --tls-ca, calls go over TLS only, to servers registered
-/// as speaking it; never in plaintext.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct TlsArgs {
-    /// The CA that signed the servers' certificates (PEM): call over TLS.
-    #[arg(long, env = "MESH_TLS_CA")]
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// This client's certificate (PEM), for servers that require one (mTLS); with
-    /// --tls-key. Reloaded on SIGHUP or when the file changes.
-    #[arg(long, env = "MESH_TLS_CERT", requires = "tls_key", requires = "tls_ca")]
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, env = "MESH_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<std::path::PathBuf>,
-    /// The name the servers' certificates carry, when it is not the host dialled (e.g.
-    /// `greeter` for certificates issued to the service).
-    #[arg(long, env = "MESH_TLS_SERVER_NAME", requires = "tls_ca")]
-    pub tls_server_name: Option<String>,
-}
-
-impl TlsArgs {
-    /// The client's TLS settings, or `None` without --tls-ca; errors name the file.
-    pub fn client_tls(&self) -> anyhow::Result<Option<mesh_tls::ClientTls>> {
-        let Some(ca) = &self.tls_ca else { return Ok(None) };
-        let identity = self.tls_cert.as_ref().zip(self.tls_key.as_ref()).map(|(c, k)| mesh_tls::Identity::new(c, k));
-        let mut tls = mesh_tls::ClientTls::load(ca, identity).context("--tls-ca/--tls-cert/--tls-key")?;
-        if let Some(name) = &self.tls_server_name {
-            tls = tls.with_server_name(name).context("--tls-server-name")?;
-        }
-        Ok(Some(tls))
-    }
-}
-
-/// Flags of the circuit breakers (one per endpoint, one for the service) and the retries.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ResilienceArgs {
-    /// Consecutive failures (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, DATA_LOSS)
-    /// that open an endpoint's circuit breaker, which ejects it.
-    #[arg(long, env = "MESH_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-    pub breaker_failures: u32,
-    /// How long an opened breaker stays open before a probe; doubles on each repeated trip.
-    #[arg(long, env = "MESH_BREAKER_OPEN", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub breaker_open: Duration,
-    /// The longest a breaker stays open.
-    #[arg(long, env = "MESH_BREAKER_MAX_OPEN", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub breaker_max_open: Duration,
-    /// The share of failed calls (after retries) over 10 s that opens the service's circuit
-    /// breaker, which then fails calls at once with UNAVAILABLE "circuit open for greeter".
-    #[arg(long, env = "MESH_SERVICE_BREAKER_RATE", default_value_t = 0.5, value_parser = parse_share)]
-    pub service_breaker_rate: f64,
-    /// The calls in those 10 s before the rate counts.
-    #[arg(long, env = "MESH_SERVICE_BREAKER_MIN_CALLS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
-    pub service_breaker_min_calls: u32,
-    /// Attempts per call of an idempotent method, the first included; 1 turns retries off.
-    #[arg(long, env = "MESH_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
-    pub max_attempts: u32,
-    /// A deadline for each attempt of an idempotent call, shorter than --timeout: an
-    /// attempt that runs out of it (at a hung server, say) is retried on another server with
-    /// the time left. Default: none, an attempt may take the call's whole deadline.
-    #[arg(long, env = "MESH_PER_TRY_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub per_try_timeout: Option<Duration>,
-    /// The idempotent methods that may be retried, comma-separated: /package.Service/Method
-    /// or /package.Service/*. Default: SayHello and SayHelloStream.
-    #[arg(long, env = "MESH_RETRY_METHODS", value_delimiter = ',')]
-    pub retry_methods: Vec<String>,
-}
-
-impl ResilienceArgs {
-    /// The settings the flags ask for; the error names the bad one.
-    pub fn resilience(&self) -> anyhow::Result<Resilience> {
-        let endpoint_breaker = BreakerConfig::default()
-            .with_failure_threshold(self.breaker_failures)
-            .with_open_time(self.breaker_open, self.breaker_max_open);
-        endpoint_breaker.validate().context("--breaker-failures, --breaker-open and --breaker-max-open")?;
-        let rate = FailureRate::new(self.service_breaker_rate, Duration::from_secs(10), self.service_breaker_min_calls);
-        let service_breaker = crate::default_service_breaker()
-            .with_failure_rate(rate)
-            .with_open_time(self.breaker_open, self.breaker_max_open);
-        service_breaker.validate().context("--service-breaker-rate and --service-breaker-min-calls")?;
-        let methods: Vec<String> = if self.retry_methods.is_empty() {
-            GREETER_IDEMPOTENT.iter().map(|m| m.to_string()).collect()
-        } else {
-            self.retry_methods.clone()
-        };
-        let mut retry = RetryPolicy::default()
-            .with_max_attempts(self.max_attempts)
-            .with_methods(methods)
-            .with_retry_on(&crate::GREETER_RETRY_ON);
-        if let Some(t) = self.per_try_timeout {
-            retry = retry.with_per_try_timeout(t);
-        }
-        retry.validate().context("--max-attempts, --per-try-timeout and --retry-methods")?;
-        Ok(Resilience { endpoint_breaker, service_breaker, retry })
-    }
 }
 
 /// Flags of the default mode.
@@ -328,30 +196,15 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn checked_service(s: &str) -> Result<String, String> {
-    mesh_registry::check_name(s).map(|()| s.to_string())
-}
-
-fn parse_share(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
-        _ => Err(format!("{s:?}: give a share above 0 and at most 1, e.g. 0.5")),
-    }
-}
-
-fn parse_strategy(s: &str) -> Result<Strategy, String> {
-    s.parse().map_err(|e: mesh_balancer::InvalidStrategy| e.to_string())
-}
-
 /// Runs the client; the error says what failed and where.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // First, so that a SIGHUP during the start (a `systemctl reload`) cannot end the client.
     let reloads = match &args.command {
-        Some(Command::Bench(b)) => b.targets.tls.tls_ca.is_some(),
+        Some(Command::Bench(b)) => b.targets.mesh.tls.tls_ca.is_some(),
         Some(Command::Health(_)) => false,
-        None => args.greet.targets.tls.tls_ca.is_some(),
+        None => args.greet.targets.mesh.tls.tls_ca.is_some(),
     };
-    let _hangups = greeter_config::Hangups::install(reloads.then_some("the TLS files"));
+    let _hangups = mesh::signals::Hangups::install(reloads.then_some("the TLS files"));
     match args.command {
         Some(Command::Bench(b)) => run_bench(*b).await,
         Some(Command::Health(h)) => health(h).await,
@@ -359,99 +212,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// The client stack, and, when it discovers through etcd, the service's configuration
-/// document followed: its `client` section over the flags (and `timeout` as the start of
-/// the call timeout).
-struct Client {
-    mesh: Mesh,
-    timeout: crate::LiveTimeout,
-    _following:
-        Option<(mesh_config::LiveConfig<greeter_config::GreeterConfig>, tokio_util::task::AbortOnDropHandle<()>)>,
-    /// Reloads the TLS files while the client runs.
-    _reloading: Option<mesh_tls::Reloader>,
-    /// Serves and samples the metrics while the client runs.
-    _metrics: Vec<tokio_util::task::AbortOnDropHandle<()>>,
-    _collector: Option<mesh_metrics::Collector>,
+/// The client stack over the flags, with `timeout` as the deadline of calls (the document's
+/// `client.timeout_ms` overrides it live).
+async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Mesh> {
+    t.mesh
+        .builder::<greeter_config::GreeterSection>(crate::SERVICE, &crate::GREETER_IDEMPOTENT)?
+        .timeout(timeout)
+        .build()
+        .await
 }
-
-async fn client(t: &TargetArgs, timeout: Duration) -> anyhow::Result<Client> {
-    if t.target.is_empty() && !t.weights.is_empty() {
-        anyhow::bail!("--weights weighs --target addresses; servers discovered through etcd carry their own weight");
-    }
-    if !t.weights.is_empty() && t.strategy != Strategy::Weighted {
-        anyhow::bail!("--weights are used by --strategy weighted only, not {}", t.strategy);
-    }
-    if let Some(per_try) = t.resilience.per_try_timeout.filter(|&p| p >= timeout) {
-        anyhow::bail!("--per-try-timeout {per_try:?} must be shorter than --timeout {timeout:?}");
-    }
-    let resilience = t.resilience.resilience()?;
-    let tls = t.tls.client_tls()?;
-    let mut metrics = Vec::new();
-    if let Some(addr) = t.metrics_listen {
-        let exporter = mesh_metrics::install().context("--metrics-listen")?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr} (--metrics-listen)"))?;
-        tracing::info!("metrics at http://{}/metrics", listener.local_addr().context("the metrics address")?);
-        metrics.push(tokio_util::task::AbortOnDropHandle::new(exporter.serve(listener)));
-    }
-    let reloading = tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
-    // Discovery and configuration share one etcd client.
-    let etcd = if t.target.is_empty() { Some(t.etcd_access.etcd(&t.etcd).map_err(anyhow::Error::msg)?) } else { None };
-    let mesh = match &etcd {
-        Some(etcd) => {
-            discovered_through(etcd.clone(), &t.etcd_prefix, &t.service, t.strategy.clone(), &resilience, tls).await?
-        }
-        None => balanced(&t.target, &t.weights, t.strategy.clone(), &resilience, tls).await?,
-    };
-    let live_timeout = crate::LiveTimeout::new(timeout);
-    let following = match etcd.filter(|_| !t.no_config) {
-        Some(etcd) => {
-            let base = crate::ClientBase {
-                strategy: t.strategy.clone(),
-                endpoint_breaker: resilience.endpoint_breaker.clone(),
-                retry: resilience.retry.clone(),
-                timeout,
-            };
-            // Checked over this client's flags: a document it would refuse is refused whole.
-            let layers = crate::layers(&base)?;
-            let key = mesh_config::config_key(&t.etcd_prefix, &t.service);
-            let live = mesh_config::ConfigWatcher::<greeter_config::GreeterConfig>::new(etcd, key, &layers)?.spawn();
-            // The document governs the first call too: wait for it (bounded, as for the
-            // first resolution) and apply it before any call is made.
-            if !live.wait_listed(CONFIG_TIMEOUT).await {
-                tracing::warn!(
-                    "the configuration document was not read within {CONFIG_TIMEOUT:?}; calling on the flags' settings until it is"
-                );
-            }
-            crate::apply(&live.current().client, &mesh, &base, &live_timeout).await;
-            let task = tokio::spawn(crate::follow(live.subscribe(), mesh.clone(), base, live_timeout.clone()));
-            if !metrics.is_empty() {
-                metrics.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(greeter_config::config_metrics(
-                    live.status(),
-                ))));
-            }
-            Some((live, tokio_util::task::AbortOnDropHandle::new(task)))
-        }
-        None => None,
-    };
-    let collector = (!metrics.is_empty()).then(|| crate::stack::collect_metrics(&mesh));
-    Ok(Client {
-        mesh,
-        timeout: live_timeout,
-        _following: following,
-        _reloading: reloading,
-        _metrics: metrics,
-        _collector: collector,
-    })
-}
-
-/// How long a client waits for its configuration document before its first call.
-const CONFIG_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn greet(args: GreetArgs) -> anyhow::Result<()> {
     let client_stack = client(&args.targets, args.timeout).await?;
-    let mesh = &client_stack.mesh;
+    let mesh = &client_stack;
     let mut client = GreeterClient::new(mesh.channel.clone());
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
     let mut order = Vec::new();
@@ -478,7 +251,9 @@ async fn greet(args: GreetArgs) -> anyhow::Result<()> {
         }
         made += 1;
         let mut request = tonic::Request::new(HelloRequest { name: args.name.clone() });
-        request.set_timeout(client_stack.timeout.get());
+        if let Some(timeout) = client_stack.timeout.get() {
+            request.set_timeout(timeout);
+        }
         if let Some(key) = &args.targets.hash_key {
             let key = key.replace("{i}", &i.to_string());
             let value = key.parse().with_context(|| format!("--hash-key {key:?} is not a valid header value"))?;
@@ -636,14 +411,14 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         timeout: Some(args.timeout),
     };
     let report = if args.plain {
-        let [target] = args.targets.target.as_slice() else {
+        let [target] = args.targets.mesh.target.as_slice() else {
             anyhow::bail!("--plain takes exactly one --target");
         };
         bench::run(connect(target).await?, &config).await
     } else {
         // The configuration's client section is followed, except the timeout: --timeout.
         let stack = client(&args.targets, args.timeout).await?;
-        bench::run(stack.mesh.channel.clone(), &config).await
+        bench::run(stack.channel.clone(), &config).await
     };
     if args.json {
         println!("{}", serde_json::to_string(&report).context("encoding the report")?);

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // Before anything else: a SIGHUP during the start must not end the process.
-    greeter_config::Hangups::hold_off();
+    mesh::signals::Hangups::hold_off();
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(run()),
         Err(e) => {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use greeter_client::{ClientBase, LiveTimeout, Mesh, Resilience, follow};
+use greeter_client::{ClientBase, LiveTimeout, Mesh, follow};
 use greeter_config::GreeterConfig;
 use mesh_balancer::{BalancerConfig, EndpointSet, Strategy};
 use mesh_config::{ConfigWatcher, Layers, LiveConfig};
@@ -45,7 +45,7 @@ async fn a_running_client_follows_the_strategy_breaker_retry_and_timeout_put_in_
         servers.push(NamedGreeter::serve(name, Duration::ZERO).await.expect("serve"));
     }
     let set = EndpointSet::from_addresses(servers.iter().map(|s| s.addr().to_string()));
-    let resilience = Resilience::default();
+    let resilience = greeter_client::resilience();
     let mesh = Mesh::spawn(BalancerConfig::new("greeter"), &resilience, tokio_stream::once(set)).expect("valid");
     mesh.balanced.wait_ready(Duration::from_secs(5)).await.expect("ready");
 
@@ -57,7 +57,7 @@ async fn a_running_client_follows_the_strategy_breaker_retry_and_timeout_put_in_
         strategy: Strategy::RoundRobin,
         endpoint_breaker: resilience.endpoint_breaker.clone(),
         retry: resilience.retry.clone(),
-        timeout: Duration::from_secs(1),
+        timeout: Some(Duration::from_secs(1)),
     };
     let _following = tokio::spawn(follow(live.subscribe(), mesh.clone(), base, timeout.clone()));
 
@@ -86,7 +86,7 @@ async fn a_running_client_follows_the_strategy_breaker_retry_and_timeout_put_in_
     );
     until("the retries", 4, || mesh.retry_policy().max_attempts).await;
     assert_eq!(mesh.retry_policy().retry_on, [tonic::Code::Unavailable, tonic::Code::Internal]);
-    until("the timeout", Duration::from_millis(250), || timeout.get()).await;
+    until("the timeout", Some(Duration::from_millis(250)), || timeout.get()).await;
     until("the strategy back to the flags'", "round_robin".to_string(), || mesh.balanced.strategy().to_string()).await;
 
     // A refused document changes nothing.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use greeter_client::{Mesh, Resilience, collect_metrics};
+use greeter_client::{Mesh, collect_metrics};
 use greeter_server::Greeter;
 use mesh_balancer::{BalancerConfig, EndpointSet};
 use mesh_proto::pb::HelloRequest;
@@ -22,7 +22,7 @@ async fn an_endpoint_that_leaves_the_set_leaves_the_scrape_and_calls_are_counted
     updates.send(EndpointSet::from_addresses([a_addr.clone(), b_addr.clone()])).expect("send");
     let mesh = Mesh::spawn(
         BalancerConfig::new("greeter"),
-        &Resilience::default(),
+        &greeter_client::resilience(),
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
     )
     .expect("valid settings");

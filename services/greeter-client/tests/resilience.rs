@@ -274,7 +274,7 @@ async fn connections_closed_by_the_server_fail_no_call_through_the_whole_stack()
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let set = EndpointSet::from_addresses([addr]);
-    let mesh = Mesh::spawn(BalancerConfig::new("greeter"), &Resilience::default(), tokio_stream::once(set))
+    let mesh = Mesh::spawn(BalancerConfig::new("greeter"), &greeter_client::resilience(), tokio_stream::once(set))
         .expect("valid settings");
     for callers in [1, 4] {
         let until = Instant::now() + Duration::from_secs(2);

@@ -1,48 +1,27 @@
-//! The greeter service's configuration document, at `{root}/config/greeter` in etcd: a
-//! `server` section its servers apply (rate limits, the greeting, the log level) and a
-//! `client` section every client of it applies (balancing, breakers, retries, the call
-//! timeout). Both services read the whole document with the same checks, so a document one
-//! of them refuses, all refuse.
+//! The greeter service's own part of its configuration document: `server.greeting`, beside
+//! the governance sections every mesh service has (`server.limiter`, `server.log_level`
+//! and the `client` section, which are mesh's: see `mesh::config`). Both greeter binaries
+//! read the whole document with the same checks, so a document one of them refuses, all
+//! refuse.
 //!
 //! ```
 //! use greeter_config::GreeterConfig;
-//! use mesh_config::{Document, Layers};
+//! use mesh_config::Layers;
 //!
 //! let doc = br#"{"server": {"greeting": "Hi, {name}!", "limiter": {"rate_per_sec": 200, "burst": 20}},
 //!                "client": {"balancer": {"strategy": "p2c"}, "timeout_ms": 1000}}"#;
 //! let layers = Layers::defaults(&GreeterConfig::default()).expect("defaults");
 //! let config: GreeterConfig = mesh_config::parse(layers.document(), doc, "example").expect("valid");
-//! assert_eq!(config.server.greet("Ada"), "Hi, Ada!");
+//! assert_eq!(config.server.service.greet("Ada"), "Hi, Ada!");
 //! assert!(mesh_config::parse::<GreeterConfig>(layers.document(), br#"{"server": {"colour": 1}}"#, "x").is_err());
 //! ```
-//!
-//! It also holds what both services share around it: the etcd connection flags
-//! ([`EtcdAccess`]), the configuration's metrics ([`config_metrics`]) and SIGHUP
-//! handling ([`Hangups`]).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
-use mesh_breaker::BreakerConfig;
-use mesh_limiter::{CallerKey, Limit, LimiterConfig, PerCaller};
-use mesh_retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 
-mod flags;
-mod signals;
+pub use mesh::config::{ClientSection, LimiterSection, MethodLimit, code_name, parse_code};
 
-pub use flags::{EtcdAccess, config_metrics};
-pub use signals::Hangups;
-
-/// The whole document.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GreeterConfig {
-    /// What servers apply.
-    pub server: ServerSection,
-    /// What clients apply.
-    pub client: ClientSection,
-}
+/// The whole document of the greeter service.
+pub type GreeterConfig = mesh::Config<GreeterSection>;
 
 /// The greeting of a server with no configuration.
 pub const DEFAULT_GREETING: &str = "Hello, {name}!";
@@ -50,346 +29,35 @@ pub const DEFAULT_GREETING: &str = "Hello, {name}!";
 /// The longest greeting template, in bytes.
 pub const MAX_GREETING_BYTES: usize = 1024;
 
-/// What greeter servers apply.
+/// What the greeter's servers apply of their own: the greeting.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ServerSection {
-    /// Rate limits; none when absent or `null`.
-    pub limiter: Option<LimiterSection>,
+pub struct GreeterSection {
     /// The reply, with `{name}` replaced by the caller's name.
     pub greeting: String,
-    /// A log filter (`info`, `debug`, `greeter_server=debug,info`); when absent, as started.
-    pub log_level: Option<String>,
 }
 
-impl Default for ServerSection {
+impl Default for GreeterSection {
     fn default() -> Self {
-        ServerSection { limiter: None, greeting: DEFAULT_GREETING.into(), log_level: None }
+        GreeterSection { greeting: DEFAULT_GREETING.into() }
     }
 }
 
-impl ServerSection {
+impl GreeterSection {
     /// The greeting for `name`.
     pub fn greet(&self, name: &str) -> String {
         self.greeting.replace("{name}", name)
     }
 }
 
-/// Rate limits of a server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimiterSection {
-    /// Calls per second for the whole server.
-    pub rate_per_sec: f64,
-    /// Calls at once after a quiet spell; default a tenth of the rate (at least 1).
-    #[serde(default)]
-    pub burst: Option<u32>,
-    /// `reject` (default) or `wait`.
-    #[serde(default = "reject")]
-    pub mode: String,
-    /// In `wait` mode, the longest a call waits, in milliseconds (default 100).
-    #[serde(default = "hundred")]
-    pub max_wait_ms: u64,
-    /// `peer-ip` or `metadata:KEY`: a budget per caller as well as the server's.
-    #[serde(default)]
-    pub per_caller: Option<String>,
-    /// Each caller's calls per second, with `per_caller`; default the server's rate (the
-    /// server's limit applies to all callers together either way).
-    #[serde(default)]
-    pub caller_rate_per_sec: Option<f64>,
-    /// Each caller's burst; default a tenth of its rate (at least 1).
-    #[serde(default)]
-    pub caller_burst: Option<u32>,
-    /// Limits of single methods, by path.
-    #[serde(default)]
-    pub methods: BTreeMap<String, MethodLimit>,
-}
-
-fn reject() -> String {
-    "reject".into()
-}
-
-fn hundred() -> u64 {
-    100
-}
-
-/// One method's limit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MethodLimit {
-    /// Calls per second.
-    pub rate_per_sec: f64,
-    /// Calls at once; default a tenth of the rate (at least 1).
-    #[serde(default)]
-    pub burst: Option<u32>,
-}
-
-/// A tenth of `rate`, at least 1: the burst when none is given.
-pub fn default_burst(rate: f64) -> u32 {
-    if rate.is_finite() && rate > 0.0 { ((rate / 10.0).ceil().min(f64::from(u32::MAX)) as u32).max(1) } else { 1 }
-}
-
-/// `peer-ip` or `metadata:KEY` as a caller key.
-pub fn parse_caller(s: &str) -> Result<CallerKey, String> {
-    match s {
-        "peer-ip" => Ok(CallerKey::PeerIp),
-        _ => match s.strip_prefix("metadata:") {
-            Some(key) if !key.is_empty() => Ok(CallerKey::Metadata(key.to_ascii_lowercase())),
-            _ => Err(format!("{s:?}: give peer-ip or metadata:KEY, e.g. metadata:x-tenant")),
-        },
-    }
-}
-
-impl LimiterSection {
-    /// The limiter's settings; the error names the setting.
-    pub fn limiter_config(&self) -> Result<LimiterConfig, String> {
-        let limit = |rate: f64, burst: Option<u32>| -> Result<Limit, String> {
-            let limit =
-                Limit::try_new(rate, burst.unwrap_or_else(|| default_burst(rate))).map_err(|e| e.to_string())?;
-            match self.mode.as_str() {
-                "reject" => Ok(limit),
-                "wait" => Ok(limit.waiting(Duration::from_millis(self.max_wait_ms))),
-                other => Err(format!("mode is {other:?}; give reject or wait")),
-            }
-        };
-        let mut config = LimiterConfig::try_new(limit(self.rate_per_sec, self.burst)?).map_err(|e| e.to_string())?;
-        for (path, m) in &self.methods {
-            config = config.with_method(
-                path.clone(),
-                limit(m.rate_per_sec, m.burst).map_err(|e| format!("methods[{path}]: {e}"))?,
-            );
-        }
-        match (&self.per_caller, self.caller_rate_per_sec, self.caller_burst) {
-            (Some(key), rate, burst) => {
-                let mut per_caller = PerCaller::new(parse_caller(key).map_err(|e| format!("per_caller: {e}"))?);
-                if rate.is_some() || burst.is_some() {
-                    let rate = rate.unwrap_or(self.rate_per_sec);
-                    per_caller = per_caller.with_limit(limit(rate, burst).map_err(|e| format!("caller limit: {e}"))?);
-                }
-                config = config.with_per_caller(per_caller);
-            }
-            (None, None, None) => {}
-            (None, _, _) => return Err("caller_rate_per_sec and caller_burst need per_caller".into()),
-        }
-        config.validate().map_err(|e| e.to_string())?;
-        Ok(config)
-    }
-}
-
-/// What clients of the service apply; each setting left out keeps what the client's flags say.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClientSection {
-    /// Balancing.
-    pub balancer: BalancerSection,
-    /// The per-endpoint circuit breaker.
-    pub breaker: BreakerSection,
-    /// Retries.
-    pub retry: RetrySection,
-    /// The deadline of each call, in milliseconds.
-    pub timeout_ms: Option<u64>,
-}
-
-/// Balancing settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BalancerSection {
-    /// `round_robin`, `random`, `consistent_hash`, `weighted`, `p2c`, `p2c_ewma`.
-    pub strategy: Option<String>,
-    /// The header consistent hashing reads its key from.
-    pub hash_header: Option<String>,
-}
-
-/// Circuit breaker settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BreakerSection {
-    /// Consecutive failures that open it.
-    pub failure_threshold: Option<u32>,
-    /// How long it stays open after a first trip, in milliseconds.
-    pub open_ms: Option<u64>,
-    /// The longest it stays open after repeated trips, in milliseconds.
-    pub max_open_ms: Option<u64>,
-    /// Probes let through while half-open.
-    pub half_open_max_requests: Option<u32>,
-}
-
-/// Retry settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetrySection {
-    /// Attempts per call, the first included.
-    pub max_attempts: Option<u32>,
-    /// Status codes retried, by name (`UNAVAILABLE`).
-    pub codes: Option<Vec<String>>,
-    /// Retries as a share of calls, in percent.
-    pub budget_percent: Option<f64>,
-}
-
-/// The longest call timeout a document may set: an hour.
-const MAX_TIMEOUT_MS: u64 = 3_600_000;
-
-impl ClientSection {
-    /// The balancing strategy, if the document names one.
-    pub fn strategy(&self) -> Result<Option<mesh_balancer::Strategy>, String> {
-        let Some(name) = &self.balancer.strategy else {
-            return Ok(None);
-        };
-        let mut strategy: mesh_balancer::Strategy = name.parse().map_err(|e| format!("balancer.strategy: {e}"))?;
-        if let (mesh_balancer::Strategy::ConsistentHash(hash), Some(header)) =
-            (&mut strategy, &self.balancer.hash_header)
-        {
-            hash.header = tonic::codegen::http::HeaderName::from_bytes(header.as_bytes())
-                .map_err(|_| format!("balancer.hash_header: {header:?} is not a header name"))?;
-        }
-        Ok(Some(strategy))
-    }
-
-    /// `base` with what the document sets; the error names the setting.
-    pub fn breaker(&self, base: &BreakerConfig) -> Result<BreakerConfig, String> {
-        let b = &self.breaker;
-        let mut config = base.clone();
-        if let Some(n) = b.failure_threshold {
-            config.failure_threshold = n;
-        }
-        if let Some(ms) = b.open_ms {
-            config.open_time = Duration::from_millis(ms);
-        }
-        if let Some(ms) = b.max_open_ms {
-            config.max_open_time = Duration::from_millis(ms);
-        }
-        if let Some(n) = b.half_open_max_requests {
-            config.half_open_probes = n;
-            config.success_threshold = config.success_threshold.min(n.max(1));
-        }
-        config.validate().map_err(|e| format!("breaker: {e}"))?;
-        Ok(config)
-    }
-
-    /// `base` with what the document sets; the error names the setting.
-    pub fn retry(&self, base: &RetryPolicy) -> Result<RetryPolicy, String> {
-        let r = &self.retry;
-        let mut policy = base.clone();
-        if let Some(n) = r.max_attempts {
-            policy.max_attempts = n;
-        }
-        if let Some(names) = &r.codes {
-            let codes = names
-                .iter()
-                .map(|c| parse_code(c))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("retry.codes: {e}"))?;
-            policy.retry_on = codes;
-        }
-        if let Some(percent) = r.budget_percent {
-            if !(0.0..=100.0).contains(&percent) {
-                return Err(format!("retry.budget_percent is {percent}; give 0 to 100"));
-            }
-            policy.budget_ratio = (percent / 100.0) as f32;
-        }
-        policy.validate().map_err(|e| format!("retry: {e}"))?;
-        Ok(policy)
-    }
-
-    /// The call timeout, if the document sets one.
-    pub fn timeout(&self) -> Result<Option<Duration>, String> {
-        match self.timeout_ms {
-            None => Ok(None),
-            Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(Some(Duration::from_millis(ms))),
-            Some(ms) => Err(format!("timeout_ms is {ms}; give 1 to {MAX_TIMEOUT_MS}")),
-        }
-    }
-}
-
-impl mesh_config::Document for GreeterConfig {
-    /// A document's rate limits stand alone: its `server.limiter` replaces what a server's
-    /// `--rate` flags or file set, rather than completing it, so that `{"limiter":
-    /// {"burst": 5}}` is refused by every server alike (no rate), not taken by those
-    /// started with `--rate`.
-    const WHOLE_SECTIONS: &'static [&'static [&'static str]] = &[&["server", "limiter"]];
-
+impl mesh::ServiceSection for GreeterSection {
     fn validate(&self) -> Result<(), String> {
-        let s = &self.server;
-        if let Some(limiter) = &s.limiter {
-            limiter.limiter_config().map_err(|e| format!("server.limiter: {e}"))?;
+        if self.greeting.is_empty() || self.greeting.len() > MAX_GREETING_BYTES {
+            return Err(format!("greeting is {} bytes; give 1 to {MAX_GREETING_BYTES}", self.greeting.len()));
         }
-        if s.greeting.is_empty() || s.greeting.len() > MAX_GREETING_BYTES {
-            return Err(format!("server.greeting is {} bytes; give 1 to {MAX_GREETING_BYTES}", s.greeting.len()));
-        }
-        if let Some(level) = &s.log_level {
-            check_log_level(level)?;
-        }
-        let c = &self.client;
-        let client = |r: Result<(), String>| r.map_err(|e| format!("client.{e}"));
-        client(c.strategy().map(drop))?;
-        client(c.breaker(&BreakerConfig::default()).map(drop))?;
-        client(c.retry(&RetryPolicy::default()).map(drop))?;
-        client(c.timeout().map(drop))?;
         Ok(())
     }
 }
 
-impl GreeterConfig {
-    /// Where this document, valid over the defaults, is refused by instances started with
-    /// some flags: settings checked against one another, of which the document sets one
-    /// and leaves the other to each client's flags. Empty when it is valid everywhere.
-    pub fn flag_dependencies(&self) -> Vec<String> {
-        let b = &self.client.breaker;
-        let mut notes = Vec::new();
-        match (b.open_ms, b.max_open_ms) {
-            (Some(open), None) => notes.push(format!(
-                "client.breaker.open_ms is {open}; clients started with --breaker-max-open below {open}ms refuse this                  document (set client.breaker.max_open_ms too)"
-            )),
-            (None, Some(max)) => notes.push(format!(
-                "client.breaker.max_open_ms is {max}; clients started with --breaker-open above {max}ms refuse this                  document (set client.breaker.open_ms too)"
-            )),
-            _ => {}
-        }
-        notes
-    }
-}
-
-/// A gRPC status code by its name (any case, `_` or `-`) or its number.
-pub fn parse_code(s: &str) -> Result<tonic::Code, String> {
-    if let Ok(n) = s.parse::<i32>() {
-        return match tonic::Code::from_i32(n) {
-            tonic::Code::Unknown if n != 2 => Err(format!("{s:?} is not a gRPC status code (0 to 16)")),
-            code => Ok(code),
-        };
-    }
-    let wanted = s.to_ascii_lowercase().replace('-', "_");
-    (0..=16)
-        .map(tonic::Code::from_i32)
-        .find(|c| code_name(*c) == wanted)
-        .ok_or_else(|| format!("{s:?} is not a gRPC status code; try unavailable, internal or deadline_exceeded"))
-}
-
-/// `unavailable`, `deadline_exceeded`, …: a code's name in snake case.
-pub fn code_name(code: tonic::Code) -> String {
-    let debug = format!("{code:?}");
-    let mut out = String::new();
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests;
-
-/// A log filter as `RUST_LOG` takes it, where a bare word must be a level: tracing reads
-/// `debgu` as "everything of target debgu, nothing else", which silences a server.
-fn check_log_level(level: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        if !directive.contains(['=', '[']) && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "server.log_level {level:?}: {directive:?} is not a level (trace, debug, info, warn, error, off) or target=level"
-            ));
-        }
-    }
-    tracing_subscriber::EnvFilter::try_new(level).map(drop).map_err(|e| format!("server.log_level {level:?}: {e}"))
-}

@@ -1,4 +1,9 @@
+use std::time::Duration;
+
+use mesh::config::{code_name, parse_code};
+use mesh_breaker::BreakerConfig;
 use mesh_config::{Document as _, Layers};
+use mesh_retry::RetryPolicy;
 
 use super::*;
 
@@ -21,7 +26,7 @@ fn the_documented_example_is_valid_and_means_what_it_says() {
     let limiter = config.server.limiter.as_ref().expect("limits").limiter_config().expect("valid");
     assert_eq!((limiter.default.rate_per_sec, limiter.default.burst), (500.0, 50));
     assert_eq!(limiter.limit_of("/greeter.v1.Greeter/SayHello").rate_per_sec, 200.0);
-    assert_eq!(config.server.greet("Ada"), "Hello, Ada!");
+    assert_eq!(config.server.service.greet("Ada"), "Hello, Ada!");
     assert_eq!(config.client.strategy().expect("valid"), Some(mesh_balancer::Strategy::RoundRobin));
     let breaker = config.client.breaker(&BreakerConfig::default()).expect("valid");
     assert_eq!((breaker.failure_threshold, breaker.max_open_time), (5, Duration::from_secs(30)));

@@ -9,9 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use greeter_config::GreeterConfig;
-use greeter_server::{ServeOptions, serve};
-use mesh_config::{ConfigWatcher, Layers};
+use greeter_config::GreeterSection;
 use mesh_etcd::{Etcd, EtcdOptions};
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
@@ -23,27 +21,23 @@ const KEY: &str = "/bench/config/greeter";
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = mesh_testkit::Etcd::start().await?;
     let etcd = Etcd::new(EtcdOptions::new(server.endpoints())?);
-    let layers = Layers::defaults(&GreeterConfig::default())?;
-    let live = ConfigWatcher::<GreeterConfig>::new(etcd.clone(), KEY, &layers)?.spawn();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let options = ServeOptions {
-        instance_id: "bench".into(),
-        drain_timeout: Duration::from_secs(1),
-        shutdown_grace: Duration::ZERO,
-        registry: None,
-        fault: Default::default(),
-        config: live.subscribe(),
-        log_filter: None,
-        tls: None,
-        limits: Default::default(),
-        metrics: false,
-        health_listen: None,
-    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, options, async {
-        let _ = stopped.await;
-    }));
+    // Serving and following the document at KEY, registering nowhere.
+    let builder = mesh::Server::builder("greeter")
+        .section::<GreeterSection>()
+        .listener(listener)
+        .etcd(etcd.clone())
+        .etcd_prefix("/bench")
+        .register(false)
+        .drain_timeout(Duration::from_secs(1))
+        .shutdown_grace(Duration::ZERO)
+        .shutdown_on(async {
+            let _ = stopped.await;
+        });
+    let server = greeter_server::build(builder).await.map_err(|e| format!("{e:#}"))?;
+    let task = tokio::spawn(server.serve());
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut client = GreeterClient::new(channel);
 
@@ -68,7 +62,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let _ = stop.send(());
     let _ = task.await;
-    drop(live);
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).saturating_sub(1).min(samples.len() - 1)];
     println!(

@@ -70,6 +70,14 @@ impl Greeter {
         self.greeting.clone()
     }
 
+    /// Replies with the `server.greeting` of `config` from now on, as it changes (a task
+    /// follows it while the configuration's sender lives).
+    pub fn following(self, config: tokio::sync::watch::Receiver<Arc<greeter_config::GreeterConfig>>) -> Self {
+        self.greeting.store(Arc::new(config.borrow().server.service.greeting.clone()));
+        tokio::spawn(crate::server::follow_greeting(config, self.greeting.clone()));
+        self
+    }
+
     /// Injects `fault` into every greeter call.
     pub fn with_fault(mut self, fault: Fault) -> Self {
         self.fault = fault;

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use greeter_client::{Mesh, Resilience};
+use greeter_client::Mesh;
 use mesh_balancer::Strategy;
 use mesh_etcd_local::Signal;
 use mesh_proto::pb::HelloRequest;
@@ -168,7 +168,7 @@ async fn rust_calls(etcd: &mesh_testkit::Etcd, strategy: Strategy, count: usize)
 
 async fn discover(etcd: &mesh_testkit::Etcd, strategy: Strategy, tls: Option<mesh_tls::ClientTls>) -> Mesh {
     let etcd = etcd.endpoints().join(",");
-    greeter_client::discovered(&etcd, "/mesh", "greeter", strategy, &Resilience::default(), tls)
+    greeter_client::discovered(&etcd, "/mesh", "greeter", strategy, &greeter_client::resilience(), tls)
         .await
         .expect("discovered")
 }

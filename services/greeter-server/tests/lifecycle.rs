@@ -836,7 +836,7 @@ impl World {
                 problems.push(format!("server {} (its status key): {p}", s.id));
             } else if let Some(Document { revision, parsed: Some(parsed) }) = doc {
                 match greet(&s.addr).await {
-                    Ok(message) if message == parsed.server.greet("check") => {}
+                    Ok(message) if message == parsed.server.service.greet("check") => {}
                     Ok(message) => {
                         problems.push(format!("server {} greets {message:?}, not as revision {revision} says", s.id))
                     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use greeter_client::{Mesh, Resilience};
+use greeter_client::Mesh;
 use mesh_balancer::Strategy;
 use mesh_etcd::{Etcd, EtcdOptions};
 use mesh_proto::pb::HelloRequest;
@@ -133,7 +133,7 @@ async fn discover(etcd: &mesh_testkit::Etcd, tls: Option<ClientTls>) -> anyhow::
         "/mesh",
         "greeter",
         Strategy::RoundRobin,
-        &Resilience::default(),
+        &greeter_client::resilience(),
         tls,
     )
     .await
@@ -317,10 +317,11 @@ async fn renewed_certificates_are_served_after_sighup_without_a_failed_call_and_
     let ca = certs.pki.ca_file();
     let tls = ClientTls::load(&ca, None).expect("client TLS");
     let mesh = greeter_client::balanced(
+        "greeter",
         std::slice::from_ref(&server.addr),
         &[],
         Strategy::RoundRobin,
-        &Resilience::default(),
+        &greeter_client::resilience(),
         Some(tls),
     )
     .await
@@ -470,7 +471,7 @@ async fn registrations_and_watches_survive_tokens_expiring_every_two_seconds_for
         "/mesh",
         "greeter",
         Strategy::RoundRobin,
-        &Resilience::default(),
+        &greeter_client::resilience(),
         None,
     )
     .await

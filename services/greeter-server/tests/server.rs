@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use greeter_server::{ServeOptions, serve};
 use mesh_proto::pb::HelloRequest;
 use mesh_proto::pb::greeter_client::GreeterClient;
 use tokio::net::TcpListener;
@@ -25,22 +24,16 @@ async fn start(instance: &str) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
-    let options = ServeOptions {
-        instance_id: instance.into(),
-        drain_timeout: Duration::from_secs(5),
-        shutdown_grace: Duration::ZERO,
-        registry: None,
-        fault: Default::default(),
-        config: tokio::sync::watch::channel(Default::default()).1,
-        log_filter: None,
-        tls: None,
-        limits: Default::default(),
-        metrics: false,
-        health_listen: None,
-    };
-    let task = tokio::spawn(serve(listener, options, async {
-        let _ = stopped.await;
-    }));
+    let builder = mesh::Server::builder("greeter")
+        .section()
+        .listener(listener)
+        .instance_id(instance)
+        .drain_timeout(Duration::from_secs(5))
+        .shutdown_grace(Duration::ZERO)
+        .shutdown_on(async {
+            let _ = stopped.await;
+        });
+    let task = tokio::spawn(async move { greeter_server::build(builder).await?.serve().await });
     let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
     Running { channel, stop, task }
 }

@@ -14,13 +14,13 @@ use tower::{Layer, Service};
 
 /// Answers DEADLINE_EXCEEDED for a call not answered within `limit` (`None`: no bound).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AnswerWithinLayer {
+pub struct AnswerWithinLayer {
     limit: Option<Duration>,
 }
 
 impl AnswerWithinLayer {
     /// Calls must be answered within `limit`; `None` for no bound.
-    pub(crate) fn new(limit: Option<Duration>) -> Self {
+    pub fn new(limit: Option<Duration>) -> Self {
         AnswerWithinLayer { limit }
     }
 }
@@ -35,7 +35,7 @@ impl<S> Layer<S> for AnswerWithinLayer {
 
 /// The service of [`AnswerWithinLayer`].
 #[derive(Debug, Clone)]
-pub(crate) struct AnswerWithin<S> {
+pub struct AnswerWithin<S> {
     inner: S,
     limit: Option<Duration>,
 }
@@ -66,7 +66,7 @@ where
 
 pin_project! {
     /// The response of an [`AnswerWithin`] call.
-    pub(crate) struct AnswerFuture<F> {
+    pub struct AnswerFuture<F> {
         #[pin]
         inner: F,
         #[pin]

@@ -7,7 +7,7 @@ use mesh_etcd::{Etcd, EtcdOptions};
 use mesh_tls::ClientTls;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
-use crate::stack::{Mesh, Resilience};
+use super::{Client, Resilience};
 
 /// How long connecting to a target may take before it counts as unreachable.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,7 +24,7 @@ pub async fn connect(target: &str) -> anyhow::Result<Channel> {
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("cannot reach greeter at {url}"))
+        .with_context(|| format!("cannot reach {url}"))
 }
 
 /// Like [`connect`], over TLS with `tls` (`host:port` then means `https://host:port`):
@@ -51,19 +51,20 @@ pub async fn connect_tls(target: &str, tls: Option<ClientTls>) -> anyhow::Result
         .keep_alive_timeout(Duration::from_secs(5))
         .connect_with_connector(connector)
         .await
-        .with_context(|| format!("cannot reach greeter at {url}"))
+        .with_context(|| format!("cannot reach {url}"))
 }
 
-/// The client stack over a static list of targets (`--target a,b,c`), with optional
-/// weights; waits until the targets have been probed and one is reachable. With `tls`,
-/// targets are dialled over TLS (`host:port` means `https://host:port`).
+/// The client stack for `service` over a static list of targets (`--target a,b,c`), with
+/// optional weights; waits until the targets have been probed and one is reachable. With
+/// `tls`, targets are dialled over TLS (`host:port` means `https://host:port`).
 pub async fn balanced(
+    service: &str,
     targets: &[String],
     weights: &[u32],
     strategy: Strategy,
     resilience: &Resilience,
     tls: Option<ClientTls>,
-) -> anyhow::Result<Mesh> {
+) -> anyhow::Result<Client> {
     if targets.is_empty() {
         bail!("--target needs at least one address");
     }
@@ -76,15 +77,15 @@ pub async fn balanced(
         let address = url.strip_prefix("http://").unwrap_or(&url).to_string();
         endpoints.push(Endpoint::new(address).with_weight(weights.get(i).copied().unwrap_or(1)));
     }
-    let mut config = BalancerConfig::new("greeter").with_strategy(strategy);
+    let mut config = BalancerConfig::new(service).with_strategy(strategy);
     config.tls = tls;
-    let mesh = Mesh::spawn(config, resilience, tokio_stream::once(EndpointSet::new(endpoints)))?;
-    ready(mesh, || format!("cannot reach greeter at {}", targets.join(","))).await
+    let mesh = Client::spawn(config, resilience, tokio_stream::once(EndpointSet::new(endpoints)))?;
+    ready(mesh, || format!("cannot reach {service} at {}", targets.join(","))).await
 }
 
 /// Waits until `mesh` reaches a server; the error is `what`, with why each server could
 /// not be used: refused, timed out, or a TLS handshake that failed.
-async fn ready(mesh: Mesh, what: impl FnOnce() -> String) -> anyhow::Result<Mesh> {
+async fn ready(mesh: Client, what: impl FnOnce() -> String) -> anyhow::Result<Client> {
     let Err(e) = mesh.balanced.wait_ready(CONNECT_TIMEOUT).await else { return Ok(mesh) };
     let why: Vec<String> = mesh
         .balanced
@@ -105,7 +106,7 @@ pub async fn discovered(
     strategy: Strategy,
     resilience: &Resilience,
     tls: Option<ClientTls>,
-) -> anyhow::Result<Mesh> {
+) -> anyhow::Result<Client> {
     let options = EtcdOptions::parse_endpoints(etcd).with_context(|| format!("invalid --etcd {etcd:?}"))?;
     discovered_through(Etcd::new(options), root, service, strategy, resilience, tls).await
 }
@@ -120,7 +121,7 @@ pub async fn discovered_through(
     strategy: Strategy,
     resilience: &Resilience,
     tls: Option<ClientTls>,
-) -> anyhow::Result<Mesh> {
+) -> anyhow::Result<Client> {
     let endpoints = etcd.endpoints();
     let resolver = EtcdResolver::new(etcd, root, service);
     let prefix = resolver.prefix().to_string();
@@ -143,7 +144,7 @@ pub async fn discovered_through(
     }
     let mut config = BalancerConfig::new(service).with_strategy(strategy);
     config.tls = tls;
-    let mut mesh = Mesh::spawn(config, resilience, resolution.updates())?;
+    let mut mesh = Client::spawn(config, resilience, resolution.updates())?;
     mesh.discovery = Some(resolution.status());
     ready(mesh, || format!("cannot reach any of the {} servers of {service} registered in etcd", listed.len())).await
 }

@@ -18,20 +18,20 @@ use mesh_retry::{InvalidRetryPolicy, Retry, RetryHandle, RetryLayer, RetryPolicy
 use tonic::transport::Channel;
 use tower_layer::Layer as _;
 
+use super::deadline::{DefaultDeadline, LiveTimeout};
+
 /// Each endpoint's stack under the balancer: its channel, counted, behind its own breaker.
 pub type EndpointStack = Breaker<CallMetrics<Channel>, GrpcClassifier>;
 
-/// What generated clients call: service breaker → retries → balancer → endpoint breakers.
-pub type MeshChannel = CallMetrics<Breaker<Retry<BalancedChannel<EndpointStack>>, GrpcClassifier>>;
+/// What generated clients call: the default deadline, then service breaker → retries →
+/// balancer → endpoint breakers.
+pub type MeshChannel = DefaultDeadline<CallMetrics<Breaker<Retry<BalancedChannel<EndpointStack>>, GrpcClassifier>>>;
 
-/// The idempotent methods of greeter.v1, retried by default.
-pub const GREETER_IDEMPOTENT: [&str; 2] = ["/greeter.v1.Greeter/SayHello", "/greeter.v1.Greeter/SayHelloStream"];
-
-/// The codes the client retries: UNAVAILABLE (the endpoint could not take the call) and
-/// RESOURCE_EXHAUSTED (a rate limit's answer, retried after the pause its
-/// `grpc-retry-pushback-ms` asks for, as a pushback only times the retry of a code that is
-/// retried anyway).
-pub const GREETER_RETRY_ON: [tonic::Code; 2] = [tonic::Code::Unavailable, tonic::Code::ResourceExhausted];
+/// The codes a client retries by default, for the methods declared idempotent only:
+/// UNAVAILABLE (the endpoint could not take the call) and RESOURCE_EXHAUSTED (a rate
+/// limit's answer, retried after the pause its `grpc-retry-pushback-ms` asks for, as a
+/// pushback only times the retry of a code that is retried anyway).
+pub const RETRY_ON: [tonic::Code; 2] = [tonic::Code::Unavailable, tonic::Code::ResourceExhausted];
 
 /// How the breakers and retries are set.
 #[derive(Debug, Clone)]
@@ -43,8 +43,21 @@ pub struct Resilience {
     /// 20 calls in 10 s failed (after retries), never on failures in a row alone, which
     /// concurrent calls to one bad endpoint produce while the service is fine.
     pub service_breaker: BreakerConfig,
-    /// Which calls are retried, and how.
+    /// Which calls are retried, and how: by default none, as no method is known to be
+    /// idempotent ([`Resilience::idempotent`]).
     pub retry: RetryPolicy,
+}
+
+impl Resilience {
+    /// The defaults, with `methods` (paths such as `/billing.v1.Billing/Get`, or
+    /// `/billing.v1.Billing/*`) retried on [`RETRY_ON`]: only methods that are safe to run
+    /// twice.
+    pub fn idempotent<I: IntoIterator<Item = M>, M: Into<String>>(methods: I) -> Self {
+        Resilience {
+            retry: RetryPolicy::default().with_methods(methods).with_retry_on(&RETRY_ON),
+            ..Resilience::default()
+        }
+    }
 }
 
 /// The default service breaker: see [`Resilience::service_breaker`].
@@ -61,7 +74,7 @@ impl Default for Resilience {
         Resilience {
             endpoint_breaker: BreakerConfig::default(),
             service_breaker: default_service_breaker(),
-            retry: RetryPolicy::default().with_methods(GREETER_IDEMPOTENT).with_retry_on(&GREETER_RETRY_ON),
+            retry: RetryPolicy::default().with_retry_on(&RETRY_ON),
         }
     }
 }
@@ -79,8 +92,8 @@ pub enum InvalidResilience {
 
 /// The client stack, and handles on its parts for tables and tests.
 #[derive(Debug, Clone)]
-pub struct Mesh {
-    /// What generated clients take: `GreeterClient::new(mesh.channel.clone())`.
+pub struct Client {
+    /// What generated clients take: `BillingClient::new(client.channel.clone())`.
     pub channel: MeshChannel,
     /// The balancer inside, for its endpoints and strategy.
     pub balanced: BalancedChannel<EndpointStack>,
@@ -98,11 +111,32 @@ pub struct Mesh {
     retry: RetryHandle,
     /// Discovery's freshness, when the endpoints come from etcd.
     pub discovery: Option<tokio::sync::watch::Receiver<mesh_discovery::ResolverStatus>>,
+    /// The deadline of calls that have none of their own.
+    pub timeout: LiveTimeout,
+    /// What the client runs beside its calls: the configuration it follows, TLS reloading,
+    /// metrics; stopped when the last clone of the client is dropped.
+    pub(crate) background: Arc<Background>,
 }
 
-impl Mesh {
-    /// Spawns the balancer over `updates` and builds the stack around it.
-    pub fn spawn<U>(config: BalancerConfig, resilience: &Resilience, updates: U) -> Result<Mesh, InvalidResilience>
+/// What a [`Client`] runs beside its calls.
+#[derive(Default)]
+pub(crate) struct Background {
+    pub(crate) tasks: Vec<tokio_util::task::AbortOnDropHandle<()>>,
+    pub(crate) reloading: Option<mesh_tls::Reloader>,
+    pub(crate) collector: Option<mesh_metrics::Collector>,
+    pub(crate) live: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Background").field("tasks", &self.tasks.len()).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Spawns the balancer over `updates` and builds the stack around it, with no default
+    /// deadline; [`Client::builder`] builds one with everything around it.
+    pub fn spawn<U>(config: BalancerConfig, resilience: &Resilience, updates: U) -> Result<Client, InvalidResilience>
     where
         U: Stream<Item = EndpointSet> + Send + 'static,
     {
@@ -144,8 +178,11 @@ impl Mesh {
         let service_breaker = breaker.handle();
         // Counted by method and code: into the process's metrics recorder when one is
         // installed (`--metrics-listen`), nowhere otherwise.
-        let channel = CallMetricsLayer::new(Side::Client).layer(breaker);
-        Ok(Mesh {
+        let timeout = LiveTimeout::none();
+        let channel = DefaultDeadline::new(CallMetricsLayer::new(Side::Client).layer(breaker), timeout.clone());
+        Ok(Client {
+            timeout,
+            background: Arc::default(),
             service_breaker,
             retries: retry_layer.stats(),
             retry: retry_layer.handle(),
@@ -205,7 +242,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// lives: per endpoint its connection, attempts, failures and breaker; the service's breaker;
 /// retries and the budget; and discovery's endpoints and staleness. An endpoint that leaves
 /// the set leaves the scrape with it.
-pub fn collect_metrics(mesh: &Mesh) -> mesh_metrics::Collector {
+pub fn collect_metrics(mesh: &Client) -> mesh_metrics::Collector {
     let mesh = mesh.clone();
     mesh_metrics::collector(move |out| {
         let service = mesh.balanced.service();

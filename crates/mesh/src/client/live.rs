@@ -1,11 +1,11 @@
 //! The service's configuration document applied to a running client: its `client` section
-//! (strategy, endpoint breakers, retries, the call timeout) over what the flags set.
+//! (strategy, endpoint breakers, retries, the call timeout) over what the client was built
+//! with.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use greeter_config::{ClientSection, GreeterConfig};
+use crate::config::{ClientSection, Config, ServiceSection};
 use mesh_balancer::Strategy;
 use mesh_breaker::BreakerConfig;
 use mesh_config::Layers;
@@ -13,7 +13,7 @@ use mesh_retry::RetryPolicy;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::Mesh;
+use super::{Client, LiveTimeout};
 
 /// What the client's flags set; each setting the document leaves out stays as here.
 #[derive(Debug, Clone)]
@@ -24,56 +24,32 @@ pub struct ClientBase {
     pub endpoint_breaker: BreakerConfig,
     /// Retries.
     pub retry: RetryPolicy,
-    /// The deadline of each call.
-    pub timeout: Duration,
-}
-
-/// The call timeout in force, shared by the calls and the configuration that sets it.
-#[derive(Debug, Clone)]
-pub struct LiveTimeout(Arc<AtomicU64>);
-
-impl LiveTimeout {
-    /// Starts at `timeout`.
-    pub fn new(timeout: Duration) -> Self {
-        LiveTimeout(Arc::new(AtomicU64::new(millis(timeout))))
-    }
-
-    /// The timeout in force.
-    pub fn get(&self) -> Duration {
-        Duration::from_millis(self.0.load(Ordering::Relaxed))
-    }
-
-    fn set(&self, timeout: Duration) {
-        self.0.store(millis(timeout), Ordering::Relaxed);
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    /// The deadline of each call that has none of its own; `None` for none.
+    pub timeout: Option<Duration>,
 }
 
 /// The layers a client's configuration watch starts from: the defaults, and what this
 /// client's flags set of the settings a document is checked against one another
 /// (`client.breaker`), so that a document this client would refuse is refused by its
 /// watch, whole, and counted so, rather than applied in part.
-pub fn layers(base: &ClientBase) -> Result<Layers, mesh_config::ConfigError> {
+pub fn layers<S: ServiceSection>(base: &ClientBase) -> Result<Layers, mesh_config::ConfigError> {
     let b = &base.endpoint_breaker;
     let breaker = serde_json::json!({
         "failure_threshold": b.failure_threshold,
-        "open_ms": millis(b.open_time),
-        "max_open_ms": millis(b.max_open_time),
+        "open_ms": millis_of(b.open_time),
+        "max_open_ms": millis_of(b.max_open_time),
         "half_open_max_requests": b.half_open_probes,
     });
-    Layers::defaults(&GreeterConfig::default())?
+    Layers::defaults(&Config::<S>::default())?
         .patch("the breaker flags", serde_json::json!({"client": {"breaker": breaker}}))
 }
 
 /// Applies the `client` section of each configuration `config` publishes to `mesh`, over
 /// `base`, starting with the one in force; returns when the publisher is gone. Each
 /// setting is applied only when it changed, and logged.
-pub async fn follow(
-    mut config: watch::Receiver<Arc<GreeterConfig>>,
-    mesh: Mesh,
+pub async fn follow<S: ServiceSection>(
+    mut config: watch::Receiver<Arc<Config<S>>>,
+    mesh: Client,
     base: ClientBase,
     timeout: LiveTimeout,
 ) {
@@ -89,13 +65,13 @@ pub async fn follow(
 /// Applies `section` over `base`, whole or not at all. The watch checked the document
 /// over this client's flags before publishing it, so a refusal here is not expected; it
 /// is logged, and nothing changes.
-pub async fn apply(section: &ClientSection, mesh: &Mesh, base: &ClientBase, timeout: &LiveTimeout) {
+pub async fn apply(section: &ClientSection, mesh: &Client, base: &ClientBase, timeout: &LiveTimeout) {
     // Each part is validated as it is built, so a plan that is whole applies whole.
     let planned = (|| {
         let strategy = section.strategy()?.unwrap_or_else(|| base.strategy.clone());
         let breaker = section.breaker(&base.endpoint_breaker)?;
         let retry = section.retry(&base.retry)?;
-        let call_timeout = section.timeout()?.unwrap_or(base.timeout);
+        let call_timeout = section.timeout()?.or(base.timeout);
         Ok::<_, String>((strategy, breaker, retry, call_timeout))
     })();
     let (strategy, breaker, retry, call_timeout) = match planned {
@@ -130,4 +106,8 @@ pub async fn apply(section: &ClientSection, mesh: &Mesh, base: &ClientBase, time
         timeout.set(call_timeout);
         info!(timeout = ?call_timeout, "call timeout now");
     }
+}
+
+fn millis_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1,5 +1,5 @@
-//! What greeter-server and greeter-client share beside the document: the etcd connection
-//! flags, and the configuration's metrics.
+//! Access to etcd (endpoints, TLS, auth) as flags or from code, and the configuration's
+//! metrics.
 
 use std::path::PathBuf;
 

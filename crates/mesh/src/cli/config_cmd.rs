@@ -1,43 +1,52 @@
-//! `greeter-server config validate|apply|show`: the service's configuration document, checked
-//! before it goes live, put, and shown with what every instance applied.
+//! `config validate|apply|show`: a service's configuration document, checked before it goes
+//! live, put, and shown with what every instance applied.
 
 use std::path::Path;
 
 use anyhow::Context as _;
-use greeter_config::GreeterConfig;
 use mesh_config::{AppliedStatus, Layers};
 use mesh_etcd::Etcd;
 
-use crate::{Args, ConfigCommand};
+use super::{ConfigCommand, ServerArgs};
+use crate::config::{Config, ServiceSection};
 
-pub(crate) async fn run(args: &Args, command: &ConfigCommand) -> anyhow::Result<()> {
-    let key = mesh_config::config_key(&args.etcd_prefix, &args.service);
+impl ConfigCommand {
+    /// Runs the command for the service `service` (unless `--service` names another) whose
+    /// servers have the section `S` of their own, with the etcd that `args` name; prints
+    /// what it did, and the error says why not.
+    pub async fn run<S: ServiceSection>(&self, args: &ServerArgs, service: &str) -> anyhow::Result<()> {
+        run::<S>(args, args.service_or(service), self).await
+    }
+}
+
+async fn run<S: ServiceSection>(args: &ServerArgs, service: &str, command: &ConfigCommand) -> anyhow::Result<()> {
+    let key = mesh_config::config_key(&args.etcd_prefix, service);
     match command {
         ConfigCommand::Validate { file } => {
-            let (_, notes) = check(file)?;
+            let (_, notes) = check::<S>(file)?;
             println!("{}: valid{}", file.display(), if notes.is_empty() { "" } else { " over the defaults" });
             print_notes(&notes);
             Ok(())
         }
         ConfigCommand::Apply { file } => {
-            let (document, notes) = check(file)?;
+            let (document, notes) = check::<S>(file)?;
             let revision = etcd(args)?.put(&key, document, None).await.with_context(|| format!("putting {key}"))?;
             let every = if notes.is_empty() { "every instance applies it now" } else { "instances apply it now, but" };
             println!("{} applied as {key} at revision {revision}; {every}", file.display());
             print_notes(&notes);
             Ok(())
         }
-        ConfigCommand::Show => show(args, &key).await,
+        ConfigCommand::Show => show(args, service, &key).await,
     }
 }
 
 /// Reads and checks a document as every instance will (over the defaults; a section it
 /// sets stands alone, whatever a server's flags set there); the document and where it
 /// depends on an instance's flags, or why it is refused.
-fn check(file: &Path) -> anyhow::Result<(Vec<u8>, Vec<String>)> {
+fn check<S: ServiceSection>(file: &Path) -> anyhow::Result<(Vec<u8>, Vec<String>)> {
     let document = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let layers = Layers::defaults(&GreeterConfig::default())?;
-    let config = mesh_config::parse::<GreeterConfig>(layers.document(), &document, &file.display().to_string())?;
+    let layers = Layers::defaults(&Config::<S>::default())?;
+    let config = mesh_config::parse::<Config<S>>(layers.document(), &document, &file.display().to_string())?;
     Ok((document, config.flag_dependencies()))
 }
 
@@ -47,11 +56,11 @@ fn print_notes(notes: &[String]) {
     }
 }
 
-fn etcd(args: &Args) -> anyhow::Result<Etcd> {
+fn etcd(args: &ServerArgs) -> anyhow::Result<Etcd> {
     args.etcd_access.etcd(&args.etcd).map_err(anyhow::Error::msg)
 }
 
-async fn show(args: &Args, key: &str) -> anyhow::Result<()> {
+async fn show(args: &ServerArgs, service: &str, key: &str) -> anyhow::Result<()> {
     let etcd = etcd(args)?;
     match etcd.get(key).await.with_context(|| format!("reading {key}"))? {
         Some(kv) => {
@@ -63,7 +72,7 @@ async fn show(args: &Args, key: &str) -> anyhow::Result<()> {
         }
         None => println!("{key}: no document; every instance runs on its file and flag settings"),
     }
-    let prefix = format!("{}/", mesh_config::status_key(&args.etcd_prefix, &args.service, "").trim_end_matches('/'));
+    let prefix = format!("{}/", mesh_config::status_key(&args.etcd_prefix, service, "").trim_end_matches('/'));
     let listing = etcd.list(&prefix).await.with_context(|| format!("reading {prefix}"))?;
     if listing.kvs.is_empty() {
         println!("\nno instance reports a status under {prefix}");
