@@ -66,3 +66,8 @@ pub use server::{Server, ServerBuilder};
 pub fn etcd(endpoints: &str) -> anyhow::Result<Etcd> {
     EtcdAccess::default().etcd(endpoints).map_err(anyhow::Error::msg)
 }
+
+/// The README's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

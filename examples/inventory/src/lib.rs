@@ -193,3 +193,9 @@ where
     tokio::spawn(produce(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
+
+/// The project README's "Use mesh in your own service", compiled as doctests against this
+/// crate.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

@@ -127,6 +127,9 @@ pub(crate) enum Origin {
     Flags,
 }
 
+/// A signal to stop, or to stop sooner.
+type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// How a server is stopped.
 enum Shutdown {
     /// On SIGINT or SIGTERM; a second one cuts the shutdown short.
@@ -208,8 +211,8 @@ pub struct Server<S = crate::config::NoSection> {
     routes: tonic::service::Routes,
     named: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
-    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
-    cut_short: Pin<Box<dyn Future<Output = ()> + Send>>,
+    shutdown: Signal,
+    cut_short: Signal,
     _hangups: crate::signals::Hangups,
     _metrics: Vec<tokio_util::task::AbortOnDropHandle<()>>,
 }
@@ -500,10 +503,7 @@ impl<S: ServiceSection> ServerBuilder<S> {
         // First, so that a SIGHUP during the start (a `systemctl reload`) cannot end the
         // server, and a SIGTERM stops it once it serves rather than half way.
         let hangups = crate::signals::Hangups::install(self.tls.is_some().then_some("the TLS certificate files"));
-        let (shutdown, cut_short): (
-            Pin<Box<dyn Future<Output = ()> + Send>>,
-            Pin<Box<dyn Future<Output = ()> + Send>>,
-        ) = match self.shutdown {
+        let (shutdown, cut_short): (Signal, Signal) = match self.shutdown {
             Shutdown::Signals => {
                 let (first, second) = crate::signals::stop_signals();
                 (Box::pin(first), Box::pin(second))
@@ -965,12 +965,12 @@ impl<S: ServiceSection> Server<S> {
 
 /// The second signal of a shutdown: once it came, every step still to wait for is skipped.
 struct Hurry {
-    signal: Pin<Box<dyn Future<Output = ()> + Send>>,
+    signal: Signal,
     came: bool,
 }
 
 impl Hurry {
-    fn new(signal: Pin<Box<dyn Future<Output = ()> + Send>>) -> Self {
+    fn new(signal: Signal) -> Self {
         Hurry { signal, came: false }
     }
 

@@ -24,7 +24,11 @@ enum Call {
     /// Reserves units of an item (never retried).
     Reserve { sku: String, quantity: u32 },
     /// Prints the item, then each change, `count` times.
-    Watch { sku: String, #[arg(long, default_value_t = 1)] count: usize },
+    Watch {
+        sku: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
 }
 
 #[tokio::main]
