@@ -31,19 +31,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use mesh_balancer::Strategy;
-use mesh_breaker::BreakerConfig;
-use mesh_etcd::Etcd;
-use mesh_retry::RetryPolicy;
-
 use crate::config::{AnySection, ServiceSection};
 use crate::server::Origin;
+use anyhow::{Context as _, bail};
+use mesh_etcd::Etcd;
 
 mod connect;
 mod deadline;
 mod live;
 mod stack;
+
+pub use mesh_balancer::{EndpointState, Strategy};
+pub use mesh_breaker::{BreakerConfig, FailureRate};
+pub use mesh_retry::RetryPolicy;
 
 pub use connect::{balanced, connect, connect_tls, discovered, discovered_through};
 pub use deadline::{DefaultDeadline, LiveTimeout};
@@ -113,6 +113,9 @@ impl Client {
     }
 
     /// The channel to give a generated client: `BillingClient::new(client.channel())`.
+    /// Keep the `Client` (or a clone) while you call: it runs what follows the
+    /// configuration, reloads TLS files and serves metrics, and stops them when the last
+    /// clone goes; a channel alone goes on with the settings in force then.
     pub fn channel(&self) -> MeshChannel {
         self.channel.clone()
     }

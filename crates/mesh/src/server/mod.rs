@@ -54,6 +54,7 @@ mod answer;
 mod apply;
 
 pub use answer::{AnswerFuture, AnswerWithin, AnswerWithinLayer};
+pub use mesh_tls::{Http2Options, IncomingOptions};
 
 /// Requests larger than this are refused by tonic before they reach health or reflection,
 /// and by the services added when they are given the same bound
