@@ -31,7 +31,8 @@ cargo xtask <command>
   deploy-check            check deploy/: YAML parses, flags exist, k8s shutdown and probes, the
                           Dockerfile's steps, and the etcd configurations run
   package                 cargo package (and its verifying build) for every library crate
-  codegen [--check]       regenerate crates/mesh-proto from proto/; --check fails if stale
+  codegen [--check]       regenerate crates/mesh-proto from proto/ and examples/inventory from
+                          its proto/; --check fails if stale
   bench [--runs N] [--duration SECS] [--quick] [--only SECTION,...]
                           benchmark suite; prints a markdown table, saved under target/bench/
                           (sections: clients, servers, pick, channel, breaker, limiter,
