@@ -52,6 +52,7 @@ pub mod client;
 pub mod config;
 mod etcd;
 pub mod logging;
+mod metrics;
 pub mod server;
 pub mod signals;
 

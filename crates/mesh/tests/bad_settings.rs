@@ -133,3 +133,62 @@ async fn each_bad_client_setting_is_refused_naming_it() {
         assert!(err.contains(words), "{words}: {err}");
     }
 }
+
+#[tokio::test]
+async fn a_server_with_no_service_refuses_to_serve_and_registers_nothing() {
+    let server = mesh::Server::builder("billing")
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .shutdown_on(std::future::pending())
+        .build()
+        .await
+        .expect("built");
+    let err = server.serve().await.expect_err("nothing to serve");
+    assert!(format!("{err:#}").contains("add one with add_service"), "{err:#}");
+}
+
+/// Found by a hostile review: the second `metrics_listen` of a process (a service that is
+/// also a client of another) failed, as the recorder was installed already.
+#[tokio::test]
+async fn a_server_and_a_client_in_one_process_each_serve_the_metrics() {
+    use mesh_proto::pb::greeter_server::{Greeter, GreeterServer};
+    struct Quiet;
+    #[tonic::async_trait]
+    impl Greeter for Quiet {
+        async fn say_hello(
+            &self,
+            _: tonic::Request<mesh_proto::pb::HelloRequest>,
+        ) -> Result<tonic::Response<mesh_proto::pb::HelloReply>, tonic::Status> {
+            Ok(tonic::Response::new(mesh_proto::pb::HelloReply::default()))
+        }
+        type SayHelloStreamStream = tokio_stream::Empty<Result<mesh_proto::pb::HelloReply, tonic::Status>>;
+        async fn say_hello_stream(
+            &self,
+            _: tonic::Request<mesh_proto::pb::HelloStreamRequest>,
+        ) -> Result<tonic::Response<Self::SayHelloStreamStream>, tonic::Status> {
+            Ok(tonic::Response::new(tokio_stream::empty()))
+        }
+    }
+    let any = || "127.0.0.1:0".parse().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = mesh::Server::builder("greeter")
+        .listen(any())
+        .metrics_listen(any())
+        .shutdown_on(async {
+            let _ = stopped.await;
+        })
+        .build()
+        .await
+        .expect("the first metrics endpoint");
+    let addr = server.local_addr();
+    let serving = tokio::spawn(server.add_service(GreeterServer::new(Quiet)).serve());
+    let client = mesh::Client::builder("greeter")
+        .targets([addr.to_string()])
+        .metrics_listen(any())
+        .build()
+        .await
+        .expect("the second metrics endpoint");
+    let mut greeter = mesh_proto::pb::greeter_client::GreeterClient::new(client.channel());
+    greeter.say_hello(mesh_proto::pb::HelloRequest { name: "x".into() }).await.expect("call");
+    let _ = stop.send(());
+    serving.await.expect("task").expect("served");
+}

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -18,7 +18,12 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    let args = greeter_client::Args::parse();
+    // `--help` shows the service's name as the default of --service.
+    let command = mesh::cli::with_service_default(greeter_client::Args::command(), greeter_client::SERVICE);
+    let args = match greeter_client::Args::from_arg_matches(&command.get_matches()) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     // Colours only for a terminal: a log file or a pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -1,6 +1,6 @@
 //! `greeter-server`: see `greeter-server --help`.
 
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -16,7 +16,12 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    let args = greeter_server::Args::parse();
+    // `--help` shows the service's name as the default of --service.
+    let command = mesh::cli::with_service_default(greeter_server::Args::command(), greeter_server::SERVICE);
+    let args = match greeter_server::Args::from_arg_matches(&command.get_matches()) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     // The configuration's server.log_level sets the filter live.
     let log_filter = mesh::logging::init("info");
     match greeter_server::run(args, Some(log_filter)).await {

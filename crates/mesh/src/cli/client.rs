@@ -33,7 +33,7 @@ pub struct ClientArgs {
     pub strategy: Strategy,
     /// Weights of the targets for `weighted`, comma-separated, one per --target, each at
     /// least 1 (discovered servers carry their own).
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MESH_WEIGHTS", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
     pub weights: Vec<u32>,
     /// Circuit breakers and retries.
     #[command(flatten)]

@@ -205,8 +205,8 @@ pub struct ServerArgs {
     pub caller_burst: Option<u32>,
 
     /// A method's own limit, `PATH=RATE` or `PATH=RATE/BURST`, e.g.
-    /// `/greeter.v1.Greeter/SayHello=50/5`; repeatable.
-    #[arg(long = "limit-method", value_parser = parse_method_limit)]
+    /// `/greeter.v1.Greeter/SayHello=50/5`; repeatable, or comma-separated.
+    #[arg(long = "limit-method", env = "MESH_LIMIT_METHOD", value_delimiter = ',', value_parser = parse_method_limit)]
     pub limit_methods: Vec<(String, f64, Option<u32>)>,
 }
 

@@ -141,7 +141,9 @@ impl<S: ServiceSection> ClientBuilder<S> {
     }
 
     /// Check the servers' own section of the document as `T` too, so that a document the
-    /// servers refuse is refused here as well.
+    /// servers refuse is refused here as well. Without it the client checks the `client`
+    /// section only: a document with a bad `server` field is refused by the servers and
+    /// applied by such a client. Give it whenever the client can name the type.
     pub fn section<T: ServiceSection>(self) -> ClientBuilder<T> {
         ClientBuilder {
             origin: self.origin,
@@ -332,7 +334,7 @@ impl<S: ServiceSection> ClientBuilder<S> {
         };
         let mut background = stack::Background::default();
         if let Some(addr) = self.metrics_listen {
-            let exporter = mesh_metrics::install().with_context(|| n("--metrics-listen", "metrics_listen"))?;
+            let exporter = crate::metrics::exporter().with_context(|| n("--metrics-listen", "metrics_listen"))?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("listening on {addr} ({})", n("--metrics-listen", "metrics_listen")))?;

@@ -499,7 +499,10 @@ impl<S: ServiceSection> ServerBuilder<S> {
     }
 
     /// Checks every setting, binds the port, and starts following the configuration; the
-    /// error names the setting at fault. Call it inside a tokio runtime.
+    /// error names the setting at fault. Call it inside a tokio runtime. Unless
+    /// [`shutdown_on`](ServerBuilder::shutdown_on) was given, SIGINT and SIGTERM are the
+    /// server's from here on (they stop it once it serves), and SIGHUP no longer ends the
+    /// process.
     pub async fn build(self) -> anyhow::Result<Server<S>> {
         // First, so that a SIGHUP during the start (a `systemctl reload`) cannot end the
         // server, and a SIGTERM stops it once it serves rather than half way.
@@ -514,8 +517,11 @@ impl<S: ServiceSection> ServerBuilder<S> {
         // Settings are checked before anything binds, so a typo costs no port.
         let name = |flag: &str, method: &str| match self.origin {
             Origin::Flags => {
-                let var = flag.trim_start_matches("--").replace('-', "_").to_ascii_uppercase();
-                format!("{flag} (MESH_{var})")
+                let vars: Vec<String> = flag
+                    .split('/')
+                    .map(|f| format!("MESH_{}", f.trim_start_matches("--").replace('-', "_").to_ascii_uppercase()))
+                    .collect();
+                format!("{flag} ({})", vars.join("/"))
             }
             Origin::Code => method.to_string(),
         };
@@ -566,7 +572,7 @@ impl<S: ServiceSection> ServerBuilder<S> {
         }
         let mut metrics = Vec::new();
         if let Some(addr) = self.metrics_listen {
-            let exporter = mesh_metrics::install().with_context(|| name("--metrics-listen", "metrics_listen"))?;
+            let exporter = crate::metrics::exporter().with_context(|| name("--metrics-listen", "metrics_listen"))?;
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("listening on {addr} ({})", name("--metrics-listen", "metrics_listen")))?;
@@ -772,6 +778,9 @@ impl<S: ServiceSection> Server<S> {
     }
 
     async fn serve_inner(self) -> anyhow::Result<()> {
+        if self.named.is_empty() {
+            anyhow::bail!("no service to serve: add one with add_service before serve");
+        }
         let Server {
             settings,
             listener,
