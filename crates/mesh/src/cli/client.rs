@@ -106,7 +106,7 @@ pub struct ResilienceArgs {
     #[arg(long, env = "MESH_BREAKER_MAX_OPEN", default_value = "30s", value_parser = humantime::parse_duration)]
     pub breaker_max_open: Duration,
     /// The share of failed calls (after retries) over 10 s that opens the service's circuit
-    /// breaker, which then fails calls at once with UNAVAILABLE "circuit open for greeter".
+    /// breaker, which then fails calls at once with UNAVAILABLE "circuit open for SERVICE".
     #[arg(long, env = "MESH_SERVICE_BREAKER_RATE", default_value_t = 0.5, value_parser = parse_share)]
     pub service_breaker_rate: f64,
     /// The calls in those 10 s before the rate counts.
