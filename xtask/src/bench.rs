@@ -213,7 +213,7 @@ pub(crate) fn run(opts: Opts) -> anyhow::Result<()> {
         "bare-greeter",
     ]))?;
     let up = crate::etcd::up(1)?;
-    let bins = Bins { dir: util::root().join("target").join("release"), etcd: up.endpoints.join(",") };
+    let bins = Bins { dir: util::target_dir().join("release"), etcd: up.endpoints.join(",") };
     let result = run_all(&opts, &bins);
     if !up.started.is_empty() {
         crate::etcd::down()?;

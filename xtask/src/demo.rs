@@ -102,7 +102,7 @@ pub(crate) fn run(options: Options) -> anyhow::Result<()> {
         DemoEtcd::Shared(up) => up.endpoints.clone(),
         DemoEtcd::Private { spec, .. } => spec.client_urls(),
     };
-    let bin = util::root().join("target").join("debug");
+    let bin = util::target_dir().join("debug");
     let mut demo = Demo { pace, bin, logs, etcd: endpoints, servers: Vec::new() };
     let result = chapters(&mut demo);
     let servers = demo.servers.len();

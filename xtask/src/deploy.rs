@@ -35,7 +35,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let root = util::root();
     let deploy = root.join("deploy");
     util::run(util::cargo().args(["build", "-q", "-p", "greeter-server", "-p", "greeter-client"]))?;
-    let bin = root.join("target").join("debug");
+    let bin = util::target_dir().join("debug");
     let server = Cli::read(&bin.join("greeter-server"), &[])?;
     let client =
         Cli::read(&bin.join("greeter-client"), &[])?.with(Cli::read(&bin.join("greeter-client"), &["health"])?);
