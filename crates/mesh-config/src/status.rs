@@ -274,7 +274,10 @@ impl Reporter {
                             kvs.iter().find(|kv| kv.key == self.key).is_some_and(ours)
                         }
                         WatchEvent::Put(kv) => ours(kv) || kv.mod_revision < written_at,
-                        WatchEvent::Delete { .. } => false,
+                        // A deletion from before our last write (the watch delivering it late,
+                        // after a restore) says nothing of what etcd holds now: the write came
+                        // after it.
+                        WatchEvent::Delete { revision, .. } => *revision < written_at,
                     };
                     // Written again under whatever lease the registration holds next, even
                     // when it holds none at this moment: a registration that puts its own

@@ -1023,6 +1023,18 @@ const REGRESSIONS: &[(u64, usize, usize, &str)] = &[
     ),
     (18, 1, 13, "a fresh etcd, then SIGTERM: the deregistered server was published again for the settle period"),
     (32, 1, 14, "a transaction deleting a key a duplicate waited for: taken under a stale lease, traded"),
+    (
+        2329666074,
+        3,
+        11,
+        "a snapshot restored: a status key deleted while its registration said no lease was never written again",
+    ),
+    (
+        1004108296,
+        1,
+        12,
+        "a snapshot restored: a deletion delivered after the status was written again made it write a second time",
+    ),
 ];
 /// Operations per fresh sequence in `cargo xtask test`.
 const OPS: usize = 12;
