@@ -81,7 +81,7 @@ fn remove(path: &std::path::Path) -> anyhow::Result<()> {
 fn members() -> anyhow::Result<Vec<(String, bool)>> {
     let root = util::root();
     let mut manifests = vec![root.join("xtask").join("Cargo.toml")];
-    for dir in ["crates", "services"] {
+    for dir in ["crates", "services", "examples"] {
         let entries = fs::read_dir(root.join(dir)).with_context(|| format!("listing {dir}/"))?;
         for entry in entries {
             let manifest = entry.with_context(|| format!("listing {dir}/"))?.path().join("Cargo.toml");
