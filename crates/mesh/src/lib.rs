@@ -11,9 +11,9 @@
 //! use mesh_proto::pb::greeter_server::{Greeter, GreeterServer};
 //! # #[derive(Default)] struct MyGreeter;
 //! # #[tonic::async_trait] impl Greeter for MyGreeter {
-//! #     async fn say_hello(&self, _: tonic::Request<mesh_proto::pb::HelloRequest>) -> Result<tonic::Response<mesh_proto::pb::HelloReply>, tonic::Status> { unimplemented!() }
+//! #     async fn say_hello(&self, _: tonic::Request<mesh_proto::pb::HelloRequest>) -> Result<tonic::Response<mesh_proto::pb::HelloReply>, tonic::Status> { Ok(tonic::Response::new(Default::default())) }
 //! #     type SayHelloStreamStream = tokio_stream::Empty<Result<mesh_proto::pb::HelloReply, tonic::Status>>;
-//! #     async fn say_hello_stream(&self, _: tonic::Request<mesh_proto::pb::HelloStreamRequest>) -> Result<tonic::Response<Self::SayHelloStreamStream>, tonic::Status> { unimplemented!() }
+//! #     async fn say_hello_stream(&self, _: tonic::Request<mesh_proto::pb::HelloStreamRequest>) -> Result<tonic::Response<Self::SayHelloStreamStream>, tonic::Status> { Ok(tonic::Response::new(tokio_stream::empty())) }
 //! # }
 //! # async fn run() -> anyhow::Result<()> {
 //! mesh::Server::builder("greeter")

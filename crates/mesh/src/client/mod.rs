@@ -343,14 +343,10 @@ impl<S: ServiceSection> ClientBuilder<S> {
         }
         background.reloading = tls.as_ref().map(|tls| tls.watch(Duration::from_secs(1)));
         // Discovery and configuration share one etcd client.
-        let etcd = match source {
-            Source::Etcd(Ok(etcd)) => Some(etcd.clone()),
+        let (mut client, etcd) = match source {
             Source::Etcd(Err(e)) => bail!("{e}"),
-            Source::Targets { .. } => None,
-        };
-        let mut client = match (&etcd, source) {
-            (Some(etcd), _) => {
-                discovered_through(
+            Source::Etcd(Ok(etcd)) => {
+                let client = discovered_through(
                     etcd.clone(),
                     &self.etcd_prefix,
                     &self.service,
@@ -358,15 +354,15 @@ impl<S: ServiceSection> ClientBuilder<S> {
                     &resilience,
                     tls,
                 )
-                .await?
+                .await?;
+                (client, Some(etcd.clone()))
             }
-            (None, Source::Targets { targets, weights }) => {
+            Source::Targets { targets, weights } => {
                 if targets.is_empty() {
                     bail!("{} needs at least one address", n("--target", "targets"));
                 }
-                balanced(&self.service, targets, weights, self.strategy.clone(), &resilience, tls).await?
+                (balanced(&self.service, targets, weights, self.strategy.clone(), &resilience, tls).await?, None)
             }
-            (None, Source::Etcd(_)) => unreachable_source()?,
         };
         client.timeout.set(self.timeout);
         if let Some(etcd) = etcd.filter(|_| self.live_config) {
@@ -407,9 +403,4 @@ impl<S: ServiceSection> ClientBuilder<S> {
         client.background = Arc::new(background);
         Ok(client)
     }
-}
-
-/// A source that is neither: not reached, as the match above covers both.
-fn unreachable_source() -> anyhow::Result<Client> {
-    bail!("no source of endpoints")
 }

@@ -10,9 +10,9 @@
 //! use mesh_proto::pb::greeter_server::{Greeter, GreeterServer};
 //! # #[derive(Default)] struct MyGreeter;
 //! # #[tonic::async_trait] impl Greeter for MyGreeter {
-//! #     async fn say_hello(&self, _: tonic::Request<mesh_proto::pb::HelloRequest>) -> Result<tonic::Response<mesh_proto::pb::HelloReply>, tonic::Status> { unimplemented!() }
+//! #     async fn say_hello(&self, _: tonic::Request<mesh_proto::pb::HelloRequest>) -> Result<tonic::Response<mesh_proto::pb::HelloReply>, tonic::Status> { Ok(tonic::Response::new(Default::default())) }
 //! #     type SayHelloStreamStream = tokio_stream::Empty<Result<mesh_proto::pb::HelloReply, tonic::Status>>;
-//! #     async fn say_hello_stream(&self, _: tonic::Request<mesh_proto::pb::HelloStreamRequest>) -> Result<tonic::Response<Self::SayHelloStreamStream>, tonic::Status> { unimplemented!() }
+//! #     async fn say_hello_stream(&self, _: tonic::Request<mesh_proto::pb::HelloStreamRequest>) -> Result<tonic::Response<Self::SayHelloStreamStream>, tonic::Status> { Ok(tonic::Response::new(tokio_stream::empty())) }
 //! # }
 //!
 //! # async fn run() -> anyhow::Result<()> {
@@ -212,6 +212,7 @@ pub struct Server<S = crate::config::NoSection> {
     routes: tonic::service::Routes,
     named: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
+    served: Vec<String>,
     shutdown: Signal,
     cut_short: Signal,
     _hangups: crate::signals::Hangups,
@@ -230,7 +231,6 @@ impl<S> std::fmt::Debug for Server<S> {
 
 /// What `serve` needs of the builder's settings.
 struct Settings {
-    service: String,
     limits: ConnectionLimits,
     metrics: bool,
     health_listen: Option<SocketAddr>,
@@ -562,8 +562,12 @@ impl<S: ServiceSection> ServerBuilder<S> {
             None => Some(layers::<S>(self.config_file.as_deref(), self.limiter.as_ref(), self.origin)?),
         };
         let descriptor_sets = self.descriptor_sets.clone();
-        for set in &descriptor_sets {
-            mesh_metrics::methods_in(set).context("reading a file descriptor set (file_descriptor_set)")?;
+        // The methods the metrics label (whatever paths clients make up): read here, so that
+        // a bad descriptor set stops the start.
+        let mut served = Vec::new();
+        for set in descriptor_sets.iter().chain(&SERVED_ALWAYS) {
+            served
+                .extend(mesh_metrics::methods_in(set).context("reading a file descriptor set (file_descriptor_set)")?);
         }
         match mesh_tls::raise_fd_limit() {
             Ok((before, after)) if after > before => info!("open files: soft limit raised from {before} to {after}"),
@@ -643,7 +647,7 @@ impl<S: ServiceSection> ServerBuilder<S> {
                 (watch::channel(Arc::new(layers.build::<Config<S>>()?)).1, None)
             }
         };
-        if let (Some(live), false) = (&live, metrics.is_empty() && !self.metrics) {
+        if let Some(live) = live.as_ref().filter(|_| self.metrics) {
             metrics.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::etcd::config_metrics(
                 live.status(),
             ))));
@@ -654,7 +658,6 @@ impl<S: ServiceSection> ServerBuilder<S> {
         });
         Ok(Server {
             settings: Settings {
-                service: self.service,
                 limits,
                 metrics: self.metrics,
                 health_listen: self.health_listen,
@@ -673,6 +676,7 @@ impl<S: ServiceSection> ServerBuilder<S> {
             routes: tonic::service::Routes::default(),
             named: Vec::new(),
             descriptor_sets,
+            served,
             shutdown,
             cut_short,
             _hangups: hangups,
@@ -794,6 +798,7 @@ impl<S: ServiceSection> Server<S> {
             routes,
             named,
             descriptor_sets,
+            served,
             shutdown,
             cut_short,
             _hangups,
@@ -813,11 +818,6 @@ impl<S: ServiceSection> Server<S> {
             }
             builder
         };
-        // The metrics label these paths only, whatever paths clients make up.
-        let mut served = Vec::new();
-        for set in descriptor_sets.iter().chain(&SERVED_ALWAYS) {
-            served.extend(mesh_metrics::methods_in(set).context("reading the services' descriptors")?);
-        }
         let reflection_v1 = reflection()
             .build_v1()
             .context("building the reflection service")?
@@ -968,7 +968,6 @@ impl<S: ServiceSection> Server<S> {
         if let Some(health) = health_server {
             let _ = tokio::time::timeout(Duration::from_secs(1), health).await;
         }
-        let _ = settings.service;
         Ok(())
     }
 }
